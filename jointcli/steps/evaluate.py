@@ -1,0 +1,108 @@
+"""Evaluation: run a program over examples with a metric, keeping a record per example.
+
+    result = evaluate(program, splits.dev, metric, num_threads=4)
+    result.score, result.parse_failures, result.rows[0]
+
+Unlike `dspy.Evaluate`, every example's prediction, score, error, time and tokens are kept: the
+run directory stores them (`predictions.jsonl`) and `compare` pairs runs example by example.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import dspy
+from dspy.dsp.utils.settings import thread_local_overrides
+from dspy.utils.exceptions import AdapterParseError
+
+from ..console import progress
+from ..errors import StepError
+
+
+@dataclass
+class EvalResult:
+    score: float
+    n: int
+    scores: list[float]
+    parse_failures: int
+    errors: int
+    seconds: float
+    tokens_in: int
+    tokens_out: int
+    rows: list[dict] = field(repr=False, default_factory=list)
+
+    def summary(self) -> dict:
+        """eval.json: everything but the per-example rows."""
+        return {"score": self.score, "n": self.n, "scores": self.scores,
+                "parse_failures": self.parse_failures, "errors": self.errors,
+                "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+
+
+def _tokens(tracker) -> tuple[int, int]:
+    total_in = total_out = 0
+    for usage in tracker.get_total_tokens().values():
+        total_in += int(usage.get("prompt_tokens") or 0)
+        total_out += int(usage.get("completion_tokens") or 0)
+    return total_in, total_out
+
+
+def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Example) -> dict:
+    inputs = example.inputs().toDict()
+    row = {"index": index, "inputs": inputs, "gold": example.labels().toDict(),
+           "prediction": None, "score": 0.0, "error": None, "parse_failure": False}
+    start = time.perf_counter()
+    with dspy.track_usage() as tracker:
+        try:
+            prediction = program(**inputs)
+            row["prediction"] = {k: _plain(v) for k, v in prediction.items()}
+            row["score"] = float(metric(example, prediction))
+        except AdapterParseError as err:
+            row["parse_failure"], row["error"] = True, _first_line(err)
+        except Exception as err:  # one bad example must not end the evaluation; counted below
+            row["error"] = f"{type(err).__name__}: {_first_line(err)}"
+    row["seconds"] = round(time.perf_counter() - start, 4)
+    row["tokens_in"], row["tokens_out"] = _tokens(tracker)
+    return row
+
+
+def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable,
+             num_threads: int = 4, label: str = "evaluating") -> EvalResult:
+    """Score `program` on `examples`; raises StepError when every example failed to run."""
+    overrides = thread_local_overrides.get().copy()
+
+    def work(item):
+        token = thread_local_overrides.set({**thread_local_overrides.get(), **overrides})
+        try:
+            return _one(program, metric, *item)
+        finally:
+            thread_local_overrides.reset(token)
+
+    start = time.perf_counter()
+    rows = []
+    with progress() as bar, ThreadPoolExecutor(max_workers=num_threads) as pool:
+        task = bar.add_task(label, total=len(examples))
+        for row in pool.map(work, enumerate(examples)):
+            rows.append(row)
+            bar.update(task, advance=1)
+    seconds = time.perf_counter() - start
+
+    errors = [r for r in rows if r["error"] and not r["parse_failure"]]
+    if rows and len(errors) == len(rows):
+        raise StepError(f"every example failed; first error: {errors[0]['error']}")
+    scores = [r["score"] for r in rows]
+    return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
+                      parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
+                      seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
+                      tokens_out=sum(r["tokens_out"] for r in rows), rows=rows)
+
+
+def _plain(value):
+    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
