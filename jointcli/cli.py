@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,6 +31,8 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value o
                                                           show_default=False)]
 NameOpt = Annotated[Optional[str], typer.Option("--name", help="run name (default: the recipe's name)")]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", envvar="JOINTOPT_RUNS", help="root of run directories")]
+OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="key under `optimizers` "
+                                                    "(default: the first of the right type)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="continue a run directory made by a different recipe")]
 
 
@@ -59,20 +61,61 @@ def schema() -> None:
 @app.command("eval")
 def eval_(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
           split: Annotated[str, typer.Option(help="dev or test")] = "dev", force: ForceOpt = False) -> None:
-    """Evaluate the run's current program (the recipe's, before any step) on a split."""
-    from .context import Context
+    """Evaluate the run's current program (the recipe's, before any step) on a split.
+
+    jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
+    """
+    from .steps.run import eval_step
 
     if split not in ("dev", "test"):
         raise InputError(f"--split: {split!r} is not dev or test")
-    r = _recipe(recipe, overrides)
-    ctx = Context.open(r, runs_dir, name, force)
-    try:
-        program, _ = ctx.current_program()
-        step = ctx.run.begin("baseline" if not ctx.run.done_steps() else "eval")
-        _run_step(ctx, step, lambda: ctx.record_eval(step, ctx.evaluate(program, split), split))
+    with _context(recipe, overrides, name, runs_dir, force) as ctx:
+        eval_step(ctx, split)
         _print_steps(ctx.run)
-    finally:
-        ctx.close()
+
+
+@app.command("optimize-prompts")
+def optimize_prompts(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
+                     runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False) -> None:
+    """A prompt step (NN-p): run the recipe's DSPy prompt optimizer on the current program.
+
+    jointopt optimize-prompts recipes/sst2.yaml optimizers.p.optimizer=LabeledFewShot
+    """
+    from .steps.run import prompt_step
+
+    with _context(recipe, overrides, name, runs_dir, force) as ctx:
+        prompt_step(ctx, _pick(ctx.recipe, optimizer, "prompt"))
+        _print_steps(ctx.run)
+
+
+@app.command()
+def bootstrap(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
+              runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False) -> None:
+    """Record the passing traces of the current program (or teacher, or labels) on the training split.
+
+    jointopt bootstrap recipes/sst2.yaml optimizers.w.traces.source=labels
+    """
+    from .steps.run import bootstrap_step
+
+    with _context(recipe, overrides, name, runs_dir, force) as ctx:
+        bootstrap_step(ctx, _pick(ctx.recipe, optimizer, "weight"))
+        _print_steps(ctx.run)
+
+
+@app.command()
+def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
+             runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False,
+             traces: Annotated[Optional[Path], typer.Option(help="traces.jsonl to train on (e.g. from another run)")]
+             = None) -> None:
+    """A weight step (NN-w): LoRA fine-tuning on the run's latest traces (bootstrapping first if none).
+
+    jointopt finetune recipes/sst2.yaml optimizers.w.train.epochs=1
+    """
+    from .steps.run import weight_step
+
+    with _context(recipe, overrides, name, runs_dir, force) as ctx:
+        weight_step(ctx, _pick(ctx.recipe, optimizer, "weight"), traces)
+        _print_steps(ctx.run)
 
 
 @app.command()
@@ -90,23 +133,25 @@ def status(run: Annotated[Path, typer.Argument(help="run directory (or a name un
         _print_steps(rd)
 
 
-def _run_step(ctx, step, body) -> None:
-    """Run a step's body; on failure record it in the manifest and re-raise."""
-    from .errors import StepError
+@contextmanager
+def _context(recipe: Path, overrides, name, runs_dir: Path, force: bool):
+    from .context import Context
 
-    start = time.perf_counter()
+    ctx = Context.open(_recipe(recipe, overrides), runs_dir, name, force)
     try:
-        body()
-    except KeyboardInterrupt:
-        ctx.run.fail(step, "interrupted", time.perf_counter() - start)
-        raise
-    except JointoptError as err:
-        ctx.run.fail(step, str(err), time.perf_counter() - start)
-        raise
-    except Exception as err:  # a library failed inside the step: the step failed, not the input
-        ctx.run.fail(step, f"{type(err).__name__}: {err}", time.perf_counter() - start)
-        raise StepError(f"step {step.folder} failed: {type(err).__name__}: {err}") from err
-    ctx.run.finish(step, time.perf_counter() - start)
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def _pick(recipe, key: str | None, kind: str) -> str:
+    """The optimizer key a command uses: --optimizer, else the recipe's first of that type."""
+    if key is not None:
+        return key
+    for k, spec in recipe.optimizers.items():
+        if spec.type == kind:
+            return k
+    raise InputError(f"optimizers: the recipe has no {kind} optimizer")
 
 
 def _print_steps(run) -> None:

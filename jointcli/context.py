@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -72,8 +73,17 @@ class Context:
 
     def program_for(self, state: ProgramState) -> dspy.Module:
         program = load_program(self.run, self.recipe, state)
-        attach_models(program, self.recipe, state, self.run.path, self.pool)
+        self.attach(program, state)
         return program
+
+    def attach(self, program: dspy.Module, state: ProgramState) -> None:
+        attach_models(program, self.recipe, state, self.run.path, self.pool)
+
+    def trainset(self, step_index: int) -> list[dspy.Example]:
+        """The training split, reshuffled for each step from the recipe's seed (deterministic)."""
+        examples = list(self.splits.train)
+        random.Random(self.recipe.seed * 100_003 + step_index).shuffle(examples)
+        return examples
 
     def evaluate(self, program: dspy.Module, split: str) -> EvalResult:
         examples = getattr(self.splits, split)

@@ -349,10 +349,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(tree, dict):
         raise InputError(f"{path}: the recipe must be a YAML mapping of keys to values")
     texts = {}
-    for keys, value in parse_overrides(overrides or []):
-        text = f"{'.'.join(keys)}={value}"
-        apply_override(tree, keys, value, text)
-        texts[".".join(keys)] = text
+    try:
+        for keys, value in parse_overrides(overrides or []):
+            text = f"{'.'.join(keys)}={value}"
+            apply_override(tree, keys, value, text)
+            texts[".".join(keys)] = text
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
     return validate_recipe(tree, str(path), texts)
 
 

@@ -1,0 +1,63 @@
+"""One dspy.LM per (model name, adapter): built once, shared by every module that uses it.
+
+An adapter is registered on its base model's engine under a name derived from its weights'
+content, so DSPy's LM cache (keyed by the model id) can never serve a stale answer from
+different weights that happen to sit at the same path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import dspy
+
+from ..errors import InputError
+from ..recipe import LocalModel, Recipe
+
+
+def adapter_digest(adapter_dir: Path) -> str:
+    weights = sorted(Path(adapter_dir).glob("adapter_model.*"))
+    if not weights:
+        raise InputError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_model.*); the run directory is damaged")
+    h = hashlib.sha256()
+    for path in weights + [Path(adapter_dir) / "adapter_config.json"]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+class ModelPool:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self._lms: dict[tuple[str, str | None], dspy.LM] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, adapter: Path | None = None) -> dspy.LM:
+        key = (name, str(adapter) if adapter else None)
+        with self._lock:
+            if key not in self._lms:
+                self._lms[key] = self._build(name, adapter)
+            return self._lms[key]
+
+    def _build(self, name: str, adapter: Path | None) -> dspy.LM:
+        from . import build_lm
+
+        spec = self.recipe.models.get(name)
+        if spec is None:
+            raise InputError(f"models.{name}: no such model in the recipe")
+        base = self.get(name) if adapter else build_lm(name, spec)
+        if adapter is None:
+            return base
+        if not isinstance(spec, LocalModel):
+            raise InputError(f"models.{name}: adapters need a local model")
+        tag = f"{name}-{adapter_digest(adapter)}"
+        engine_of(base).add_adapter(tag, adapter)
+        return base.copy(model=f"{base.model}@{tag}")
+
+
+def engine_of(lm: dspy.LM):
+    engine = getattr(lm, "engine", None) or getattr(lm, "_engine", None)
+    if engine is None or not hasattr(engine, "add_adapter"):
+        raise InputError(f"{lm.model}: not a local model; cannot attach an adapter")
+    return engine

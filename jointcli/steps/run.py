@@ -1,0 +1,191 @@
+"""Each kind of step, run against a run directory: begin, work, record, finish (or fail).
+
+    eval_step(ctx, "dev");  prompt_step(ctx, "p");  bootstrap_step(ctx, "w");  weight_step(ctx, "w")
+
+Every step starts from the run's current program state (the latest finished step's) and a step
+that changes the program saves the new state, so steps chain whichever command runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError, JointoptError, StepError
+from ..program import module_names
+from ..recipe import PromptOptimizer, WeightOptimizer
+from ..rundir import Step, read_json, read_jsonl, write_json, write_jsonl
+from ..state import ModuleState, ProgramState, save_state
+
+
+def run_step(ctx, kind: str, body: Callable[[Step], None], info: dict | None = None) -> Step:
+    """Begin a step, run `body(step)`; the manifest records success, failure or interruption."""
+    step = ctx.run.begin(kind)
+    step.info.update(info or {})
+    start = time.perf_counter()
+    try:
+        body(step)
+    except KeyboardInterrupt:
+        ctx.run.fail(step, "interrupted", time.perf_counter() - start)
+        raise
+    except JointoptError as err:
+        ctx.run.fail(step, str(err), time.perf_counter() - start)
+        raise
+    except Exception as err:  # a library failed inside the step: the step failed, not the input
+        message = f"step {step.folder} failed: {type(err).__name__}: {err}".splitlines()[0]
+        ctx.run.fail(step, message, time.perf_counter() - start)
+        raise StepError(message) from err
+    ctx.run.finish(step, time.perf_counter() - start)
+    return step
+
+
+def _optimizer(ctx, key: str, kind: type):
+    spec = ctx.recipe.optimizers.get(key)
+    if spec is None:
+        raise InputError(f"optimizers.{key}: no such optimizer in the recipe "
+                         f"(it has {', '.join(ctx.recipe.optimizers) or 'none'})")
+    if not isinstance(spec, kind):
+        raise InputError(f"optimizers.{key}: is a {spec.type} optimizer, not a {kind.model_fields['type'].annotation}")
+    return spec
+
+
+# ---------------------------------------------------------------- eval
+def eval_step(ctx, split: str = "dev") -> Step:
+    program, _ = ctx.current_program()
+    kind = "baseline" if not ctx.run.done_steps() else "eval"
+    return run_step(ctx, kind, lambda step: ctx.record_eval(step, ctx.evaluate(program, split), split))
+
+
+# ---------------------------------------------------------------- p
+def prompt_step(ctx, key: str) -> Step:
+    from .prompts import make_optimizer, optimize_prompts
+
+    spec: PromptOptimizer = _optimizer(ctx, key, PromptOptimizer)
+
+    def body(step: Step) -> None:
+        program, state = ctx.current_program()
+        names = module_names(ctx.recipe, program)
+        chosen = names if spec.modules == "all" else list(spec.modules)
+        reflection = ctx.pool.get(spec.reflection_model, None) if spec.reflection_model else None
+        seed = ctx.recipe.seed + step.index
+        optimizer = make_optimizer(key, spec, ctx.metric, ctx.recipe.runtime.num_threads, seed, reflection)
+        lm = next(p.lm for _, p in program.named_predictors())
+        import dspy
+
+        with dspy.context(lm=lm):  # optimizers that propose instructions use the settings' LM
+            optimized = optimize_prompts(program, spec, optimizer, ctx.trainset(step.index), chosen, names, seed)
+        ctx.attach(optimized, state)
+        save_state(ctx.run, ctx.run.step_dir(step), optimized, state)
+        ctx.record_eval(step, ctx.evaluate(optimized, "dev"), "dev")
+
+    return run_step(ctx, "p", body, {"optimizer": key, "name": spec.optimizer})
+
+
+# ---------------------------------------------------------------- bootstrap
+def _collect(ctx, spec: WeightOptimizer, key: str, step_index: int):
+    from .traces import collect_traces, label_traces
+    from .weights import weight_modules
+
+    program, state = ctx.current_program()
+    names = module_names(ctx.recipe, program)
+    modules = weight_modules(ctx.recipe, spec, names, state.modules, key)
+    trainset = ctx.trainset(step_index)
+    if not trainset:
+        raise InputError("data.split.train: 0 examples; a weight step needs training examples")
+    source = spec.traces.source
+    if source == "labels":
+        if len(names) != 1 or not ctx.recipe.program.modules or ctx.recipe.program.modules[0].type != "predict":
+            raise InputError(f"optimizers.{key}.traces.source: labels works for a program of one `predict` module; "
+                             "use program or teacher")
+        return label_traces(program, trainset, names[0])
+    if source == "teacher":
+        if not spec.traces.teacher:
+            raise InputError(f"optimizers.{key}.traces.teacher: source=teacher needs a model name")
+        teacher_state = ProgramState(state.program, {m: ModuleState(spec.traces.teacher) for m in state.modules})
+        program = ctx.program_for(teacher_state)
+    return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
+                          ctx.recipe.runtime.num_threads)
+
+
+def _write_traces(folder: Path, traces) -> dict:
+    write_jsonl(folder / "traces.jsonl", traces.rows)
+    counts = traces.counts()
+    write_json(folder / "traces.json", counts)
+    return counts
+
+
+def bootstrap_step(ctx, key: str) -> Step:
+    spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
+
+    def body(step: Step) -> None:
+        counts = _write_traces(ctx.run.step_dir(step), _collect(ctx, spec, key, step.index))
+        step.info["traces"] = counts
+        if not counts["rows"]:
+            from .weights import no_traces_error
+
+            raise no_traces_error(counts)
+
+    return run_step(ctx, "bootstrap", body, {"optimizer": key, "source": spec.traces.source})
+
+
+def fresh_traces(run) -> Path | None:
+    """traces.jsonl of a bootstrap step made since the program last changed, if any."""
+    for step in reversed(run.done_steps()):
+        folder = run.step_dir(step)
+        if step.kind == "bootstrap" and (folder / "traces.jsonl").exists():
+            return folder / "traces.jsonl"
+        if (folder / "state.json").exists():
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- w
+def weight_step(ctx, key: str, traces_path: Path | None = None) -> Step:
+    from .weights import group_rows, no_traces_error, train_adapters, weight_modules
+
+    spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
+    if traces_path is not None and not Path(traces_path).is_file():
+        raise InputError(f"--traces: {traces_path} is not a file")
+
+    def body(step: Step) -> None:
+        folder = ctx.run.step_dir(step)
+        source = traces_path or fresh_traces(ctx.run)
+        if source is not None:
+            rows = read_jsonl(Path(source))
+            counts = {"rows": len(rows), "from": str(source)}
+            shutil.copyfile(source, folder / "traces.jsonl")
+        else:
+            traces = _collect(ctx, spec, key, step.index)
+            rows, counts = traces.rows, _write_traces(folder, traces)
+        step.info["traces"] = counts
+        program, state = ctx.current_program()
+        modules = weight_modules(ctx.recipe, spec, module_names(ctx.recipe, program), state.modules, key)
+        groups = group_rows(rows, modules, state.modules, shared=spec.adapters == "shared")
+        if not groups:
+            raise no_traces_error(counts)
+        step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index)
+        _merge_logs(folder, list(groups))
+        new = ProgramState(state.program, dict(state.modules))
+        for module in modules:
+            name = state.modules[module].model if spec.adapters == "shared" else module
+            if name in groups:
+                adapter = str((folder / "adapters" / name).relative_to(ctx.run.path))
+                new.modules[module] = ModuleState(state.modules[module].model, adapter)
+        tuned = ctx.program_for(new)
+        save_state(ctx.run, folder, tuned, new)
+        ctx.record_eval(step, ctx.evaluate(tuned, "dev"), "dev")
+
+    return run_step(ctx, "w", body, {"optimizer": key})
+
+
+def _merge_logs(folder: Path, names: list[str]) -> None:
+    rows = []
+    for name in names:
+        path = folder / f"train_log-{name}.jsonl"
+        if path.exists():
+            rows += [{"adapter": name, **r} for r in read_jsonl(path)]
+            path.unlink()
+    write_jsonl(folder / "train_log.jsonl", rows)

@@ -1,0 +1,65 @@
+"""The weight step (w): LoRA fine-tuning of the modules on local models, from passing traces.
+
+Each fine-tune trains a fresh adapter on the base model (not on the previous adapter), from the
+traces of the current program: the weights adapt to the current prompts, as in BetterTogether.
+With `adapters: shared`, modules on the same base model share one multitask adapter.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import InputError, StepError
+from ..recipe import LocalModel, Recipe, WeightOptimizer
+
+
+def weight_modules(recipe: Recipe, spec: WeightOptimizer, all_modules: list[str], states: dict, key: str) -> list[str]:
+    """The modules this weight step fine-tunes; each must run on a local model."""
+    chosen = all_modules if spec.modules == "all" else list(spec.modules)
+    local = [m for m in chosen if isinstance(recipe.models[states[m].model], LocalModel)]
+    if spec.modules != "all" and len(local) < len(chosen):
+        remote = sorted(set(chosen) - set(local))
+        raise InputError(f"optimizers.{key}.modules: {remote} run on LiteLLM models, which jointopt cannot fine-tune")
+    if not local:
+        raise InputError(f"optimizers.{key}: no module runs on a local model; nothing to fine-tune")
+    return local
+
+
+def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool) -> dict[str, tuple[str, list[dict]]]:
+    """adapter name -> (model name, training rows). Per module, or one per base model when shared."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    model_of = {}
+    for row in rows:
+        module = row["module"]
+        if module not in modules:
+            continue
+        name = states[module].model if shared else module
+        groups[name].append({"messages": row["messages"]})
+        model_of[name] = states[module].model
+    return {name: (model_of[name], group) for name, group in groups.items()}
+
+
+def no_traces_error(counts: dict) -> StepError:
+    return StepError(f"no passing traces to fine-tune on ({counts.get('run', 0)} examples run, "
+                     f"{counts.get('passed', 0)} passed the metric); try a teacher "
+                     "(traces.source=teacher with traces.teacher=<model>), the gold labels (traces.source=labels), "
+                     "a lower traces.threshold, or a prompt step first (p -> w)")
+
+
+def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: Path, seed: int) -> dict[str, dict]:
+    """Train one adapter per group into `folder/adapters/<name>`; returns the training figures."""
+    from ..models.embedded import resolve_checkpoint
+    from ..models.lora import train_lora
+
+    results = {}
+    for name, (model, rows) in groups.items():
+        local = recipe.models[model]
+        result = train_lora(resolve_checkpoint(local.path), rows, folder / "adapters" / name, spec.lora, spec.train,
+                            seed=seed, log_path=folder / f"train_log-{name}.jsonl", device=local.device)
+        results[name] = {"rows": result.rows, "steps": result.steps, "train_tokens": result.train_tokens,
+                         "tokens_per_second": round(result.tokens_per_second, 1),
+                         "seconds": round(result.seconds, 2), "peak_rss_mb": round(result.peak_rss_mb),
+                         "peak_cuda_mb": result.peak_cuda_mb, "final_loss": result.final_loss,
+                         "device": result.device, "dtype": result.dtype}
+    return results

@@ -1,0 +1,172 @@
+"""The local engine on the real embedded model (no mocks): DSPy integration, stop strings,
+max_tokens, usage, threads, async, LoRA adapters chosen by model id, saving, errors.
+
+    .venv/bin/python -m pytest tests/test_engine.py -q     # about 40 s on 2 CPU cores
+
+The first run on a machine converts the embedded model into ~/.cache/jointopt (about 20 s more).
+"""
+
+import asyncio
+import copy
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+import torch
+from dspy.lm15 import Config, Message, Request
+
+from jointcli.errors import InputError
+from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint
+from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine, resolve_dtype
+from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
+
+DEMOS = [dspy.Example(question="What is the capital of Italy?", answer="Rome"),
+         dspy.Example(question="What is the capital of Spain?", answer="Madrid")]
+PROMPTS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello in French."]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return build_lm("smollm2", LocalModel(max_tokens=8), cache=False)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    return lm.engine
+
+
+def ask(engine, text, model="local/smollm2", **config):
+    return engine.complete(Request(model=model, messages=(Message.user(text),), config=Config(**config)))
+
+
+def test_build_lm_shares_one_engine(lm, engine):
+    assert isinstance(engine, LocalEngine) and isinstance(lm._async_engine_spec, AsyncLocalEngine)
+    assert get_engine(EMBEDDED_MODEL, "auto", "auto") is engine
+    assert build_lm("other", LocalModel()).engine is engine
+    assert engine.dtype == resolve_dtype("auto", "cpu")
+    assert lm.model == "local/smollm2" and lm.kwargs["temperature"] == 0.0
+
+
+def test_predict_through_chat_adapter(lm):
+    predict = dspy.Predict("question -> answer")
+    predict.demos = DEMOS
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        answer = predict(question="What is the capital of France?", config={"max_tokens": 16}).answer
+    assert isinstance(answer, str) and "Paris" in answer
+
+
+def test_greedy_is_deterministic_and_reports_usage(engine):
+    first, second = ask(engine, PROMPTS[0]), ask(engine, PROMPTS[0])
+    assert first.text == second.text and first.text.strip()
+    assert first.usage.input_tokens > 5 and 0 < first.usage.output_tokens
+    assert first.usage.total_tokens == first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_max_tokens_is_honoured(engine, lm):
+    response = ask(engine, "Write a long story about a dragon.", max_tokens=5)
+    assert response.usage.output_tokens <= 5 and response.finish_reason == "length"
+    lm("Write a long story about a dragon.", max_tokens=3)
+    assert 0 < lm.history[-1]["usage"]["completion_tokens"] <= 3
+
+
+def test_stop_string_cuts_the_output(engine):
+    full = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12).text
+    assert "4" in full, full
+    stopped = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12, stop=("4",))
+    assert stopped.text == full[:full.index("4")] and stopped.finish_reason == "stop"
+    assert stopped.usage.output_tokens < 12
+
+
+def test_concurrent_calls_get_their_own_answers(lm):
+    sequential = [lm(p)[0] for p in PROMPTS]
+    assert len(set(sequential)) == len(PROMPTS)
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda p: lm(p)[0], PROMPTS)) == sequential
+
+
+def test_evaluate_with_threads(lm):
+    predict = dspy.Predict("question -> answer")
+    predict.demos = DEMOS
+    devset = [dspy.Example(question=q, answer="Paris").with_inputs("question")
+              for q in ("What is the capital of France?", "Which city is the capital of France?")]
+    with dspy.context(lm=lm.copy(max_tokens=16), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer in pred.answer,
+                               num_threads=4, display_progress=False)(predict)
+    assert result.score == 100.0
+
+
+def test_async_path(lm):
+    expected = lm(PROMPTS[1])[0]
+
+    async def both():
+        return await asyncio.gather(lm.acall(PROMPTS[1]), lm.acall(PROMPTS[2]))
+
+    first, second = asyncio.run(both())
+    assert first == [expected] and second == [lm(PROMPTS[2])[0]]
+
+
+def _random_loras(folder, seeds):
+    """PEFT LoRA adapters with random non-zero A and B matrices: each one changes the outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(EMBEDDED_MODEL), local_files_only=True)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules="all-linear"))
+    for seed in seeds:
+        torch.manual_seed(seed)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        model.save_pretrained(folder / str(seed))
+        yield folder / str(seed)
+
+
+def test_adapters_are_chosen_by_model_id(lm, engine, tmp_path):
+    before = lm(PROMPTS[0])[0]
+    dir_one, dir_two = _random_loras(tmp_path, seeds=(1, 2))
+    engine.add_adapter("t-one", dir_one)
+    engine.add_adapter("t-two", dir_two)
+    one, two = lm.copy(model=adapter_model_id(lm.model, "t-one")), lm.copy(model="local/smollm2@t-two")
+    out_one, out_two = one(PROMPTS[0])[0], two(PROMPTS[0])[0]
+    assert before != out_one and before != out_two and out_one != out_two
+    assert lm(PROMPTS[0])[0] == before  # base weights untouched by the adapters
+    assert one(PROMPTS[0])[0] == out_one  # switching back and forth is stable
+    assert engine.adapters["t-one"] == str(dir_one.resolve())
+    with pytest.raises(Exception, match="no adapter 'nope'"):
+        lm.copy(model="local/smollm2@nope")("hi")
+    with pytest.raises(InputError, match="not a PEFT adapter"):
+        engine.add_adapter("empty", tmp_path)
+
+
+def test_program_save_records_the_engine_without_secrets(lm, tmp_path):
+    predict = dspy.Predict("question -> answer")
+    predict.set_lm(lm)
+    assert copy.deepcopy(predict).lm.engine is lm.engine  # DSPy deep-copies programs: weights stay shared
+    predict.save(tmp_path / "p.json")
+    state = json.loads((tmp_path / "p.json").read_text())["lm"]
+    assert state["engine"]["class"] == "jointcli.models.engine:LocalEngine"
+    assert state["engine"]["state"]["checkpoint"] == EMBEDDED_MODEL
+    loaded = dspy.Predict("question -> answer")
+    loaded.load(tmp_path / "p.json", allow_unsafe_lm_state=True)
+    assert loaded.lm.engine is lm.engine and loaded.lm.model == lm.model
+
+
+def test_litellm_key_comes_from_the_environment(monkeypatch):
+    spec = LiteLLMModel(type="litellm", model="openai/gpt-4o-mini", api_key_env="JOINTOPT_TEST_KEY")
+    monkeypatch.delenv("JOINTOPT_TEST_KEY", raising=False)
+    with pytest.raises(InputError, match="JOINTOPT_TEST_KEY"):
+        build_lm("remote", spec)
+    monkeypatch.setenv("JOINTOPT_TEST_KEY", "sk-secret-123")
+    lm = build_lm("remote", spec)
+    assert lm.kwargs["api_key"] == "sk-secret-123" and "sk-secret" not in json.dumps(lm.dump_state())
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    assert (resolve_checkpoint(EMBEDDED_MODEL) / "config.json").is_file()
+    with pytest.raises(InputError, match="no config.json"):
+        resolve_checkpoint(str(tmp_path))
+    with pytest.raises(InputError, match="no such folder"):
+        resolve_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(InputError, match="unknown built-in model"):
+        resolve_checkpoint("builtin:gpt-5")

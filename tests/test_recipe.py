@@ -1,0 +1,94 @@
+"""Recipe validation: good recipes load, each kind of bad input is one clear InputError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jointcli.errors import InputError
+from jointcli.recipe import Recipe, load_recipe, recipe_to_yaml
+
+from .conftest import RECIPES
+
+
+@pytest.mark.parametrize("name", ["sst2", "iris", "sst2-pipeline"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert recipe.name == name
+    assert recipe.models and recipe.program.modules
+    assert set(recipe.schedule.strategy.replace("->", " ").split()) <= set(recipe.optimizers)
+
+
+def test_overrides_are_typed_and_dotted():
+    recipe = load_recipe(RECIPES / "sst2.yaml", ["data.split.train=16", "seed=3", "runtime.cache=false",
+                                                "program.modules.classify.instructions=Be brief."])
+    assert recipe.data.split.train == 16 and recipe.seed == 3 and recipe.runtime.cache is False
+    assert recipe.program.modules[0].instructions == "Be brief."
+    # an override may set a key the YAML leaves to its default
+    assert load_recipe(RECIPES / "sst2.yaml", ["schedule.patience=2"]).schedule.patience == 2
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path):
+    recipe = load_recipe(RECIPES / "sst2-pipeline.yaml")
+    path = tmp_path / "frozen.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(path) == recipe
+
+
+def _write(tmp_path: Path, tree) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(tree if isinstance(tree, str) else yaml.safe_dump(tree))
+    return path
+
+
+def _base() -> dict:
+    return yaml.safe_load((RECIPES / "sst2.yaml").read_text())
+
+
+@pytest.mark.parametrize("mutate, overrides, expected", [
+    (lambda t: t["data"].update(splt=1), [], "data.splt: unknown key"),
+    (lambda t: t["data"]["split"].update(train="many"), [], "data.split.train: Input should be a valid integer"),
+    (lambda t: t["program"]["modules"][0].update(model="big"), [], "unknown model 'big'"),
+    (lambda t: t["program"]["modules"][0].update(signature="text -> sentiment"), [], "inputs ['text']"),
+    (lambda t: t["data"].update(source="builtin:mnist"), [], "unknown built-in data set"),
+    (lambda t: t["metric"].update(name="accuracy"), [], "unknown metric 'accuracy'"),
+    (lambda t: t["models"]["small"].update(type="vllm"), [], "models.small"),
+    (lambda t: t["models"].update(big={"type": "litellm", "model": "openai/x", "api_key_env": "sk-abc123-xyz"}),
+     [], "NAME of an environment variable"),
+    (lambda t: t["optimizers"]["w"].update(modules=["nope"]), [], "unknown modules ['nope']"),
+    (lambda t: None, ["data.split.train=abc"], "override data.split.train=abc"),
+    (lambda t: None, ["data.nosuch.key=1"], "data.nosuch: unknown key"),
+    (lambda t: None, ["program.modules.other.model=small"], "no list item 'other'"),
+    (lambda t: None, ["novalue"], "expected key.path=value"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, mutate, overrides, expected):
+    tree = _base()
+    mutate(tree)
+    with pytest.raises(InputError) as info:
+        load_recipe(_write(tmp_path, tree), overrides)
+    message = str(info.value)
+    assert expected in message and "\n" not in message
+    assert message.startswith(str(tmp_path / "r.yaml"))
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(InputError, match=r"line \d+ malformed YAML"):
+        load_recipe(_write(tmp_path, "name: x\ndata: [unclosed\n"))
+    with pytest.raises(InputError, match="must be a YAML mapping"):
+        load_recipe(_write(tmp_path, "- a list\n"))
+    with pytest.raises(InputError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_program_class_needs_exactly_one_kind(tmp_path):
+    tree = _base()
+    tree["program"]["class"] = "mypkg.mod:Prog"
+    with pytest.raises(InputError, match="exactly one"):
+        load_recipe(_write(tmp_path, tree))
+
+
+def test_schema_is_json_schema():
+    schema = Recipe.model_json_schema(by_alias=True)
+    assert schema["type"] == "object" and "data" in schema["properties"]
