@@ -119,14 +119,47 @@ def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = Non
 
 
 @app.command()
+def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
+          force: ForceOpt = False,
+          seeds: Annotated[Optional[str], typer.Option(help="run once per seed, e.g. 0,1,2 -> NAME/seed-0, ...")]
+          = None,
+          init_from: Annotated[Optional[Path], typer.Option("--init-from", help="start from another run's best "
+                                                            "program (prompts and adapters)")] = None) -> None:
+    """Run the recipe's schedule (e.g. p -> w -> p) end to end; run it again to resume.
+
+    jointopt joint recipes/sst2.yaml
+    jointopt joint recipes/sst2.yaml schedule.strategy="w -> p" --name sst2-wp --seeds 0,1,2
+    """
+    from .schedule import parse_strategy, run_joint
+
+    base = _recipe(recipe, overrides)
+    parse_strategy(base.schedule.strategy, base.optimizers)  # bad strategy: exit 2 before any work
+    runs = [(None, name or base.name)]
+    if seeds:
+        try:
+            values = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
+        runs = [(v, f"{name or base.name}/seed-{v}") for v in values]
+    for seed, run_name in runs:
+        extra = [f"seed={seed}"] if seed is not None else []
+        with _context(recipe, (overrides or []) + extra, run_name, runs_dir, force) as ctx:
+            if init_from is not None:
+                from .steps.run import init_step
+
+                init_step(ctx, _run_path(init_from, runs_dir))
+            run_joint(ctx)
+            _print_steps(ctx.run)
+
+
+@app.command()
 def status(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
            runs_dir: RunsOpt = Path("runs"),
            as_json: Annotated[bool, typer.Option("--json", help="print JSON to stdout")] = False) -> None:
     """Show the steps of a run: kind, status, scores, time, tokens."""
     from .rundir import RunDir
 
-    path = run if run.exists() or run.is_absolute() else runs_dir / run
-    rd = RunDir.existing(path)
+    rd = RunDir.existing(_run_path(run, runs_dir))
     if as_json:
         print(json.dumps(rd.manifest(), indent=2))
     else:
@@ -144,6 +177,11 @@ def _context(recipe: Path, overrides, name, runs_dir: Path, force: bool):
         ctx.close()
 
 
+def _run_path(run: Path, runs_dir: Path) -> Path:
+    """A run given as a path, or as a name under the runs root."""
+    return run if run.exists() or run.is_absolute() else runs_dir / run
+
+
 def _pick(recipe, key: str | None, kind: str) -> str:
     """The optimizer key a command uses: --optimizer, else the recipe's first of that type."""
     if key is not None:
@@ -157,6 +195,7 @@ def _pick(recipe, key: str | None, kind: str) -> str:
 def _print_steps(run) -> None:
     from rich.table import Table
 
+    best = run.manifest().get("best")
     table = Table(title=f"run {run.path}")
     for col in ("step", "status", "dev", "test", "seconds", "tokens in/out", "note"):
         table.add_column(col, justify="right" if col in ("dev", "test", "seconds") else "left")
@@ -164,6 +203,8 @@ def _print_steps(run) -> None:
     for s in run.steps():
         note = s.error or (f"{s.info.get('dev_parse_failures')} parse failures"
                            if s.info.get("dev_parse_failures") else "")
+        if s.folder == best:
+            note = ("best " + note).strip()
         table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
                       fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", note)
     console.print(table)

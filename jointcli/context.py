@@ -64,11 +64,11 @@ class Context:
     def close(self) -> None:
         self.run.unlock()
 
-    def current_program(self) -> tuple[dspy.Module, ProgramState]:
-        """The program of the run's latest state, with its models and adapters attached."""
+    def current_program(self, upto: int | None = None) -> tuple[dspy.Module, ProgramState]:
+        """The program of the run's latest state (as of step `upto`), with models and adapters attached."""
         from .program import build_program
 
-        state = current_state(self.run, self.recipe, build_program(self.recipe))
+        state = current_state(self.run, self.recipe, build_program(self.recipe), upto)
         return self.program_for(state), state
 
     def program_for(self, state: ProgramState) -> dspy.Module:

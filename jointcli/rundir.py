@@ -219,11 +219,12 @@ class RunDir:
     def begin(self, kind: str) -> Step:
         """Append a `running` step, replacing unfinished ones left by a killed process."""
         steps = [s for s in self.steps() if s.status == "done"]
-        for stale in {s.folder for s in self.steps()} - {s.folder for s in steps}:
-            shutil.rmtree(self.path / stale, ignore_errors=True)
         step = Step(index=(steps[-1].index + 1) if steps else 0, kind=kind)
-        shutil.rmtree(self.step_dir(step), ignore_errors=True)
-        self.step_dir(step).mkdir(parents=True)
+        # Folders of unfinished steps are not trusted; the one this step reuses keeps its
+        # contents only for a fine-tune's own checkpoints, which the trainer validates.
+        for stale in {s.folder for s in self.steps()} - {s.folder for s in steps} - {step.folder}:
+            shutil.rmtree(self.path / stale, ignore_errors=True)
+        self.step_dir(step).mkdir(parents=True, exist_ok=True)
         self._save_steps(steps + [step])
         return step
 
@@ -233,6 +234,10 @@ class RunDir:
 
     def fail(self, step: Step, error: str, seconds: float) -> None:
         step.status, step.ended, step.seconds, step.error = "failed", now(), round(seconds, 3), error
+        self._replace(step)
+
+    def update(self, step: Step) -> None:
+        """Rewrite a step's entry (e.g. a test score added to a finished step)."""
         self._replace(step)
 
     def _replace(self, step: Step) -> None:

@@ -51,9 +51,11 @@ class ProgramState:
             raise InputError(f"{where}: damaged program state ({err})") from None
 
 
-def current_state(run: RunDir, recipe: Recipe, program: dspy.Module) -> ProgramState:
-    """The state of the latest finished step that saved one, else the recipe's own."""
+def current_state(run: RunDir, recipe: Recipe, program: dspy.Module, upto: int | None = None) -> ProgramState:
+    """The state of the latest finished step (up to index `upto`) that saved one, else the recipe's own."""
     for step in reversed(run.done_steps()):
+        if upto is not None and step.index > upto:
+            continue
         path = run.step_dir(step) / "state.json"
         if path.exists():
             return ProgramState.from_json(read_json(path), path)

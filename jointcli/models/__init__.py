@@ -27,8 +27,8 @@ def build_lm(name: str, spec, **lm_kwargs):
         return build_litellm_lm(spec, **lm_kwargs)
     if not isinstance(spec, LocalModel):
         raise TypeError(f"model {name!r}: expected a LocalModel or LiteLLMModel, got {type(spec).__name__}")
-    if "@" in name or "/" in name or not name:
-        raise InputError(f"model name {name!r}: '@' and '/' are reserved in local model ids")
+    if "@" in name or not name:
+        raise InputError(f"model name {name!r}: '@' is reserved in local model ids (it selects an adapter)")
     import dspy
 
     from .engine import get_engine

@@ -52,7 +52,7 @@ from .embedded import resolve_checkpoint
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; build_lm always passes the recipe's
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # PEFT keeps adapters in ModuleDicts: no dots
+_ADAPTER_NAME = re.compile(r"^[^.@\s]+$")  # PEFT keeps adapters in ModuleDicts (no dots); '@' splits ids
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -154,6 +154,7 @@ class LocalEngine:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _closed against concurrent submit/close
         self._closed = False
+        self._pid = os.getpid()  # a forked child has no worker thread
         self._worker = threading.Thread(target=self._serve, name="jointopt-engine", daemon=True)
         self._worker.start()
         self.async_engine = AsyncLocalEngine(self)
@@ -209,7 +210,7 @@ class LocalEngine:
         """Register a PEFT LoRA adapter; requests whose model id ends in '@<name>' then use it.
         Adding a name again with another folder replaces it; with the same folder it is a no-op."""
         if not _ADAPTER_NAME.match(name):
-            raise InputError(f"adapter name {name!r}: use letters, digits, '-' and '_' only")
+            raise InputError(f"adapter name {name!r}: must be non-empty, without '.', '@' or spaces")
         folder = Path(adapter_dir).expanduser().resolve()
         if not (folder / "adapter_config.json").is_file():
             raise InputError(f"adapter {name!r}: {adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
@@ -246,6 +247,9 @@ class LocalEngine:
         with self._lock:
             if self._closed:
                 raise ConfigurationError("the local engine is closed")
+            if os.getpid() != self._pid:
+                raise ConfigurationError("the local engine was created in another process (fork); "
+                                         "build the LM again in this one")
             self._jobs.put((fn, args, future))
         return future
 

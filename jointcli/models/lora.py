@@ -129,8 +129,11 @@ def resolve_train_dtype(dtype: str, device: str) -> str:
 
 # ---------------------------------------------------------------- files
 def _fingerprint(checkpoint: Path, rows: list[dict], lora: Lora, train: Train, seed: int, device: str,
-                 dtype: str) -> str:
+                 dtype: str, init_adapter: Path | None = None) -> str:
     h = hashlib.sha256()
+    if init_adapter is not None:
+        for name in ADAPTER_FILES:
+            h.update((Path(init_adapter) / name).read_bytes())
     h.update(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
                          "train": train.model_dump(mode="json"), "seed": seed, "device": device,
                          "dtype": dtype}, sort_keys=True).encode())
@@ -202,15 +205,20 @@ def is_adapter_dir(path: Path) -> bool:
 # ---------------------------------------------------------------- training
 def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int = 0,
                log_path: Path | None = None, device: str = "auto", resume: bool = True,
-               dtype: str = "auto") -> TrainResult:
-    """Train a LoRA adapter on `rows` and write it to `out_dir` (a standard PEFT adapter folder)."""
+               dtype: str = "auto", init_adapter: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on `rows` and write it to `out_dir` (a standard PEFT adapter folder).
+
+    dtype: auto (bf16 mixed precision on a bf16 GPU, else fp32), float32 or bfloat16 (autocast).
+    init_adapter: a PEFT adapter folder to continue training (its r, alpha and target modules are
+    kept and `lora` is ignored); None starts a new adapter on the base weights."""
     if not rows:
         raise StepError("no training rows: nothing to fine-tune on (did every trace fail the metric?)")
     pairs = to_prompt_completion(rows)
     out_dir = Path(out_dir)
     with _lock(out_dir):
         return _train_locked(Path(checkpoint), pairs, out_dir, lora, train, seed,
-                             Path(log_path) if log_path else None, device, resume, dtype)
+                             Path(log_path) if log_path else None, device, resume, dtype,
+                             Path(init_adapter) if init_adapter else None)
 
 
 def _sft_config(work: Path, train: Train, seed: int, device: str, dtype: str, **overrides):
@@ -227,7 +235,7 @@ def _sft_config(work: Path, train: Train, seed: int, device: str, dtype: str, **
         packing=False,
         padding_free=False,
         train_sampling_strategy="group_by_length",
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL defaults to on (the old name, gradient_checkpointing)
         bf16=dtype == "bfloat16",
         fp16=False,
         use_cpu=device == "cpu",
@@ -252,12 +260,12 @@ def _sft_config(work: Path, train: Train, seed: int, device: str, dtype: str, **
 
 def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
                   log_path: Path | None, device: str, resume: bool, dtype: str,
-                  sft_overrides: dict | None = None) -> TrainResult:
+                  init_adapter: Path | None = None, sft_overrides: dict | None = None) -> TrainResult:
     import torch
     import transformers
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTTrainer
 
@@ -277,7 +285,9 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
 
     # Resume only a work folder that trained on exactly this data with these settings.
     work = parent / f".{out_dir.name}.work"
-    fingerprint = _fingerprint(checkpoint, kept, lora, train, seed, device, dtype)
+    if init_adapter is not None and not is_adapter_dir(init_adapter):
+        raise StepError(f"{init_adapter}: not a PEFT adapter folder (needs {' and '.join(ADAPTER_FILES)})")
+    fingerprint = _fingerprint(checkpoint, kept, lora, train, seed, device, dtype, init_adapter)
     last = None
     if resume and work.is_dir():
         try:
@@ -297,9 +307,13 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
         checkpoint, dtype=torch.bfloat16 if dtype == "bfloat16" and device == "cuda" else torch.float32)
     if device == "cuda":
         model.to("cuda")
-    peft_config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules))
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        peft_config = None
+    else:
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules))
     logger = _JsonlLog(log_path, resumed_step)
     with _quiet_datasets():
         trainer = SFTTrainer(
@@ -310,6 +324,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
             peft_config=peft_config,
             callbacks=[logger],
         )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; train_log.jsonl has them
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

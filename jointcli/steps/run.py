@@ -8,7 +8,6 @@ that changes the program saves the new state, so steps chain whichever command r
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable
 from ..errors import InputError, JointoptError, StepError
 from ..program import module_names
 from ..recipe import PromptOptimizer, WeightOptimizer
-from ..rundir import Step, read_json, read_jsonl, write_json, write_jsonl
+from ..rundir import Step, read_jsonl, write_json, write_jsonl
 from ..state import ModuleState, ProgramState, save_state
 
 
@@ -57,6 +56,14 @@ def eval_step(ctx, split: str = "dev") -> Step:
     program, _ = ctx.current_program()
     kind = "baseline" if not ctx.run.done_steps() else "eval"
     return run_step(ctx, kind, lambda step: ctx.record_eval(step, ctx.evaluate(program, split), split))
+
+
+def test_eval(ctx, step: Step) -> None:
+    """Score a finished step's program on the test split, into that step's folder."""
+    program, _ = ctx.current_program(upto=step.index)
+    result = ctx.evaluate(program, "test")
+    ctx.record_eval(step, result, "test")
+    ctx.run.update(step)
 
 
 # ---------------------------------------------------------------- p
@@ -189,3 +196,43 @@ def _merge_logs(folder: Path, names: list[str]) -> None:
             rows += [{"adapter": name, **r} for r in read_jsonl(path)]
             path.unlink()
     write_jsonl(folder / "train_log.jsonl", rows)
+
+
+# ---------------------------------------------------------------- init
+def init_step(ctx, source_path: Path) -> Step | None:
+    """Copy another run's best program state (prompts and adapters) in as this run's first state."""
+    from ..rundir import RunDir
+    from ..state import current_state
+
+    if any(s.kind == "init" for s in ctx.run.done_steps()):
+        return None
+    if ctx.run.done_steps():
+        raise InputError(f"--init-from: {ctx.run.path} already has steps; warm starts apply to a new run")
+    source = RunDir.existing(source_path)
+    best = source.manifest().get("best")
+    upto = next((s.index for s in source.done_steps() if s.folder == best), None)
+    from ..program import build_program
+
+    state = current_state(source, source.recipe(), build_program(source.recipe()), upto)
+    if state.program is None and not any(m.adapter for m in state.modules.values()):
+        raise InputError(f"--init-from: {source.path} has no optimized program state to start from")
+    _, mine = ctx.current_program()
+    if set(state.modules) != set(mine.modules) or any(m.model not in ctx.recipe.models for m in state.modules.values()):
+        raise InputError(f"--init-from: {source.path} has modules/models {sorted(state.modules)} that do not fit "
+                         "this recipe's program")
+
+    def body(step: Step) -> None:
+        folder = ctx.run.step_dir(step)
+        new = ProgramState(None, {})
+        for module, ms in state.modules.items():
+            adapter = None
+            if ms.adapter:
+                shutil.copytree(source.path / ms.adapter, folder / "adapters" / module)
+                adapter = str((folder / "adapters" / module).relative_to(ctx.run.path))
+            new.modules[module] = ModuleState(ms.model, adapter)
+        if state.program:
+            shutil.copyfile(source.path / state.program, folder / "program.json")
+            new.program = str((folder / "program.json").relative_to(ctx.run.path))
+        write_json(folder / "state.json", new.to_json())
+
+    return run_step(ctx, "init", body, {"from": str(source.path), "from_step": best})
