@@ -23,18 +23,32 @@ from .rundir import RunDir, Step, write_json, write_jsonl
 from .state import ProgramState, attach_models, current_state, load_program
 from .steps.evaluate import EvalResult, evaluate
 
-_configured = False
+_cache_setting: bool | None = None
 
 
 def configure_dspy(recipe: Recipe) -> None:
     """DSPy settings for small local models: ChatAdapter without the JSON fallback (it doubles the
     calls and never helps a 135M model), and the LM cache kept under $JOINTOPT_HOME."""
-    global _configured
-    if not _configured:
+    global _cache_setting
+    _quiet_libraries()
+    if _cache_setting != recipe.runtime.cache:
         dspy.configure_cache(enable_disk_cache=recipe.runtime.cache, enable_memory_cache=recipe.runtime.cache,
                              disk_cache_dir=str(jointopt_home() / "dspy_cache"))
-        _configured = True
+        _cache_setting = recipe.runtime.cache
     dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+
+
+def _quiet_libraries() -> None:
+    """The CLI shows its own progress; per-call warnings of DSPy (a truncated answer is a parse
+    failure, counted in eval.json) and transformers' loading bars would bury it."""
+    import logging
+
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
+    logging.getLogger("dspy.teleprompt").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The local engine on the real embedded model (no mocks): DSPy integration, stop strings,
 max_tokens, usage, threads, async, LoRA adapters chosen by model id, saving, errors.
 
-    .venv/bin/python -m pytest tests/test_engine.py -q     # about 40 s on 2 CPU cores
+    .venv/bin/python -m pytest tests/test_engine.py -q     # about 20 s on 2 CPU cores
 
 The first run on a machine converts the embedded model into ~/.cache/jointopt (about 20 s more).
 """
@@ -13,11 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dspy
 import pytest
-import torch
 from dspy.lm15 import Config, Message, Request
 
 from jointcli.errors import InputError
-from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint
+from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint  # before torch: see models/__init__
 from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine, resolve_dtype
 from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
 
@@ -108,6 +107,7 @@ def test_async_path(lm):
 
 def _random_loras(folder, seeds):
     """PEFT LoRA adapters with random non-zero A and B matrices: each one changes the outputs."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

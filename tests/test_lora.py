@@ -51,6 +51,23 @@ def test_bad_row_is_a_step_error(tmp_path: Path):
                    tmp_path / "adapter", Lora(), Train())
 
 
+def test_rows_longer_than_max_length_are_dropped(tmp_path: Path, checkpoint: Path):
+    with pytest.raises(StepError, match="longer than train.max_length=16"):
+        train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(), Train(max_length=16))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_same_seed_same_adapter_and_out_dir_is_replaced(tmp_path: Path, checkpoint: Path):
+    rows, out = sentiment_rows()[:3], tmp_path / "adapter"
+    train = Train(epochs=1, batch_size=3)
+    first = train_lora(checkpoint, rows, out, Lora(r=2, alpha=4), train, seed=1, device="cpu")
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    second = train_lora(checkpoint, rows, out, Lora(r=2, alpha=4), train, seed=1, device="cpu")
+    assert first.steps == second.steps == 1 and first.final_loss == second.final_loss
+    assert (out / "adapter_model.safetensors").read_bytes() == weights
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter.") and p.suffix != ".lock"]
+
+
 def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path):
     import torch
     from peft import PeftModel
@@ -96,6 +113,7 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     """Stock dspy.BootstrapFinetune: traces from a teacher (a DummyLM that answers in DSPy's format,
     so the test does not depend on what the 135M model produces zero-shot), a real LoRA fine-tune
     of the student's local model, and a program that then answers through the adapter."""
+    from dspy import lm15
     from dspy.utils.dummies import DummyLM
 
     from jointcli.models.provider import local_lm
@@ -122,6 +140,15 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
         answer = tuned(sentence="a warm, funny and touching film.")
     assert isinstance(answer.sentiment, str) and answer.sentiment.strip()
     # the copy shares the engine, which serves the adapter's weights for the '@' model id
-    messages = dspy.ChatAdapter().format(student.signature, demos=[], inputs={"sentence": "a dull film."})
-    tuned_text, base_text = tuned_lm(messages=messages)[0], lm(messages=messages)[0]
+    system, user = dspy.ChatAdapter().format(student.signature, demos=[], inputs={"sentence": "a dull film."})
+    request = lm15.Request(model=lm.model, system=system["content"], messages=(lm15.Message.user(user["content"]),))
+    tuned_text, base_text = tuned_lm(request).message.text, lm(request).message.text
     assert "[[ ## sentiment ## ]]" in tuned_text and tuned_text != base_text
+
+    # the same fine-tune asked again reuses the adapter folder: no second training
+    again = dspy.Predict("sentence -> sentiment")
+    again.set_lm(lm)
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        retuned = optimizer.compile(again, trainset=trainset, teacher=teacher)
+    assert retuned.predictors()[0].lm.model == tuned_lm.model
+    assert [p for p in (tmp_path / "adapters").iterdir() if p.is_dir()] == folders

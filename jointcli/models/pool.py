@@ -31,7 +31,7 @@ class ModelPool:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self._lms: dict[tuple[str, str | None], dspy.LM] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _build asks for the base LM of an adapter
 
     def get(self, name: str, adapter: Path | None = None) -> dspy.LM:
         key = (name, str(adapter) if adapter else None)

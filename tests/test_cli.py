@@ -1,0 +1,168 @@
+"""The CLI on the real embedded model and real files: run directories, chained steps, exit codes.
+
+Commands run in-process through `jointcli.cli.main` (as the console script does) so that the model
+loads once for the whole file; a few run in a subprocess where the process boundary matters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import dspy
+import pytest
+
+from jointcli.cli import main
+from jointcli.rundir import RunDir
+
+from .conftest import RECIPES, run_cli
+
+TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
+        "runtime.num_threads=2"]
+
+
+def cli(*args: str) -> int:
+    """Run `jointopt ARGS` in this process; returns the exit code."""
+    old = sys.argv
+    sys.argv = ["jointopt", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exit:
+        return exit.code or 0
+    finally:
+        sys.argv = old
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def test_eval_writes_a_complete_run_directory(runs, capsys):
+    # without DSPy's cache, so that tokens are generated (cache hits cost, and count, no tokens)
+    assert cli("eval", RECIPES / "sst2.yaml", *TINY, "runtime.cache=false", "--runs-dir", runs) == 0
+    run = runs / "sst2"
+    assert (run / "recipe.yaml").is_file() and not list(run.rglob("*.tmp"))
+    (step,) = manifest(run)["steps"]
+    assert step["kind"] == "baseline" and step["status"] == "done" and step["seconds"] > 0
+    assert step["tokens"]["in"] > 0 and step["tokens"]["out"] > 0
+    report = json.loads((run / "00-baseline" / "eval.json").read_text())
+    assert report["n"] == 4 and len(report["scores"]) == 4 and 0 <= report["score"] <= 1
+    assert {"parse_failures", "seconds", "tokens_in", "tokens_out"} <= set(report)
+    rows = [json.loads(line) for line in (run / "00-baseline" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and all("gold" in r for r in rows)
+    assert "00-baseline" in capsys.readouterr().err  # the rich table
+
+    # status reads it back, as a table and as JSON on stdout
+    assert cli("status", run, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["steps"][0]["kind"] == "baseline"
+
+    # the same run with a different recipe is refused, with --force accepted
+    changed = [*TINY, "runtime.cache=false", "seed=5", "--runs-dir", runs]
+    assert cli("eval", RECIPES / "sst2.yaml", *changed) == 2
+    assert "different recipe (seed: 0 -> 5)" in capsys.readouterr().err
+    assert cli("eval", RECIPES / "sst2.yaml", *changed, "--force") == 0
+    assert [s["kind"] for s in manifest(run)["steps"]] == ["baseline", "eval"]
+    assert (run / "recipe.1.yaml").is_file()  # the old recipe is kept
+
+
+def test_prompt_then_weight_steps_chain_state(runs, capsys):
+    args = [*TINY, "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}",
+            "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=1", "optimizers.w.train.batch_size=3",
+            "--runs-dir", runs, "--name", "chain"]
+    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *args) == 0
+    run = runs / "chain"
+    p = run / "00-p"
+    state = json.loads((p / "state.json").read_text())
+    assert state["program"] == "00-p/program.json" and state["modules"]["classify"]["adapter"] is None
+
+    # plain DSPy loads the saved program back into the same program, demos included
+    class Plain(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.classify = dspy.Predict("sentence -> sentiment")
+
+    plain = Plain()
+    plain.load(str(p / "program.json"))
+    assert len(plain.classify.demos) == 2
+
+    assert cli("bootstrap", RECIPES / "sst2.yaml", *args) == 0
+    counts = json.loads((run / "01-bootstrap" / "traces.json").read_text())
+    assert counts["run"] == 6 and counts["passed"] == 6 and counts["per_module"] == {"classify": 6}
+    trace = json.loads((run / "01-bootstrap" / "traces.jsonl").read_text().splitlines()[0])
+    roles = [m["role"] for m in trace["messages"]]
+    assert roles[0] == "system" and roles[-1] == "assistant" and "[[ ## sentiment ## ]]" in trace["messages"][-1]["content"]
+    # the demos of the prompt step are in the recorded prompt: the traces are of the current program
+    assert roles.count("user") == 3
+
+    assert cli("finetune", RECIPES / "sst2.yaml", *args) == 0
+    w = run / "02-w"
+    state = json.loads((w / "state.json").read_text())
+    assert state["modules"]["classify"]["adapter"] == "02-w/adapters/classify"
+    assert state["program"] == "00-p/program.json"  # prompts carried over from the p step
+    assert (w / "adapters" / "classify" / "adapter_config.json").is_file()
+    log = [json.loads(line) for line in (w / "train_log.jsonl").read_text().splitlines()]
+    assert log and all("loss" in r for r in log if "loss" in r)
+    steps = manifest(run)["steps"]
+    assert [s["kind"] for s in steps] == ["p", "bootstrap", "w"]
+    assert steps[2]["info"]["traces"]["from"].endswith("01-bootstrap/traces.jsonl")
+    training = steps[2]["info"]["training"]["classify"]
+    assert training["tokens_per_second"] > 0 and training["peak_rss_mb"] > 0
+    assert "dev" in steps[2]["scores"]
+
+
+def test_optimizer_names_and_arguments_are_checked(runs, capsys):
+    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY, "optimizers.p.optimizer=Magic",
+               "--runs-dir", runs) == 2
+    err = capsys.readouterr().err
+    assert "unknown prompt optimizer 'Magic'" in err and "MIPROv2" in err and "Traceback" not in err
+    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY, "optimizers.p.args={max_labeled_demos: 2, bogus: 1}",
+               "--runs-dir", runs) == 2
+    assert "does not accept ['bogus']" in capsys.readouterr().err
+
+
+def test_zero_passing_traces_is_a_clear_failure(runs, capsys):
+    code = cli("bootstrap", RECIPES / "sst2.yaml", *TINY, "optimizers.w.traces.threshold=2.0",
+               "--runs-dir", runs)
+    err = capsys.readouterr().err
+    assert code == 1 and "no passing traces" in err and "traces.source=labels" in err
+    step = manifest(runs / "sst2")["steps"][-1]
+    assert step["status"] == "failed" and "no passing traces" in step["error"]
+
+
+def test_lock_names_the_holder(runs, capsys):
+    run = runs / "locked"
+    run.mkdir(parents=True)
+    holder = RunDir(run)
+    holder.lock()
+    try:
+        assert cli("eval", RECIPES / "sst2.yaml", *TINY, "--runs-dir", runs, "--name", "locked") == 2
+        assert "in use by pid" in capsys.readouterr().err
+    finally:
+        holder.unlock()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["validate", "missing.yaml"], "no such recipe file"),
+    (["validate", "recipes/sst2.yaml", "data.split.train=abc"], "data.split.train"),
+    (["validate", "recipes/sst2.yaml", "nope.key=1"], "nope: unknown key"),
+    (["eval", "recipes/sst2.yaml", "data.split.dev=5000"], "only 872 rows"),
+    (["eval", "recipes/sst2.yaml", "--split", "train"], "--split"),
+    (["joint", "recipes/sst2.yaml", "schedule.strategy=p -> q"], "unknown step 'q'"),
+    (["status", "nowhere"], "not a run directory"),
+    (["eval", "recipes/sst2.yaml", "--bogus-flag"], "No such option"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    result = run_cli(*args, "--runs-dir", str(tmp_path)) if args[0] != "validate" else run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_damaged_manifest_is_bad_input(tmp_path):
+    run = tmp_path / "sst2"
+    run.mkdir()
+    (run / "manifest.json").write_text("{not json")
+    (run / "recipe.yaml").write_text("name: sst2\n")
+    result = run_cli("status", str(run))
+    assert result.returncode == 2 and "manifest.json: damaged" in result.stderr

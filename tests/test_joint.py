@@ -1,0 +1,145 @@
+"""`jointopt joint`: the strategy grammar, best/early stopping, and runs that survive interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jointcli.errors import InputError
+from jointcli.rundir import Step
+from jointcli.schedule import _stalled, best_step, parse_strategy
+
+from .conftest import RECIPES, ROOT, run_cli
+
+OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
+
+TINY_JOINT = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
+              "runtime.num_threads=2", "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}",
+              "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
+              "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("p -> w -> p", ["p", "w", "p"]),
+    ("p->w", ["p", "w"]),
+    ("  w  ->p2 ", ["w", "p2"]),
+    ("p", ["p"]),
+    ("none", []),
+])
+def test_strategy_grammar(text, expected):
+    assert parse_strategy(text, OPTIMIZERS) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("p -> x", "unknown step 'x'"),
+    ("p -> -> w", "empty step"),
+    ("p w", "unknown step 'p w'"),
+])
+def test_strategy_errors(text, message):
+    with pytest.raises(InputError, match=message):
+        parse_strategy(text, OPTIMIZERS)
+
+
+def _steps(*devs):
+    return [Step(index=i, kind="p", scores={"dev": d}) for i, d in enumerate(devs)]
+
+
+def test_best_step_prefers_the_earlier_on_ties():
+    assert best_step(_steps(0.2, 0.5, 0.5, 0.1)).index == 1
+
+
+def test_early_stopping_counts_steps_without_improvement():
+    assert not _stalled(_steps(0.2, 0.5), patience=1)
+    assert _stalled(_steps(0.2, 0.5, 0.5), patience=1)        # a tie is no improvement
+    assert not _stalled(_steps(0.2, 0.5, 0.4), patience=2)
+    assert _stalled(_steps(0.2, 0.5, 0.4, 0.5), patience=2)
+    assert not _stalled(_steps(0.2, 0.5, 0.5), patience=None)
+
+
+def _manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def _scores(run: Path) -> list:
+    return [(s["kind"], s["scores"]) for s in _manifest(run)["steps"]]
+
+
+def _start(runs: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jointcli.cli", "joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT,
+                             "--runs-dir", str(runs), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            steps = _manifest(run)["steps"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            steps = []
+        if steps and steps[-1]["kind"] == kind and steps[-1]["status"] == "running":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no running {kind} step within {timeout}s")
+
+
+def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
+    straight = run_cli("joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT, "--runs-dir", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    expected = _scores(tmp_path / "a" / "sst2")
+    assert [k for k, _ in expected] == ["baseline", "p", "w"]
+    assert _manifest(tmp_path / "a" / "sst2")["finished"] is True
+
+    run = tmp_path / "b" / "sst2"
+    proc = _start(tmp_path / "b")
+    _wait_for_running(run, "w", proc)
+    time.sleep(3)  # into the weight step: traces, training or its evaluation
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {s["index"]: s for s in _manifest(run)["steps"] if s["status"] == "done"}
+    assert [s["kind"] for s in before.values()] == ["baseline", "p"]
+
+    again = run_cli("joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT, "--runs-dir", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr
+    after = _manifest(run)["steps"]
+    for index, step in before.items():  # finished steps were reused, not re-run
+        assert after[index]["started"] == step["started"] and after[index]["ended"] == step["ended"]
+    assert _scores(run) == expected
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
+
+    # resuming a finished run does nothing and succeeds
+    assert run_cli("joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT, "--runs-dir", str(tmp_path / "b")).returncode == 0
+    assert _manifest(run)["steps"] == after
+
+
+def test_sigint_stops_cleanly_with_130(tmp_path):
+    run = tmp_path / "sst2"
+    proc = _start(tmp_path)
+    _wait_for_running(run, "p", proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    steps = _manifest(run)["steps"]
+    assert steps[0]["status"] == "done"
+    assert steps[-1]["status"] == "failed" and steps[-1]["error"] == "interrupted"
+
+
+def test_failing_step_exits_1_and_keeps_earlier_steps(tmp_path):
+    result = run_cli("joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT, "schedule.strategy=w",
+                     "optimizers.w.traces.source=program", "optimizers.w.traces.threshold=2.0",
+                     "--runs-dir", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "no passing traces" in result.stderr and "Traceback" not in result.stderr
+    steps = _manifest(tmp_path / "sst2")["steps"]
+    assert [(s["kind"], s["status"]) for s in steps] == [("baseline", "done"), ("w", "failed")]
+    assert "no passing traces" in steps[-1]["error"]
