@@ -17,8 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException
 
 from .console import console
 from .errors import InputError, JointoptError
@@ -45,7 +49,10 @@ def _recipe(path: Path, overrides: list[str] | None):
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe (and its overrides) without running anything."""
+    from .context import check_recipe
+
     r = _recipe(recipe, overrides)
+    check_recipe(r)
     console.print(f"[green]ok[/]: {recipe} ({r.name}: {len(r.program.modules) or 'class'} module(s), "
                   f"{len(r.models)} model(s), strategy {r.schedule.strategy!r})")
 
@@ -220,16 +227,13 @@ def main() -> None:
             console.print_exception()
         console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("interrupted")
         sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        sys.exit(130)
-    except click.ClickException as err:
+    except ClickException as err:  # bad flags: click's usage message, exit code 2
         err.show()
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
+    except typer.Exit as err:
         sys.exit(err.exit_code)
     except Exception as err:
         if debug:

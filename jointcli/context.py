@@ -38,6 +38,18 @@ def configure_dspy(recipe: Recipe) -> None:
     dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """What pydantic cannot check alone: the strategy's letters, optimizer names and arguments."""
+    from .recipe import PromptOptimizer
+    from .schedule import parse_strategy
+    from .steps.prompts import check_optimizer
+
+    parse_strategy(recipe.schedule.strategy, recipe.optimizers)
+    for key, spec in recipe.optimizers.items():
+        if isinstance(spec, PromptOptimizer):
+            check_optimizer(key, spec)
+
+
 def _quiet_libraries() -> None:
     """The CLI shows its own progress; per-call warnings of DSPy (a truncated answer is a parse
     failure, counted in eval.json) and transformers' loading bars would bury it."""
@@ -61,7 +73,8 @@ class Context:
 
     @classmethod
     def open(cls, recipe: Recipe, runs_root: Path, name: str | None = None, force: bool = False) -> "Context":
-        splits = load_splits(recipe.data)  # bad data fails before a run directory is made
+        check_recipe(recipe)  # bad input fails before a run directory is made
+        splits = load_splits(recipe.data)
         metric = build_metric(recipe.metric, recipe.label_field)
         run = RunDir.open(runs_root, name or recipe.name, recipe, force=force)
         manifest = run.manifest()

@@ -179,7 +179,7 @@ class Train(Strict):
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(512, ge=16, description="tokens per training row; longer rows are cut")
+    max_length: int = Field(1024, ge=16, description="tokens per training row; longer rows are left out (counted)")
 
 
 class WeightOptimizer(Strict):

@@ -100,7 +100,10 @@ def test_prompt_then_weight_steps_chain_state(runs, capsys):
     w = run / "02-w"
     state = json.loads((w / "state.json").read_text())
     assert state["modules"]["classify"]["adapter"] == "02-w/adapters/classify"
-    assert state["program"] == "00-p/program.json"  # prompts carried over from the p step
+    assert state["program"] == "02-w/program.json"
+    carried = Plain()
+    carried.load(str(w / "program.json"))
+    assert carried.classify.demos == plain.classify.demos  # prompts carried over from the p step
     assert (w / "adapters" / "classify" / "adapter_config.json").is_file()
     log = [json.loads(line) for line in (w / "train_log.jsonl").read_text().splitlines()]
     assert log and all("loss" in r for r in log if "loss" in r)

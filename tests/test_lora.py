@@ -141,8 +141,11 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     assert isinstance(answer.sentiment, str) and answer.sentiment.strip()
     # the copy shares the engine, which serves the adapter's weights for the '@' model id
     system, user = dspy.ChatAdapter().format(student.signature, demos=[], inputs={"sentence": "a dull film."})
-    request = lm15.Request(model=lm.model, system=system["content"], messages=(lm15.Message.user(user["content"]),))
-    tuned_text, base_text = tuned_lm(request).message.text, lm(request).message.text
+    def complete(model_lm):
+        return model_lm(lm15.Request(model=model_lm.model, system=system["content"],
+                                     messages=(lm15.Message.user(user["content"]),))).message.text
+
+    tuned_text, base_text = complete(tuned_lm), complete(lm)
     assert "[[ ## sentiment ## ]]" in tuned_text and tuned_text != base_text
 
     # the same fine-tune asked again reuses the adapter folder: no second training

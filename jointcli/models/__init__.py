@@ -34,6 +34,10 @@ def build_lm(name: str, spec, **lm_kwargs):
     from .engine import get_engine
 
     engine = get_engine(spec.path, spec.dtype, spec.device)
+    if "provider" not in lm_kwargs:  # stock dspy.BootstrapFinetune / BetterTogether fine-tune through it
+        from .provider import LocalProvider
+
+        lm_kwargs["provider"] = LocalProvider(engine)
     # metadata travels in every request, so it is part of DSPy's response-cache key: answers cached
     # for other weights (another checkpoint or dtype under the same model name) are never reused.
     return dspy.LM(f"local/{name}", engine=engine, async_engine=engine.async_engine,
