@@ -220,8 +220,17 @@ def _print_steps(run) -> None:
 def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
     debug = os.environ.get("JOINTOPT_DEBUG") == "1"
+    if not debug:  # libraries' deprecation notices are for their callers' authors, not our users
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
+        if isinstance(code, int) and code:
+            if code == 130:
+                console.print("interrupted")
+            sys.exit(code)
     except JointoptError as err:
         if debug:
             console.print_exception()

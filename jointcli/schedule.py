@@ -91,7 +91,7 @@ def run_joint(ctx) -> dict:
     scored = [s for s in _finished(ctx.run) if "dev" in s.scores]
     best, last = best_step(scored), scored[-1]
     ctx.run.set_manifest_field("best", best.folder)
-    for step in dict.fromkeys([best, last]):
+    for step in [best] + ([last] if last.folder != best.folder else []):
         if "test" not in step.scores:
             test_eval(ctx, step)
     summary = {"best": best.folder, "last": last.folder, "strategy": ctx.recipe.schedule.strategy}

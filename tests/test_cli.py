@@ -169,3 +169,31 @@ def test_damaged_manifest_is_bad_input(tmp_path):
     (run / "recipe.yaml").write_text("name: sst2\n")
     result = run_cli("status", str(run))
     assert result.returncode == 2 and "manifest.json: damaged" in result.stderr
+
+
+def test_two_module_pipeline_and_user_program_class(runs, tmp_path, monkeypatch, capsys):
+    # the two-module recipe: the second module reads the first one's output
+    assert cli("eval", RECIPES / "sst2-pipeline.yaml", "data.split.dev=2", "--runs-dir", runs) == 0
+    rows = [json.loads(x) for x in (runs / "sst2-pipeline" / "00-baseline" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    # a user's own dspy.Module, with a per-predictor model map
+    (tmp_path / "userprog.py").write_text(
+        "import dspy\n"
+        "class Sentiment(dspy.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.judge = dspy.Predict('sentence -> sentiment')\n"
+        "    def forward(self, sentence):\n"
+        "        return self.judge(sentence=sentence)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "user.yaml"
+    recipe.write_text((RECIPES / "sst2.yaml").read_text().replace(
+        "  modules:\n    - name: classify\n      signature: \"sentence -> sentiment\"\n"
+        "      instructions: \"Classify the sentiment of the movie-review sentence as positive or negative.\"\n"
+        "      model: small\n",
+        "  class: userprog:Sentiment\n  models: {judge: small}\n"))
+    assert "class: userprog:Sentiment" in recipe.read_text()
+    assert cli("eval", recipe, "data.split.dev=2", "--runs-dir", runs, "--name", "user") == 0
+    (step,) = manifest(runs / "user")["steps"]
+    assert step["status"] == "done" and step["info"]["dev_n"] == 2

@@ -72,15 +72,17 @@ def _scores(run: Path) -> list:
 
 
 def _start(runs: Path, *extra: str) -> subprocess.Popen:
+    runs.mkdir(parents=True, exist_ok=True)
+    log = open(runs / "stderr.log", "w")  # a file, not a pipe: a full pipe would block the child
     return subprocess.Popen([sys.executable, "-m", "jointcli.cli", "joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT,
-                             "--runs-dir", str(runs), *extra], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             *extra, "--runs-dir", str(runs)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
 
 
 def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, (run.parent / "stderr.log").read_text()
         try:
             steps = _manifest(run)["steps"]
         except (OSError, json.JSONDecodeError, KeyError):
@@ -122,11 +124,12 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
 
 def test_sigint_stops_cleanly_with_130(tmp_path):
     run = tmp_path / "sst2"
-    proc = _start(tmp_path)
-    _wait_for_running(run, "p", proc)
+    proc = _start(tmp_path, "runtime.cache=false")  # no cached answers: the step takes real time
+    _wait_for_running(run, "w", proc)
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.log").read_text()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     steps = _manifest(run)["steps"]
