@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepError
+from ..rundir import write_atomic
 from ..recipe import Lora, Train
 
 SAVE_STEPS = 20  # a Trainer checkpoint every this many optimizer steps (at most ~2 minutes lost here)
@@ -108,18 +109,6 @@ def _token_length(tokenizer, row: dict) -> int:
 
 
 # ---------------------------------------------------------------- devices
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise StepError("device 'cuda' was asked for LoRA training but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise StepError(f"unknown training device {device!r}; use auto, cpu or cuda")
-    return device
-
-
 def resolve_train_dtype(dtype: str, device: str) -> str:
     """auto: bf16 mixed precision on a CUDA GPU that supports it, else fp32 (CPU included)."""
     import torch
@@ -146,27 +135,6 @@ def _fingerprint(checkpoint: Path, rows: list[dict], lora: Lora, train: Train, s
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; this is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -281,6 +249,8 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    from .engine import resolve_device
+
     device = resolve_device(device)
     dtype = resolve_train_dtype(dtype, device)
     parent = out_dir.parent
@@ -311,7 +281,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
         shutil.rmtree(work)
     if not work.exists():
         work.mkdir(parents=True)
-        _write_atomic(work / _FINGERPRINT, json.dumps({"fingerprint": fingerprint}) + "\n")
+        write_atomic(work / _FINGERPRINT, json.dumps({"fingerprint": fingerprint}) + "\n")
     resumed_step = _checkpoint_step(last) if last else None
 
     transformers.set_seed(seed)  # before the LoRA A matrices are initialized inside SFTTrainer
@@ -376,7 +346,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the adapter folder is an ordinary one
     try:
         trainer.model.save_pretrained(str(tmp))  # adapter only: adapter_config.json + adapter_model.safetensors
-        _write_atomic(tmp / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
+        write_atomic(tmp / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -471,4 +441,4 @@ class _JsonlLogMixin:
 
     def flush(self) -> None:
         if self.path is not None:
-            _write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.lines))
+            write_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.lines))
