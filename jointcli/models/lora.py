@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepError
-from ..rundir import write_atomic
+from ..rundir import _umask, write_atomic
 from ..recipe import Lora, Train
 
 SAVE_STEPS = 20  # a Trainer checkpoint every this many optimizer steps (at most ~2 minutes lost here)
