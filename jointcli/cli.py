@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,9 +218,14 @@ def _print_steps(run) -> None:
     console.print(table)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
     debug = os.environ.get("JOINTOPT_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _interrupt)  # a CI runner's stop: as clean as Ctrl-C
     if not debug:  # libraries' deprecation notices are for their callers' authors, not our users
         import warnings
 
