@@ -47,7 +47,8 @@ def _optimizer(ctx, key: str, kind: type):
         raise InputError(f"optimizers.{key}: no such optimizer in the recipe "
                          f"(it has {', '.join(ctx.recipe.optimizers) or 'none'})")
     if not isinstance(spec, kind):
-        raise InputError(f"optimizers.{key}: is a {spec.type} optimizer, not a {kind.model_fields['type'].annotation}")
+        wanted = "prompt" if kind is PromptOptimizer else "weight"
+        raise InputError(f"optimizers.{key}: is a {spec.type} optimizer; this command needs a {wanted} one")
     return spec
 
 

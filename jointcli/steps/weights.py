@@ -57,7 +57,8 @@ def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: 
         local = recipe.models[model]
         result = train_lora(resolve_checkpoint(local.path), rows, folder / "adapters" / name, spec.lora, spec.train,
                             seed=seed, log_path=folder / f"train_log-{name}.jsonl", device=local.device)
-        results[name] = {"rows": result.rows, "dropped_rows": result.dropped_rows, "steps": result.steps, "train_tokens": result.train_tokens,
+        results[name] = {"rows": result.rows, "dropped_rows": result.dropped_rows, "steps": result.steps,
+                         "train_tokens": result.train_tokens,
                          "tokens_per_second": round(result.tokens_per_second, 1),
                          "seconds": round(result.seconds, 2), "peak_rss_mb": round(result.peak_rss_mb),
                          "peak_cuda_mb": result.peak_cuda_mb, "final_loss": result.final_loss,
