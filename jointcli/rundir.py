@@ -254,7 +254,7 @@ class RunDir:
         return self.path / step.folder
 
 
-def _first_difference(a: Recipe, b: Recipe, prefix: str = "") -> str:
+def _first_difference(a: Recipe, b: Recipe) -> str:
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
 
     def walk(x: Any, y: Any, path: str) -> str | None:
@@ -266,4 +266,4 @@ def _first_difference(a: Recipe, b: Recipe, prefix: str = "") -> str:
             return None
         return None if x == y else f"{path}: {x!r} -> {y!r}"
 
-    return walk(da, db, prefix) or "recipe changed"
+    return walk(da, db, "") or "recipe changed"

@@ -57,7 +57,7 @@ class ModelPool:
 
 
 def engine_of(lm: dspy.LM):
-    engine = getattr(lm, "engine", None) or getattr(lm, "_engine", None)
-    if engine is None or not hasattr(engine, "add_adapter"):
+    engine = lm.engine
+    if not hasattr(engine, "add_adapter"):
         raise InputError(f"{lm.model}: not a local model; cannot attach an adapter")
     return engine

@@ -40,11 +40,12 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 from pydantic import ValidationError
 
+from .pool import adapter_digest
 from ..errors import InputError, StepError
 from ..recipe import EMBEDDED_MODEL, Lora, LocalModel, Train
 from . import adapter_model_id, build_lm
 from .embedded import jointopt_home
-from .lora import ADAPTER_FILES, TrainResult, is_adapter_dir, train_lora
+from .lora import TrainResult, is_adapter_dir, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class LocalProvider(Provider):
                     job.train_result = result
                 logger.info("fine-tune of %s: %d steps in %.0f s, final loss %s",
                             model, result.steps, result.seconds, result.final_loss)
-        name = f"ft-{_adapter_digest(folder)}"
+        name = f"ft-{adapter_digest(folder)}"
         engine.add_adapter(name, folder)
         return adapter_model_id(base_id, name)
 
@@ -167,18 +168,10 @@ def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, t
                          "device": str(engine.device), "lora": lora.model_dump(mode="json"),
                          "train": train.model_dump(mode="json"), "seed": seed}, sort_keys=True).encode())
     if init_adapter is not None:
-        h.update(_adapter_digest(init_adapter).encode())
+        h.update(adapter_digest(init_adapter).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:20]
-
-
-def _adapter_digest(folder: Path) -> str:
-    """Content hash of an adapter: the name it is served under, so DSPy's cache never mixes weights."""
-    h = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        h.update((Path(folder) / name).read_bytes())
-    return h.hexdigest()[:12]
 
 
 def local_lm(checkpoint_or_builtin: str = EMBEDDED_MODEL, *, name: str | None = None, dtype: str = "auto",
