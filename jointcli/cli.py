@@ -3,9 +3,10 @@
     jointopt validate recipes/sst2.yaml data.split.train=16
     jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
     jointopt status runs/quick
+    jointopt compare seq joint --require "joint > seq"
 
 Exit codes, for every command: 0 success; 1 a step failed; 2 invalid input (recipe, flags, data,
-run directory); 130 interrupted. Set JOINTOPT_DEBUG=1 to see tracebacks.
+run directory); 3 a compare gate failed; 130 interrupted. Set JOINTOPT_DEBUG=1 to see tracebacks.
 """
 
 from __future__ import annotations
@@ -144,11 +145,7 @@ def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     parse_strategy(base.schedule.strategy, base.optimizers)  # bad strategy: exit 2 before any work
     runs = [(None, name or base.name)]
     if seeds:
-        try:
-            values = [int(x) for x in seeds.split(",") if x.strip()]
-        except ValueError:
-            raise InputError(f"--seeds: {seeds!r} is not a comma-separated list of integers") from None
-        runs = [(v, f"{name or base.name}/seed-{v}") for v in values]
+        runs = [(v, f"{name or base.name}/seed-{v}") for v in _seeds(seeds)]
     for seed, run_name in runs:
         extra = [f"seed={seed}"] if seed is not None else []
         with _context(recipe, (overrides or []) + extra, run_name, runs_dir, force) as ctx:
@@ -158,6 +155,85 @@ def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
                 init_step(ctx, _run_path(init_from, runs_dir))
             run_joint(ctx)
             _print_steps(ctx.run)
+
+
+RequireOpt = Annotated[Optional[list[str]], typer.Option(
+    "--require", help="gate: 'A > B' (A significantly better on test) or 'A >= B' (not significantly worse); "
+                      "exit code 3 when it fails; repeatable")]
+MinScoreOpt = Annotated[Optional[list[str]], typer.Option(
+    "--min-score", help="gate: every run's test score >= X, or NAME=X for one run; exit code 3; repeatable")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole report as JSON to stdout")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="write score-by-step and quality/cost plots "
+                                                 "to this PNG file")]
+
+
+@app.command()
+def compare(runs: Annotated[list[str], typer.Argument(help="run names (under the runs root) or paths; a folder "
+                                                      "of seed runs counts as one", show_default=False)],
+            runs_dir: RunsOpt = Path("runs"), as_json: JsonOpt = False, plot: PlotOpt = None,
+            require: RequireOpt = None, min_score: MinScoreOpt = None) -> None:
+    """Runs side by side: test scores with 95% intervals, paired significance, the quality/cost front.
+
+    jointopt compare seq joint
+    jointopt compare seq joint --require "joint > seq" --min-score 0.8 --plot compare.png
+    """
+    from .compare import load_group
+
+    _report([load_group(r, runs_dir) for r in runs], as_json, plot, require or [], min_score or [])
+
+
+@app.command()
+def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
+          force: ForceOpt = False,
+          strategies: Annotated[str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")]
+          = "p, w, p -> w, w -> p, p -> w -> p",
+          seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds (default: the recipe's)")] = None,
+          as_json: JsonOpt = False, plot: PlotOpt = None, require: RequireOpt = None,
+          min_score: MinScoreOpt = None) -> None:
+    """Run the recipe under each strategy and seed (resumably), then compare them.
+
+    jointopt sweep recipes/sst2.yaml --strategies "p, w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
+    """
+    from .compare import load_group
+    from .schedule import run_joint
+    from .sweep import adopt_prefix, parse_strategies, sibling_runs, slug
+
+    base = _recipe(recipe, overrides)
+    plan = parse_strategies(strategies, base.optimizers)
+    values = _seeds(seeds) if seeds else [base.seed]
+    root_name = name or f"{base.name}-sweep"
+    root = runs_dir / root_name
+    for strategy in plan:
+        for seed in values:
+            extra = [f"schedule.strategy={strategy}", f"seed={seed}"]
+            with _context(recipe, (overrides or []) + extra, f"{root_name}/{slug(strategy)}/seed-{seed}",
+                          runs_dir, force) as ctx:
+                if adopted := adopt_prefix(ctx, sibling_runs(root, seed)):
+                    console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")
+                console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
+                run_joint(ctx)
+    groups = [load_group(str(root / slug(s)), runs_dir, label=slug(s)) for s in plan]
+    _report(groups, as_json, plot, require or [], min_score or [])
+
+
+def _report(groups, as_json: bool, plot: Path | None, require: list[str], min_score: list[str]) -> None:
+    """Print (or --json) the comparison, write the plot, then apply the gates (exit code 3)."""
+    from .compare import build_report, check_gates, plot_report, print_report, report_json
+    from .errors import GateError
+
+    report = build_report(groups)
+    failures = check_gates(report, require, min_score)
+    report["gates"] = {"require": require, "min_score": min_score, "failures": failures}
+    if as_json:
+        print(report_json(report))
+    else:
+        print_report(report, console)
+    if plot is not None:
+        plot_report(report, groups, plot)
+        console.print(f"plot: {plot}")
+    if failures:
+        raise GateError("gate failed: " + "; ".join(failures))
 
 
 @app.command()
@@ -183,6 +259,16 @@ def _context(recipe: Path, overrides, name, runs_dir: Path, force: bool):
         yield ctx
     finally:
         ctx.close()
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+    if not values or len(set(values)) != len(values):
+        raise InputError(f"--seeds: {text!r} must name at least one seed, each once")
+    return values
 
 
 def _run_path(run: Path, runs_dir: Path) -> Path:

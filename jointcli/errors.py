@@ -17,3 +17,9 @@ class StepError(JointoptError):
     """A step started on valid input and failed. Exit code 1."""
 
     exit_code = 1
+
+
+class GateError(JointoptError):
+    """A `compare --require/--min-score` gate failed (for CI scripts). Exit code 3."""
+
+    exit_code = 3

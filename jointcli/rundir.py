@@ -253,6 +253,16 @@ class RunDir:
     def step_dir(self, step: Step) -> Path:
         return self.path / step.folder
 
+    def adopt(self, donor: "RunDir", steps: list[Step]) -> None:
+        """Copy finished steps of another run in as this (empty) run's first steps: a sweep's
+        `p -> w` starts from its sibling `p`'s folders instead of computing them again. Folders
+        first, then the manifest, so a killed copy leaves an empty manifest and is redone."""
+        for step in steps:
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+            shutil.copytree(donor.step_dir(step), self.step_dir(step))
+        self._save_steps([Step(**{**s.__dict__, "info": {**s.info, "adopted_from": str(donor.path)}})
+                          for s in steps])
+
 
 def _first_difference(a: Recipe, b: Recipe) -> str:
     da, db = a.model_dump(mode="json"), b.model_dump(mode="json")

@@ -32,21 +32,43 @@ class EvalResult:
     seconds: float
     tokens_in: int
     tokens_out: int
+    cached_calls: int = 0  # LM calls answered from DSPy's cache (their seconds are not inference time)
     rows: list[dict] = field(repr=False, default_factory=list)
 
     def summary(self) -> dict:
         """eval.json: everything but the per-example rows."""
         return {"score": self.score, "n": self.n, "scores": self.scores,
                 "parse_failures": self.parse_failures, "errors": self.errors,
-                "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out}
+                "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "cached_calls": self.cached_calls}
 
 
-def _tokens(tracker) -> tuple[int, int]:
-    total_in = total_out = 0
-    for usage in tracker.get_total_tokens().values():
-        total_in += int(usage.get("prompt_tokens") or 0)
-        total_out += int(usage.get("completion_tokens") or 0)
-    return total_in, total_out
+class _CallLog:
+    """Stands first in DSPy's `caller_modules` while one example runs, so DSPy appends each LM call's
+    history entry here too. Unlike `dspy.track_usage`, this sees cache hits, whose entries keep the
+    cached response and its token counts: an evaluation's cost does not depend on what was cached."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def tokens(self) -> tuple[int, int, int]:
+        """(input tokens, output tokens, calls answered from DSPy's cache)."""
+        total_in = total_out = hits = 0
+        for entry in self.history:
+            usage = entry.get("usage") or {}
+            if usage:
+                total_in += int(usage.get("prompt_tokens") or 0)
+                total_out += int(usage.get("completion_tokens") or 0)
+                continue
+            hits += 1  # DSPy empties `usage` on a cache hit; the cached response still has its counts
+            counted = getattr(entry.get("response"), "usage", None)
+            if isinstance(counted, dict):  # a LiteLLM-style cached response
+                total_in += int(counted.get("prompt_tokens") or 0)
+                total_out += int(counted.get("completion_tokens") or 0)
+            elif counted is not None:
+                total_in += int(getattr(counted, "input_tokens", 0) or 0)
+                total_out += int(getattr(counted, "output_tokens", 0) or 0)
+        return total_in, total_out, hits
 
 
 def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Example) -> dict:
@@ -54,7 +76,8 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
     row = {"index": index, "inputs": inputs, "gold": example.labels().toDict(),
            "prediction": None, "score": 0.0, "error": None, "parse_failure": False}
     start = time.perf_counter()
-    with dspy.track_usage() as tracker:
+    calls = _CallLog()
+    with dspy.context(caller_modules=[calls]):
         try:
             prediction = program(**inputs)
             row["prediction"] = {k: _plain(v) for k, v in prediction.items()}
@@ -64,7 +87,8 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
         except Exception as err:  # one bad example must not end the evaluation; counted below
             row["error"] = f"{type(err).__name__}: {_first_line(err)}"
     row["seconds"] = round(time.perf_counter() - start, 4)
-    row["tokens_in"], row["tokens_out"] = _tokens(tracker)
+    row["tokens_in"], row["tokens_out"], row["cached_calls"] = calls.tokens()
+    row["calls"] = len(calls.history)
     return row
 
 
@@ -96,7 +120,8 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
     return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
                       parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
                       seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
-                      tokens_out=sum(r["tokens_out"] for r in rows), rows=rows)
+                      tokens_out=sum(r["tokens_out"] for r in rows),
+                      cached_calls=sum(r["cached_calls"] for r in rows), rows=rows)
 
 
 def _plain(value):

@@ -9,8 +9,10 @@ Settings come from the recipe (`optimizers.<key>.args` go to the constructor, `c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import sys
 from typing import Any, Callable
 
 import dspy
@@ -71,7 +73,10 @@ def optimize_prompts(program: dspy.Module, spec: PromptOptimizer, optimizer, tra
     kwargs = dict(spec.compile_args)
     if "seed" in _accepted(type(optimizer).compile):
         kwargs.setdefault("seed", seed)
-    optimized = optimizer.compile(program, trainset=trainset, **kwargs)
+    # Some optimizers print progress (BootstrapFewShot: "Bootstrapped 4 full traces..."); stdout is
+    # for results (--json), so their prints go to stderr with the rest of the human output.
+    with contextlib.redirect_stdout(sys.stderr):
+        optimized = optimizer.compile(program, trainset=trainset, **kwargs)
     keep = [m for m in all_modules if m not in modules]
     if keep:
         before = dict(program.named_predictors())

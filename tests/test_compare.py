@@ -1,0 +1,147 @@
+"""`jointopt compare` and `jointopt sweep`: the statistics with known answers, and the command on real runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
+
+from .conftest import RECIPES
+from .test_cli import cli, manifest
+
+TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=6", "models.small.max_tokens=24",
+        "runtime.num_threads=2", "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}"]
+
+
+# ---------------------------------------------------------------- statistics
+def test_bootstrap_interval_of_a_constant_is_the_constant():
+    assert bootstrap_ci([1.0] * 20) == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_examples():
+    rng = np.random.default_rng(1)
+    small, large = rng.integers(0, 2, 40), rng.integers(0, 2, 400)
+    mean, lo, hi = bootstrap_ci(small)
+    assert lo < mean < hi and mean == pytest.approx(small.mean())
+    _, lo2, hi2 = bootstrap_ci(large)
+    assert hi2 - lo2 < hi - lo
+    # a 95% interval for a mean of 0/1 scores is about +-1.96 * sqrt(p(1-p)/n)
+    p = large.mean()
+    assert hi2 - lo2 == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / large.size), rel=0.15)
+
+
+def test_identical_runs_differ_by_nothing_significant():
+    scores = np.random.default_rng(2).integers(0, 2, 100)
+    d = paired_difference(scores, scores, binary=True)
+    assert d.delta == 0 and d.low <= 0 <= d.high
+    assert (d.only_a, d.only_b, d.p_mcnemar) == (0, 0, 1.0) and not d.significant
+
+
+def test_a_large_gap_is_significant_both_ways():
+    a = np.ones(100)
+    b = np.r_[np.ones(50), np.zeros(50)]
+    d = paired_difference(a, b, binary=True)
+    assert d.delta == pytest.approx(0.5) and d.low > 0.35 and d.significant
+    assert (d.only_a, d.only_b) == (50, 0) and d.p_mcnemar < 1e-10
+    reverse = paired_difference(b, a, binary=True)
+    assert reverse.high < 0 and reverse.significant
+
+
+def test_a_small_gap_on_few_examples_is_not_significant():
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0, 1, 0])
+    b = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0])  # one example apart
+    d = paired_difference(a, b, binary=True)
+    assert d.delta == pytest.approx(0.1) and not d.significant and d.p_mcnemar == 1.0
+
+
+def test_mcnemar_exact_p_value():
+    # 9 discordant pairs, 8 to 1: two-sided exact binomial p = 2 * (1 + 9) / 2**9
+    a = [1] * 8 + [0] + [1] * 5
+    b = [0] * 8 + [1] + [1] * 5
+    assert mcnemar(a, b) == (8, 1, pytest.approx(20 / 512))
+
+
+def test_continuous_scores_get_no_mcnemar():
+    d = paired_difference([0.5, 0.7, 0.9], [0.4, 0.7, 0.8])
+    assert d.p_mcnemar is None and d.delta == pytest.approx(0.2 / 3)
+
+
+def test_pareto_front_on_a_hand_made_set():
+    points = [(0.80, 900), (0.70, 400), (0.60, 950), (0.70, 500), (0.90, 2000), (0.50, 100), (0.80, 900)]
+    # (0.6, 950) is beaten by (0.7, 400); (0.7, 500) by (0.7, 400); the two (0.8, 900) tie, both stay
+    assert pareto_front(points) == [5, 1, 0, 6, 4]
+    assert pareto_front([]) == []
+
+
+# ---------------------------------------------------------------- the command on real runs
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> Path:
+    """Two zero-shot runs of the same tiny recipe (baseline + test eval): identical programs."""
+    runs = tmp_path_factory.mktemp("compare") / "runs"
+    for name in ("a", "b"):
+        assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=none", "--name", name,
+                   "--runs-dir", runs) == 0
+    return runs
+
+
+def test_compare_identical_runs_and_its_gates(two_runs, tmp_path, capsys):
+    args = ["compare", "a", "b", "--runs-dir", two_runs]
+    assert cli(*args, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    (pair,) = report["pairs"]
+    assert pair["delta"] == 0 and not pair["significant"] and pair["n"] == 6
+    assert [r["label"] for r in report["runs"]] == ["a", "b"] and report["runs"][0]["n_test"] == 6
+    assert all(c["tokens"] > 0 for c in report["pareto"])  # cache hits still count their tokens
+
+    # gates: identical runs are not significantly better, nor significantly worse
+    assert cli(*args, "--require", "a > b") == 3
+    assert "gate failed: a > b" in capsys.readouterr().err
+    assert cli(*args, "--require", "a >= b", "--min-score", "0") == 0
+    assert cli(*args, "--min-score", "b=1.01") == 3
+    assert cli(*args, "--require", "a > nobody") == 2  # a gate naming no run is bad input
+    assert cli(*args, "--require", "a >> b") == 2
+
+    plot = tmp_path / "plots" / "compare.png"
+    assert cli(*args, "--plot", plot) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(plot).shape[:2][1] > 500
+
+
+def test_compare_refuses_incomparable_runs(two_runs, capsys):
+    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "data.split.seed=1", "schedule.strategy=none",
+               "--name", "other-split", "--runs-dir", two_runs) == 0
+    capsys.readouterr()
+    assert cli("compare", "a", "other-split", "--runs-dir", two_runs) == 2
+    assert "different data splits" in capsys.readouterr().err
+    assert cli("compare", "a", "missing", "--runs-dir", two_runs) == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
+def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    args = ["sweep", RECIPES / "sst2.yaml", *TINY, "--strategies", "p, none", "--seeds", "0,1",
+            "--runs-dir", runs, "--json"]
+    assert cli(*args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in report["runs"]] == ["zero-shot", "p"]  # shortest strategy first
+    assert all(r["seeds"] == [0, 1] and r["test"] is not None for r in report["runs"])
+    root = runs / "sst2-sweep"
+    for seed in (0, 1):
+        steps = manifest(root / "p" / f"seed-{seed}")["steps"]
+        assert [s["kind"] for s in steps] == ["baseline", "p"]
+        assert steps[0]["info"]["adopted_from"] == str(root / "zero-shot" / f"seed-{seed}")
+        assert (root / "p" / f"seed-{seed}" / "00-baseline" / "predictions.jsonl").is_file()
+
+    # run again: everything is done, nothing is recomputed
+    before = {p: manifest(p)["steps"] for p in root.glob("*/seed-*")}
+    assert cli(*args) == 0
+    assert {p: manifest(p)["steps"] for p in root.glob("*/seed-*")} == before
+
+    assert cli("sweep", RECIPES / "sst2.yaml", "--strategies", "p, p", "--runs-dir", runs) == 2
+    assert cli("sweep", RECIPES / "sst2.yaml", "--strategies", "p -> x", "--runs-dir", runs) == 2
