@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     from click import ClickException
 
 from .console import console
-from .errors import InputError, JointoptError
+from .errors import InputError, JointoptError, StepError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Jointly optimize the prompts and the weights of DSPy programs.")
@@ -204,16 +204,24 @@ def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     values = _seeds(seeds) if seeds else [base.seed]
     root_name = name or f"{base.name}-sweep"
     root = runs_dir / root_name
+    failed = []
     for strategy in plan:
         for seed in values:
             extra = [f"schedule.strategy={strategy}", f"seed={seed}"]
             with _context(recipe, (overrides or []) + extra, f"{root_name}/{slug(strategy)}/seed-{seed}",
                           runs_dir, force) as ctx:
+                console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
                 if adopted := adopt_prefix(ctx, sibling_runs(root, seed)):
                     console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")
-                console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
-                run_joint(ctx)
+                try:
+                    run_joint(ctx)
+                except StepError as err:  # one strategy failing (e.g. no passing traces) is a result too
+                    console.print(f"[red]failed[/]: {ctx.run.path}: {err}", highlight=False, soft_wrap=True)
+                    failed.append(f"{slug(strategy)}/seed-{seed}")
     groups = [load_group(str(root / slug(s)), runs_dir, label=slug(s)) for s in plan]
+    if failed:
+        _report(groups, as_json, plot, [], [])
+        raise StepError(f"{len(failed)} run(s) failed ({', '.join(failed)}); the table shows what they finished")
     _report(groups, as_json, plot, require or [], min_score or [])
 
 

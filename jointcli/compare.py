@@ -41,6 +41,7 @@ class RunRecord:
     steps: list[Step]
     best: Step | None
     test: dict[int, float] = field(default_factory=dict)  # test example index -> score, best step
+    error: str | None = None  # why the run stopped, when its last step failed
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
@@ -53,6 +54,9 @@ class RunRecord:
             best = max(scored, key=lambda s: (s.scores["dev"], -s.index))
         record = cls(run.path, recipe.seed, recipe.schedule.strategy, manifest.get("data_fingerprint"),
                      {"name": recipe.metric.name, "field": recipe.label_field}, steps, best)
+        last = run.steps()[-1] if run.steps() else None
+        if last is not None and last.status != "done":
+            record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
         predictions = run.path / best.folder / "predictions-test.jsonl" if best else None
         if predictions is not None and predictions.is_file():
             record.test = {int(r["index"]): float(r["score"]) for r in read_jsonl(predictions)}
@@ -150,7 +154,9 @@ def build_report(groups: list[Group]) -> dict:
             "train_steps": round(sum(r.train_steps for r in g.runs) / len(g.runs)),
             "per_run": [{"path": str(r.path), "seed": r.seed, "best_step": r.best.folder if r.best else None,
                          "best_dev": r.best.scores.get("dev") if r.best else None,
-                         "test": r.best.scores.get("test") if r.best else None} for r in g.runs],
+                         "test": r.best.scores.get("test") if r.best else None, "error": r.error}
+                        for r in g.runs],
+            "errors": [f"{r.path.name}: {r.error}" if len(g.runs) > 1 else r.error for r in g.runs if r.error],
         }
         if matrix is not None:
             indices, scores = matrix
@@ -283,6 +289,9 @@ def print_report(report: dict, console) -> None:
                      f(r["best_dev"]), test, f(r["test_std"]), ", ".join(r["best_step"]), f(r["seconds"], ".0f"),
                      str(r["tokens"]), str(r["train_steps"]))
     console.print(runs)
+    for r in report["runs"]:
+        for error in r["errors"]:
+            console.print(f"[red]{r['label']}[/] did not finish: {error}", highlight=False, soft_wrap=True)
     if report["pairs"]:
         pairs = Table(title="pairwise test differences (A - B on the same examples; paired bootstrap"
                             + (", McNemar" if report["binary"] else "") + ")")
