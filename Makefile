@@ -1,6 +1,7 @@
 # jointopt: two commands do all set-up on a fresh clone.
 #   make run    set up if needed, then the main job: jointopt joint recipes/sst2.yaml
 #   make test   set up if needed, then the test suite
+#   make bench  set up if needed, then the benchmarks under bench/ (about half an hour)
 # On this kind of machine `torch==2.13.0` is a CPU build on local disk; elsewhere it is the
 # ordinary PyPI build. Override with e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/joint_run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

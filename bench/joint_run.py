@@ -1,0 +1,66 @@
+"""Benchmarks 3-5: wall time and peak memory of `jointopt joint recipes/sst2.yaml`, and of resuming it.
+
+    .venv/bin/python bench/joint_run.py                  # the shipped recipe (p -> w -> p), ~10 minutes
+    .venv/bin/python bench/joint_run.py data.split.dev=20  # overrides go to the recipe
+
+The run starts cold: a fresh $JOINTOPT_HOME (so DSPy's LM cache is empty) that borrows the already
+converted model, and a fresh run directory. Then the same command runs again on the finished run
+(a resume: nothing to do but read the run directory). Peak RSS is the largest of the child
+process's resident set (getrusage of the children). Prints one line per figure:
+
+    joint_wall: <seconds> s (target 600 s)
+    resume_wall: <seconds> s (target 5 s)
+    joint_peak_rss: <GB> GB (target 4 GB)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def joint(home: Path, runs: Path, overrides: list[str]) -> float:
+    env = {**os.environ, "JOINTOPT_HOME": str(home)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jointcli.cli", "joint", str(ROOT / "recipes" / "sst2.yaml"),
+                           *overrides, "--runs-dir", str(runs)], env=env, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"jointopt joint failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    overrides = sys.argv[1:]
+    from jointcli.models.embedded import jointopt_home, resolve_checkpoint
+
+    resolve_checkpoint("builtin:smollm2-135m-instruct")  # convert once, outside the timed run
+    with tempfile.TemporaryDirectory(prefix="jointopt-bench-") as tmp:
+        home, runs = Path(tmp) / "home", Path(tmp) / "runs"
+        home.mkdir()
+        (home / "models").symlink_to(jointopt_home() / "models")
+        wall = joint(home, runs, overrides)
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KB on Linux
+        resume = min(joint(home, runs, overrides) for _ in range(3))  # 3 tries: the machine is shared
+        manifest = json.loads((runs / "sst2" / "manifest.json").read_text())
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible")
+    for s in manifest["steps"]:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items())
+        print(f"  {s['index']:02d}-{s['kind']:<9} {s['seconds']:7.1f} s   {scores}")
+    print(f"joint_wall: {wall:.0f} s (target 600 s)")
+    print(f"resume_wall: {resume:.1f} s (target 5 s)")
+    print(f"joint_peak_rss: {peak_gb:.2f} GB (target 4 GB)")
+
+
+if __name__ == "__main__":
+    main()
