@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,6 +59,10 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     logging.getLogger("dspy.teleprompt").setLevel(logging.WARNING)
+    if "transformers" not in sys.modules:  # read when it loads; importing it here costs ~2 s a command
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
