@@ -10,16 +10,14 @@ run directory stores them (`predictions.jsonl`) and `compare` pairs runs example
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import dspy
-from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.utils.exceptions import AdapterParseError
 
-from ..console import progress
 from ..errors import StepError
+from .parallel import parallel_map
 
 
 @dataclass
@@ -95,22 +93,8 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
 def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable,
              num_threads: int = 4, label: str = "evaluating") -> EvalResult:
     """Score `program` on `examples`; raises StepError when every example failed to run."""
-    overrides = thread_local_overrides.get().copy()
-
-    def work(item):
-        token = thread_local_overrides.set({**thread_local_overrides.get(), **overrides})
-        try:
-            return _one(program, metric, *item)
-        finally:
-            thread_local_overrides.reset(token)
-
     start = time.perf_counter()
-    rows = []
-    with progress() as bar, ThreadPoolExecutor(max_workers=num_threads) as pool:
-        task = bar.add_task(label, total=len(examples))
-        for row in pool.map(work, enumerate(examples)):
-            rows.append(row)
-            bar.update(task, advance=1)
+    rows = parallel_map(lambda item: _one(program, metric, *item), list(enumerate(examples)), num_threads, label)
     seconds = time.perf_counter() - start
 
     errors = [r for r in rows if r["error"] and not r["parse_failure"]]

@@ -11,13 +11,11 @@ the metric says.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import dspy
-from dspy.dsp.utils.settings import thread_local_overrides
 
-from ..console import progress
+from .parallel import parallel_map
 from ..program import predictors_of
 
 
@@ -52,42 +50,33 @@ def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, m
                    threshold: float, num_threads: int = 4) -> Traces:
     """Run `program` over `trainset` and keep, per module, the calls of examples that pass."""
     owner = _module_of(program, modules)
-    overrides = thread_local_overrides.get().copy()
 
     def one(item):
         index, example = item
-        token = thread_local_overrides.set({**thread_local_overrides.get(), **overrides})
-        try:
-            with dspy.context(trace=[]):
-                try:
-                    prediction = program(**example.inputs())
-                except Exception:  # a failed prediction teaches nothing; counted as an error
-                    return index, None, []
-                score = float(metric(example, prediction))
-                calls = list(dspy.settings.trace)
-            return index, score, calls
-        finally:
-            thread_local_overrides.reset(token)
+        with dspy.context(trace=[]):
+            try:
+                prediction = program(**example.inputs())
+            except Exception:  # a failed prediction teaches nothing; counted as an error
+                return index, None, []
+            score = float(metric(example, prediction))
+            return index, score, list(dspy.settings.trace)
 
     rows, passed, errors = [], 0, 0
     per_module = {m: 0 for m in modules}
-    with progress() as bar, ThreadPoolExecutor(max_workers=num_threads) as pool:
-        task = bar.add_task("bootstrapping traces", total=len(trainset))
-        for index, score, calls in pool.map(one, enumerate(trainset)):
-            bar.update(task, advance=1)
-            if score is None:
-                errors += 1
+    for index, score, calls in parallel_map(one, list(enumerate(trainset)), num_threads, "bootstrapping traces"):
+        if score is None:
+            errors += 1
+            continue
+        if score < threshold:
+            continue
+        passed += 1
+        for predictor, inputs, outputs in calls:
+            module = owner.get(id(predictor))
+            if module is None:
                 continue
-            if score < threshold:
-                continue
-            passed += 1
-            for predictor, inputs, outputs in calls:
-                module = owner.get(id(predictor))
-                if module is None:
-                    continue
-                rows.append({"module": module, "example": index, "score": score,
-                             "messages": _messages(predictor, dict(inputs), outputs.toDict())})
-                per_module[module] += 1
+            rows.append({"module": module, "example": index, "score": score,
+                         "messages": _messages(predictor, dict(inputs), outputs.toDict())})
+            per_module[module] += 1
     return Traces(rows, len(trainset), passed, per_module, errors)
 
 
