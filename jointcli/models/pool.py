@@ -34,13 +34,14 @@ class ModelPool:
         self._lock = threading.RLock()  # _build asks for the base LM of an adapter
 
     def get(self, name: str, adapter: Path | None = None) -> dspy.LM:
-        key = (name, str(adapter) if adapter else None)
+        # keyed by the adapter's content, not its path: a folder trained again holds other weights
+        key = (name, adapter_digest(adapter) if adapter else None)
         with self._lock:
             if key not in self._lms:
-                self._lms[key] = self._build(name, adapter)
+                self._lms[key] = self._build(name, adapter, key[1])
             return self._lms[key]
 
-    def _build(self, name: str, adapter: Path | None) -> dspy.LM:
+    def _build(self, name: str, adapter: Path | None, digest: str | None) -> dspy.LM:
         from . import build_lm
 
         spec = self.recipe.models.get(name)
@@ -51,7 +52,7 @@ class ModelPool:
             return base
         if not isinstance(spec, LocalModel):
             raise InputError(f"models.{name}: adapters need a local model")
-        tag = f"{name}-{adapter_digest(adapter)}"
+        tag = f"{name}-{digest}"
         engine_of(base).add_adapter(tag, adapter)
         return base.copy(model=f"{base.model}@{tag}")
 
