@@ -1,7 +1,12 @@
 """The local engine on the real embedded model (no mocks): DSPy integration, stop strings,
-max_tokens, usage, threads, async, LoRA adapters chosen by model id, saving, errors.
+max_tokens, usage, threads, async, LoRA adapters chosen by model id, saving, errors; batching and
+shared-prefix reuse give the same greedy outputs as neither (float32), per-row stops in a batch,
+and no prefix cached for one adapter's weights is ever used with others.
 
-    .venv/bin/python -m pytest tests/test_engine.py -q     # about 20 s on 2 CPU cores
+    .venv/bin/python -m pytest tests/test_engine.py -q     # about 1 min on 2 CPU cores
+
+Most tests use a float32 engine: there batching changes only rounding, so outputs can be compared
+exactly. The default engine (bf16 on CPUs with avx512_bf16) is checked for sharing and sane answers.
 
 The first run on a machine converts the embedded model into ~/.cache/jointopt (about 20 s more).
 """
@@ -9,7 +14,9 @@ The first run on a machine converts the embedded model into ~/.cache/jointopt (a
 import asyncio
 import copy
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import dspy
 import pytest
@@ -27,7 +34,7 @@ PROMPTS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?",
 
 @pytest.fixture(scope="module")
 def lm():
-    return build_lm("smollm2", LocalModel(max_tokens=8), cache=False)
+    return build_lm("smollm2", LocalModel(max_tokens=8, dtype="float32"), cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +48,23 @@ def ask(engine, text, model="local/smollm2", **config):
 
 def test_build_lm_shares_one_engine(lm, engine):
     assert isinstance(engine, LocalEngine) and isinstance(lm._async_engine_spec, AsyncLocalEngine)
-    assert get_engine(EMBEDDED_MODEL, "auto", "auto") is engine
-    assert build_lm("other", LocalModel()).engine is engine
-    assert engine.dtype == resolve_dtype("auto", "cpu")
+    assert get_engine(EMBEDDED_MODEL, "float32", "cpu") is engine
+    assert build_lm("other", LocalModel(dtype="float32")).engine is engine
+    default = build_lm("default", LocalModel()).engine
+    assert default is get_engine(EMBEDDED_MODEL, "auto", "auto") is not engine
+    assert default.dtype == resolve_dtype("auto", "cpu")
     assert lm.model == "local/smollm2" and lm.kwargs["temperature"] == 0.0
+
+
+def test_default_engine_answers_concurrent_callers():
+    """The default dtype (bf16 here): batched answers may differ from lone ones by rounding, but
+    every caller gets the answer to its own question."""
+    default = build_lm("default", LocalModel(max_tokens=12), cache=False)
+    questions = {"France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "England": "London"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda c: default(f"What is the capital of {c}?")[0], questions))
+    for answer, city in zip(answers, questions.values()):
+        assert city in answer, answers
 
 
 def test_predict_through_chat_adapter(lm):
@@ -170,3 +190,119 @@ def test_resolve_checkpoint_errors(tmp_path):
         resolve_checkpoint(str(tmp_path / "missing"))
     with pytest.raises(InputError, match="unknown built-in model"):
         resolve_checkpoint("builtin:gpt-5")
+
+
+# ---------------------------------------------------------------- batching and prefix reuse (float32)
+SYSTEM = ("You are a precise assistant. Answer every question briefly, in one short sentence, "
+          "and never add commentary, greetings or follow-up questions.")  # ~30 tokens shared by every prompt
+
+
+def request(text, model="local/smollm2", system=SYSTEM, **config):
+    return Request(model=model, system=system, messages=(Message.user(text),),
+                   config=Config(**{"max_tokens": 10, **config}))
+
+
+@contextmanager
+def settings(engine, **values):
+    """Change engine knobs for one test; a long batch window makes 'arrive together' certain."""
+    old = {k: getattr(engine, k) for k in values}
+    for k, v in values.items():
+        setattr(engine, k, v)
+    try:
+        yield engine
+    finally:
+        for k, v in old.items():
+            setattr(engine, k, v)
+
+
+def alone(engine, requests):
+    """The reference: one request at a time, nothing shared or cached."""
+    with settings(engine, max_batch=1, prefix_reuse=False):
+        return [engine.complete(r) for r in requests]
+
+
+def together(engine, requests):
+    """All requests queued at once from this thread: the worker takes them as one batch."""
+    futures = [engine._submit_request(r) for r in requests]
+    return [f.result() for f in futures]
+
+
+def same(a, b):
+    return [(r.text, r.finish_reason, r.usage.output_tokens) for r in a] == \
+        [(r.text, r.finish_reason, r.usage.output_tokens) for r in b]
+
+
+def test_batched_equals_unbatched(engine):
+    requests = [request(p) for p in PROMPTS]
+    reference = alone(engine, requests)
+    assert len({r.text for r in reference}) == len(PROMPTS)
+    with settings(engine, batch_window_s=0.3, prefix_reuse=False):
+        before = engine.stats["batches"]
+        batched = together(engine, requests)
+        assert engine.stats["batches"] == before + 1  # one batch of four rows
+    assert same(batched, reference)
+    assert [r.usage.input_tokens for r in batched] == [r.usage.input_tokens for r in reference]
+
+
+def test_prefix_reuse_equals_no_reuse(engine):
+    requests = [request(p, system=SYSTEM + " Be kind.") for p in PROMPTS]
+    reference = alone(engine, requests)
+    with settings(engine, batch_window_s=0.3):
+        before = dict(engine.stats)
+        assert same(together(engine, requests), reference)  # shared prefix computed once for the batch
+        assert engine.stats["prefill_tokens"] - before.get("prefill_tokens", 0) < \
+            sum(r.usage.input_tokens for r in reference) - 3 * 30
+        lone = [engine.complete(r) for r in requests]  # later lone calls take it from the LRU
+        assert engine.stats["lru_tokens"] >= before.get("lru_tokens", 0) + 4 * 30
+    assert same(lone, reference)
+
+
+def test_concurrent_threads_get_their_own_answers(engine):
+    requests = [request(p) for p in PROMPTS * 2]
+    reference = alone(engine, requests[:4]) * 2
+    barrier = threading.Barrier(len(requests))
+
+    def call(r):
+        barrier.wait()
+        return engine.complete(r)
+
+    with settings(engine, batch_window_s=0.05), ThreadPoolExecutor(len(requests)) as pool:
+        assert same(list(pool.map(call, requests)), reference)
+
+
+def test_each_row_stops_at_its_own_end(engine):
+    count = "Count from 1 to 10, separated by commas."
+    configs = [dict(max_tokens=16), dict(max_tokens=16, stop=("4",)), dict(max_tokens=3)]
+    requests = [request(count, system=None, **c) for c in configs] + \
+        [request("Write a long story about a dragon.", system=None, max_tokens=14),
+         request(PROMPTS[0], system=None, max_tokens=16)]
+    reference = alone(engine, requests)
+    with settings(engine, batch_window_s=0.3):
+        batched = together(engine, requests)
+    assert same(batched, reference)
+    full, stopped, short, story, paris = batched
+    assert "4" in full.text and stopped.text == full.text[:full.text.index("4")]
+    assert stopped.finish_reason == "stop" and stopped.usage.output_tokens < full.usage.output_tokens
+    assert short.finish_reason == "length" and short.usage.output_tokens == 3
+    assert story.finish_reason == "length" and story.usage.output_tokens == 14
+    assert paris.finish_reason == "stop" and paris.usage.output_tokens < 16  # its eos, not the longest row's
+
+
+def test_prefix_cache_never_outlives_its_adapter(engine, tmp_path):
+    system = SYSTEM + " This line makes the prefix unique to this test."
+    dir_a, dir_b = _random_loras(tmp_path, seeds=(3, 4))
+    engine.add_adapter("swap", dir_a)
+    swap = "local/smollm2@swap"
+    engine._prefixes.clear()  # the LRU: from here on it holds only what this test puts there
+    with settings(engine, batch_window_s=0.3):
+        out_a = together(engine, [request(p, model=swap, system=system) for p in PROMPTS[:2]])
+        cached = engine.stats["lru_tokens"]
+        base = engine.complete(request(PROMPTS[0], system=system))  # other weights: not from swap's entry
+        assert engine.stats["lru_tokens"] == cached
+        engine.add_adapter("swap", dir_b)  # same name, other folder: replaced
+        out_b = together(engine, [request(p, model=swap, system=system) for p in PROMPTS[:2]])
+        assert engine.stats["lru_tokens"] == cached
+    engine.add_adapter("ref-b", dir_b)
+    reference = alone(engine, [request(p, model="local/smollm2@ref-b", system=system) for p in PROMPTS[:2]])
+    assert same(out_b, reference) and not same(out_a, out_b)
+    assert base.text not in (out_a[0].text, out_b[0].text)
