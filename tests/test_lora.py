@@ -11,7 +11,8 @@ import pytest
 
 from jointcli.errors import StepError
 from jointcli.models.embedded import resolve_checkpoint
-from jointcli.models.lora import TrainResult, train_lora
+from jointcli.models.lora import (TrainResult, collate, completion_nll, load_for_training, micro_batches, plan_steps,
+                                  resolve_train_dtype, to_prompt_completion, tokenize_pair, train_lora)
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
 
 SENTENCES = [
@@ -81,7 +82,7 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
     assert isinstance(result, TrainResult)
     assert result.adapter_dir == out and result.rows == 8 and result.dropped_rows == 0
     assert result.steps == 2 and result.epochs == pytest.approx(1.0)
-    assert result.device == "cpu" and result.dtype == "float32" and result.peak_cuda_mb is None
+    assert result.device == "cpu" and result.dtype == resolve_train_dtype("auto", "cpu") and result.peak_cuda_mb is None
     assert 8 * 150 < result.train_tokens < 8 * 260  # ~190 tokens a row, each seen once, no padding counted
     assert result.tokens_per_second > 0 and result.peak_rss_mb > 500 and result.final_loss is not None
     # a standard adapter folder, nothing else of the training left behind
@@ -107,6 +108,90 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
     with torch.no_grad():
         after = tuned(input_ids=ids).logits
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def encoded(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return tokenizer, [tokenize_pair(tokenizer, p) for p in to_prompt_completion(sentiment_rows())]
+
+
+def test_completion_starts_at_the_answer(encoded):
+    tokenizer, data = encoded
+    ids, start = data[0]
+    assert tokenizer.decode(ids[start:]) == "[[ ## sentiment ## ]]\npositive\n\n[[ ## completed ## ]]\n<|im_end|>\n"
+
+
+def test_plan_keeps_the_effective_batch_and_micro_batches_fit_the_budget():
+    steps = plan_steps(10, 4, 2.0, seed=3)
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]  # batch_size x grad_accum rows a step, 2 epochs
+    assert sorted(sum(steps[:3], [])) == list(range(10)) and steps[:3] != steps[3:]
+    assert plan_steps(10, 4, 2.0, seed=3) == steps and plan_steps(10, 4, 0.5, seed=3) == steps[:2]
+    lengths = [100, 480, 470, 90, 300, 2000]
+    micro = micro_batches(lengths, [0, 1, 2, 3, 4, 5], token_budget=1000)
+    assert sorted(sum(micro, [])) == [0, 1, 2, 3, 4, 5]
+    assert micro[0] == [5]  # a row over the budget trains alone, never cut
+    assert all(len(m) * max(lengths[i] for i in m) <= 1000 for m in micro[1:])
+    assert micro[1:] == [[1, 2], [4, 0, 3]]  # longest first: rows of similar length pad little
+
+
+def test_completion_head_loss_equals_the_models_loss(checkpoint: Path, encoded):
+    """Only the label positions go through the LM head; the loss is the model's own, padding included."""
+    import torch
+
+    tokenizer, data = encoded
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    by_length = sorted(data, key=lambda row: len(row[0]))
+    rows = [by_length[0], by_length[4], by_length[-1]]
+    input_ids, mask, labels = collate(rows, tokenizer.pad_token_id)
+    assert mask is not None and (mask == 0).any()  # rows of different lengths: right padding
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        nll, count = completion_nll(model, input_ids, mask, labels)
+    assert count == int((labels[:, 1:] != -100).sum()) == sum(len(ids) - start for ids, start in rows)
+    assert float(nll) / count == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded):
+    import torch
+
+    tokenizer, data = encoded
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [0, 1, 2, 3]
+    lengths = [len(ids) for ids, _ in data]
+    n_labels = sum(lengths[i] - data[i][1] for i in rows)
+
+    def gradient(budget: int):
+        model.zero_grad(set_to_none=True)
+        micro = micro_batches(lengths, rows, budget)
+        for m in micro:
+            nll, _ = completion_nll(model, *collate([data[i] for i in m], tokenizer.pad_token_id))
+            (nll / n_labels).backward()
+        return len(micro), torch.cat([p.grad.flatten() for p in params])
+
+    n_one, one = gradient(10_000)
+    n_many, many = gradient(300)
+    assert n_one == 1 and n_many == 4
+    assert one.abs().max() > 0
+    torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls(tmp_path: Path, checkpoint: Path):
+    """Default settings (bf16 autocast where the CPU has it, micro-batches): the training loss falls."""
+    log = tmp_path / "log.jsonl"
+    result = train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(r=4, alpha=8),
+                        Train(epochs=3, batch_size=2, grad_accum=2, learning_rate=2e-3), seed=0, log_path=log,
+                        device="cpu", token_budget=400)
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert result.steps == len(losses) == 6
+    assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
 
 
 def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
@@ -155,3 +240,51 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
         retuned = optimizer.compile(again, trainset=trainset, teacher=teacher)
     assert retuned.predictors()[0].lm.model == tuned_lm.model
     assert [p for p in (tmp_path / "adapters").iterdir() if p.is_dir()] == folders
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint: Path):
+    """SIGKILL a training process after its checkpoint at step 2; the rerun resumes there and ends with
+    the adapter of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    rows = sentiment_rows()[:4]
+    args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1.5, batch_size=1), seed=0, device="cpu")
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = (f"import json, jointcli.models.lora as L; from jointcli.recipe import Lora, Train; L.SAVE_STEPS = 2; "
+              f"L.train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
+              f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1.5, batch_size=1), seed=0, "
+              f"device='cpu', log_path={str(tmp_path / 'log.jsonl')!r})")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 600
+    while not list(tmp_path.glob(".resumed.work/checkpoint-2.pt")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "resumed").exists()
+
+    import jointcli.models.lora as lora_module
+
+    lora_module.SAVE_STEPS, saved = 2, lora_module.SAVE_STEPS
+    try:
+        resumed = train_lora(checkpoint, rows, tmp_path / "resumed", log_path=tmp_path / "log.jsonl", **args)
+    finally:
+        lora_module.SAVE_STEPS = saved
+    straight = train_lora(checkpoint, rows, tmp_path / "straight", **args)
+    assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 6
+    assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-4)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("resumed", "straight"))
+    assert a.keys() == b.keys() and all(torch_allclose(a[k], b[k]) for k in a)
+    assert not (tmp_path / ".resumed.work").exists()
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-6)

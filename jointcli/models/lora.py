@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a local checkpoint on DSPy fine-tune rows, with TRL's SFTTrainer.
+"""LoRA fine-tuning of a local checkpoint on DSPy fine-tune rows: a small training loop of our own.
 
     result = train_lora(resolve_checkpoint("builtin:smollm2-135m-instruct"), rows,
                         Path("runs/x/02-w/adapters/classify"), Lora(), Train(), seed=0,
@@ -7,31 +7,43 @@
 
 Rows are what `dspy.ChatAdapter().format_finetune_data(...)` builds:
 `{"messages": [system, user, (assistant, user)*, assistant]}`. Each row becomes a conversational
-prompt/completion pair (every message but the last / the last assistant message), so TRL masks the
-prompt tokens with -100 and the loss is on the final completion only, end-of-turn token included.
+prompt/completion pair (every message but the last / the last assistant message), tokenized as TRL
+does (`tokenize_pair`): the loss is on the final completion only, end-of-turn token included.
 
 Rows longer than `train.max_length` tokens are DROPPED (counted in `TrainResult.dropped_rows`),
-never cut: TRL truncates from the right, which would cut the completion, and cutting the prompt
-from the left would remove the system message that tells the model its fields.
+never cut: truncating from the right would cut the completion, and cutting the prompt from the left
+would remove the system message that tells the model its fields.
 
-Choices, measured on 2 CPU cores (AMD EPYC, avx512_bf16), batch 8 of ~190-token DSPy rows:
-- no gradient checkpointing: TRL turns it on by default; it made steps 30% slower (12.0 s against
-  9.2 s) to lower peak RSS from 6.3 to 3.9 GB, and memory suffices (it grows with batch x length);
-- the loss is the model's own cross-entropy (see `_trainer_class`), not TRL's chunked "fused LM
-  head", which also computes per-token entropy/accuracy for its logs: same loss values to the last
-  digit, 8.5-9.2 s a step instead of 13.3 s;
-- padded batches grouped by length (`train_sampling_strategy="group_by_length"`), not padding-free:
-  padding-free is correct with SDPA in transformers 5 (packed position_ids become a block-diagonal
-  mask), but attention over the flattened batch is quadratic in the whole batch: forward+backward
-  11.4 s against 7.7 s padded (rows of one signature differ little in length, so padding is ~5%);
-- fp32 on CPU by default; `dtype="bfloat16"` (autocast, LoRA weights stay fp32) takes 5.4 s a step
-  (-37%, peak RSS 4.8 GB) and its loss falls about as fast (8 steps: 1.83 -> 0.095 against
-  1.83 -> 0.081); bf16 mixed precision on CUDA when the GPU supports it.
+The loop (it replaced TRL's SFTTrainer, whose semantics it keeps: AdamW, betas 0.9/0.999, no weight
+decay, linear decay of the learning rate to 0, gradient norm clipped at 1.0, the loss of a step is
+the summed NLL of its completion tokens over their count):
+- an optimizer step is `batch_size x grad_accum` rows (a seeded shuffle per epoch); its rows are
+  sorted by length and cut into micro-batches of at most TOKEN_BUDGET padded tokens (rows x longest
+  row), so memory is bounded whatever the recipe's batch size, and rows of similar length share a
+  batch (little padding; none when a micro-batch has one row or rows of one length, and then no
+  attention mask either). Micro-batches give the gradient of the whole step (tested);
+- completion-only LM head (`completion_nll`): the decoder body gives hidden states and only the
+  ~20 label positions of a ~490-token row go through the 49152-word LM head, instead of the
+  [batch, seq, vocab] fp32 logits (770 MB for 8 rows of 490 tokens, and as much again for their
+  gradient). Same loss as the model's own (tested);
+- bf16 on CPUs with avx512_bf16/AMX and on bf16 GPUs (dtype auto): frozen base weights stored in
+  bf16, autocast, LoRA weights and AdamW in fp32; PEFT's cast of each LoRA input to fp32 is turned
+  off (under autocast it only kept an fp32 copy of every linear input alive: 3.6 -> 2.7 GB peak at
+  2048 tokens). The inference engine runs these CPUs in bf16 too;
+- no gradient checkpointing (TRL's default): micro-batches keep memory small without it;
+- torch threads set to the CPU budget (affinity and cgroup quota) while training.
+
+Measured on 2 shared CPU cores (AMD EPYC, avx512_bf16), rows of ~460 tokens (sst2 with 4 demos),
+peak RSS of a training process: fp32 micro-batch of 2048 tokens 6.3 GB; bf16 2048 tokens 2.7 GB;
+bf16 1024 tokens 1.7 GB (the CPU default); the TRL trainer with batch 8 peaked at 13.3 GB in a joint
+run. Throughput: see bench/train_throughput.py.
 
 Writes are atomic: the adapter is saved into a temporary sibling folder and renamed over
-`out_dir` at the end; Trainer checkpoints for resuming live in a sibling work folder
-`.<name>.work/` that is removed on success, and are reused only when the data, hyperparameters
-and base checkpoint are the same (a fingerprint file says so).
+`out_dir` at the end. Checkpoints for resuming (adapter, optimizer and RNG state, every SAVE_STEPS
+steps) live in a sibling work folder `.<name>.work/` that is removed on success, and are reused
+only when the data, hyperparameters and base checkpoint are the same (a fingerprint file says so);
+the step plan is a function of the seed, so a resumed run trains the remaining steps on the rows
+it would have trained.
 """
 
 from __future__ import annotations
@@ -39,11 +51,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import math
+import random
 import resource
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +66,11 @@ from ..errors import StepError
 from ..rundir import _umask, write_atomic
 from ..recipe import Lora, Train
 
-SAVE_STEPS = 20  # a Trainer checkpoint every this many optimizer steps (at most ~2 minutes lost here)
+SAVE_STEPS = 20  # a checkpoint every this many optimizer steps (at most ~2 minutes lost here)
+# Padded tokens per micro-batch (rows x its longest row): bounds activation memory whatever the
+# recipe's batch size. Measured peak RSS of a training process on this 135M model: bf16 1024 tokens
+# 1.7 GB, 2048 tokens 2.7 GB; fp32 2048 tokens 6.3 GB (fp32 activations are twice the size).
+TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 512}, "cuda": {"bfloat16": 8192, "float32": 4096}}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESULT_FILE = "training.json"  # TrainResult of the run, next to the adapter files
 _FINGERPRINT = "fingerprint.json"
@@ -102,21 +120,17 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _token_length(tokenizer, row: dict) -> int:
-    enc = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
-    return len(ids)
-
-
 # ---------------------------------------------------------------- devices
 def resolve_train_dtype(dtype: str, device: str) -> str:
-    """auto: bf16 mixed precision on a CUDA GPU that supports it, else fp32 (CPU included)."""
+    """auto: bf16 autocast on a CUDA GPU that supports it and on CPUs with native bf16 (avx512_bf16
+    or AMX), else fp32. The LoRA weights and the optimizer always stay in fp32."""
     import torch
 
     if dtype == "auto":
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            return "bfloat16"
-        return "float32"
+        if device == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        from .engine import _cpu_has_native_bf16
+        return "bfloat16" if _cpu_has_native_bf16() else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise StepError(f"LoRA training dtype {dtype!r}: use auto, float32 or bfloat16")
     return dtype
@@ -124,14 +138,15 @@ def resolve_train_dtype(dtype: str, device: str) -> str:
 
 # ---------------------------------------------------------------- files
 def _fingerprint(checkpoint: Path, rows: list[dict], lora: Lora, train: Train, seed: int, device: str,
-                 dtype: str, init_adapter: Path | None = None) -> str:
+                 dtype: str, init_adapter: Path | None = None, token_budget: int = 0) -> str:
     h = hashlib.sha256()
     if init_adapter is not None:
         for name in ADAPTER_FILES:
             h.update((Path(init_adapter) / name).read_bytes())
     h.update(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
                          "train": train.model_dump(mode="json"), "seed": seed, "device": device,
-                         "dtype": dtype}, sort_keys=True).encode())
+                         "dtype": dtype, "token_budget": token_budget,
+                         "trainer": 2}, sort_keys=True).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
@@ -162,23 +177,6 @@ def _lock(out_dir: Path):
         yield
 
 
-@contextmanager
-def _quiet_datasets():
-    """TRL's dataset preparation prints a progress bar per map(); the CLI has its own output."""
-    try:
-        from datasets.utils import logging as ds_logging
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    was_enabled = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            ds_logging.enable_progress_bar()
-
-
 def is_adapter_dir(path: Path) -> bool:
     return all((Path(path) / f).is_file() for f in ADAPTER_FILES)
 
@@ -186,12 +184,15 @@ def is_adapter_dir(path: Path) -> bool:
 # ---------------------------------------------------------------- training
 def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int = 0,
                log_path: Path | None = None, device: str = "auto", resume: bool = True,
-               dtype: str = "auto", init_adapter: Path | None = None) -> TrainResult:
+               dtype: str = "auto", init_adapter: Path | None = None,
+               token_budget: int | None = None) -> TrainResult:
     """Train a LoRA adapter on `rows` and write it to `out_dir` (a standard PEFT adapter folder).
 
-    dtype: auto (bf16 mixed precision on a bf16 GPU, else fp32), float32 or bfloat16 (autocast).
+    dtype: auto (bf16 autocast on a CUDA GPU or CPU with native bf16, else fp32), float32 or bfloat16.
     init_adapter: a PEFT adapter folder to continue training (its r, alpha and target modules are
-    kept and `lora` is ignored); None starts a new adapter on the base weights."""
+    kept and `lora` is ignored); None starts a new adapter on the base weights.
+    token_budget: padded tokens per micro-batch (default: TOKEN_BUDGET[device][dtype]); bounds activation memory,
+    never changes the optimizer step (batch_size x grad_accum rows)."""
     if not rows:
         raise StepError("no training rows: nothing to fine-tune on (did every trace fail the metric?)")
     pairs = to_prompt_completion(rows)
@@ -199,136 +200,256 @@ def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, tr
     with _lock(out_dir):
         return _train_locked(Path(checkpoint), pairs, out_dir, lora, train, seed,
                              Path(log_path) if log_path else None, device, resume, dtype,
-                             Path(init_adapter) if init_adapter else None)
+                             Path(init_adapter) if init_adapter else None, token_budget or 0)
 
 
-def _sft_config(work: Path, train: Train, seed: int, device: str, dtype: str, **overrides):
-    from trl import SFTConfig
+def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], int]:
+    """(input ids of prompt + completion, index of the first completion token), as TRL tokenizes a
+    conversational prompt/completion row: the completion starts where the tokenized prompt (with the
+    generation prompt) and the tokenized prompt + completion diverge."""
+    def ids(enc):
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
-    args = dict(
-        output_dir=str(work),
-        num_train_epochs=train.epochs,
-        learning_rate=train.learning_rate,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        max_length=train.max_length,  # rows are pre-filtered to fit, so this never cuts
-        completion_only_loss=True,
-        packing=False,
-        padding_free=False,
-        train_sampling_strategy="group_by_length",
-        activation_checkpointing=False,  # TRL defaults to on (the old name, gradient_checkpointing)
-        bf16=dtype == "bfloat16",
-        fp16=False,
-        use_cpu=device == "cpu",
-        seed=seed,
-        data_seed=seed,
-        logging_strategy="steps",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=SAVE_STEPS,
-        save_total_limit=1,
-        eval_strategy="no",
-        report_to="none",
-        push_to_hub=False,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-        include_num_input_tokens_seen="non_padding",
-    )
-    args.update(overrides)
-    return SFTConfig(**args)
+    prompt = ids(tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True))
+    full = ids(tokenizer.apply_chat_template(pair["prompt"] + pair["completion"], tokenize=True))
+    start = 0
+    for a, b in zip(prompt, full):
+        if a != b:
+            break
+        start += 1
+    return full, start
+
+
+def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> list[list[int]]:
+    """Row indices of every optimizer step: a fresh seeded shuffle each epoch, cut into steps of
+    `rows_per_step` (the last of an epoch may be shorter); ceil(epochs x steps per epoch) steps."""
+    per_epoch = math.ceil(n_rows / rows_per_step)
+    total = max(1, math.ceil(epochs * per_epoch - 1e-9))
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < total:
+        order = list(range(n_rows))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        steps += [order[i:i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
+        epoch += 1
+    return steps[:total]
+
+
+def micro_batches(lengths: list[int], step: list[int], token_budget: int) -> list[list[int]]:
+    """Split one optimizer step's rows into micro-batches of similar length (sorted, longest first),
+    each at most `token_budget` padded tokens (rows x its longest row; a longer row goes alone)."""
+    order = sorted(step, key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def collate(rows: list[tuple[list[int], int]], pad_id: int, device: str = "cpu"):
+    """Right-padded input_ids, attention_mask (None when nothing is padded) and labels (-100 on
+    the prompt and the padding)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, start) in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, start:len(ids)] = input_ids[r, start:len(ids)]
+        mask[r, :len(ids)] = 1
+    padded = bool((mask == 0).any())
+    return (input_ids.to(device), mask.to(device) if padded else None, labels.to(device))
+
+
+def completion_nll(model, input_ids, attention_mask, labels):
+    """Summed cross-entropy of the labeled (completion) tokens, and their count.
+
+    The decoder body gives hidden states; only the positions whose next token has a label go
+    through the LM head (~20 of ~500 here), so the [batch, seq, vocab] logits of the full model
+    are never built. Same value as the model's own loss x the number of label tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def _autocast(device: str, dtype: str):
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@contextmanager
+def _threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cpu_budget() -> int:
+    try:
+        from .engine import _cpu_budget as budget
+        return budget()
+    except ImportError:  # pragma: no cover
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_for_training(checkpoint: Path, lora: Lora, device: str, dtype: str, seed: int,
+                      init_adapter: Path | None = None):
+    """The base model (frozen; bf16 weights when training in bf16) with a trainable fp32 LoRA adapter."""
+    import torch
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    transformers.set_seed(seed)  # before the LoRA A matrices are initialized
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, local_files_only=True)
+    model.config.use_cache = False
+    if device == "cuda":
+        model.to("cuda")
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True, local_files_only=True)
+    else:
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules))
+        model = get_peft_model(model, config)
+    for p in model.parameters():  # the adapter trains in fp32 whatever the base weights are
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if dtype == "bfloat16":
+        # PEFT casts each LoRA input to the adapter's fp32 (a saved fp32 copy of every linear input:
+        # most of the activation memory); under autocast the bf16 input can go in as it is
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False
+    model.train()
+    return model
 
 
 def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
                   log_path: Path | None, device: str, resume: bool, dtype: str,
-                  init_adapter: Path | None = None, sft_overrides: dict | None = None) -> TrainResult:
+                  init_adapter: Path | None = None, token_budget: int = 0) -> TrainResult:
     import torch
-    import transformers
-    from datasets import Dataset
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoTokenizer
 
     from .engine import resolve_device
 
     device = resolve_device(device)
     dtype = resolve_train_dtype(dtype, device)
+    token_budget = token_budget or TOKEN_BUDGET[device][dtype]
     parent = out_dir.parent
     for stale in parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    lengths = [_token_length(tokenizer, p) for p in pairs]
-    kept = [p for p, n in zip(pairs, lengths) if n <= train.max_length]
-    dropped = len(pairs) - len(kept)
-    if not kept:
+    encoded = [tokenize_pair(tokenizer, p) for p in pairs]
+    keep = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= train.max_length]
+    dropped = len(pairs) - len(keep)
+    if not keep:
         raise StepError(f"no training rows: all {len(pairs)} rows are longer than train.max_length="
-                        f"{train.max_length} tokens (shortest {min(lengths)}); raise train.max_length")
+                        f"{train.max_length} tokens (shortest {min(len(ids) for ids, _ in encoded)}); "
+                        "raise train.max_length")
+    kept = [pairs[i] for i in keep]
+    data = [encoded[i] for i in keep]
+    lengths = [len(ids) for ids, _ in data]
 
     # Resume only a work folder that trained on exactly this data with these settings.
     work = parent / f".{out_dir.name}.work"
     if init_adapter is not None and not is_adapter_dir(init_adapter):
         raise StepError(f"{init_adapter}: not a PEFT adapter folder (needs {' and '.join(ADAPTER_FILES)})")
-    fingerprint = _fingerprint(checkpoint, kept, lora, train, seed, device, dtype, init_adapter)
+    fingerprint = _fingerprint(checkpoint, kept, lora, train, seed, device, dtype, init_adapter, token_budget)
     last = None
     if resume and work.is_dir():
         try:
             same = json.loads((work / _FINGERPRINT).read_text()).get("fingerprint") == fingerprint
         except (OSError, ValueError):
             same = False
-        last = get_last_checkpoint(str(work)) if same else None
+        last = _last_checkpoint(work) if same else None
     if last is None and work.exists():
         shutil.rmtree(work)
     if not work.exists():
         work.mkdir(parents=True)
         write_atomic(work / _FINGERPRINT, json.dumps({"fingerprint": fingerprint}) + "\n")
-    resumed_step = _checkpoint_step(last) if last else None
 
-    transformers.set_seed(seed)  # before the LoRA A matrices are initialized inside SFTTrainer
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.bfloat16 if dtype == "bfloat16" and device == "cuda" else torch.float32,
-        local_files_only=True)
-    if device == "cuda":
-        model.to("cuda")
-    if init_adapter is not None:
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True, local_files_only=True)
-        peft_config = None
-    else:
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules))
+    steps = plan_steps(len(data), train.batch_size * train.grad_accum, train.epochs, seed)
+    per_epoch = math.ceil(len(data) / (train.batch_size * train.grad_accum))
+    model = load_for_training(checkpoint, lora, device, dtype, seed, init_adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=0.0, **_fused(device))
+    done, tokens_before = 0, 0
+    if last is not None:
+        state = torch.load(last, map_location=device, weights_only=False)
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                p.copy_(state["adapter"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        done, tokens_before = int(state["step"]), int(state.get("tokens", 0))
+    resumed_step = done if last is not None else None
     logger = _JsonlLog(log_path, resumed_step)
-    with _quiet_datasets():
-        trainer = _trainer_class()(
-            model=model,
-            args=_sft_config(work, train, seed, device, dtype, **(sft_overrides or {})),
-            train_dataset=Dataset.from_list(kept),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[logger],
-        )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; train_log.jsonl has them
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    tokens = 0
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=last)
+        with _threads(_cpu_budget()) if device == "cpu" else nullcontext():
+            for index in range(done, len(steps)):
+                lr = train.learning_rate * (len(steps) - index) / len(steps)  # linear decay to 0
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_rows = steps[index]
+                n_labels = sum(lengths[i] - data[i][1] for i in step_rows)  # completion tokens (label count)
+                total = 0.0
+                for micro in micro_batches(lengths, step_rows, token_budget):
+                    input_ids, mask, labels = collate([data[i] for i in micro], pad_id, device)
+                    with _autocast(device, dtype):
+                        nll, _ = completion_nll(model, input_ids, mask, labels)
+                    (nll / n_labels).backward()
+                    total += float(nll.detach())
+                    tokens += sum(lengths[i] for i in micro)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                logger.log(index + 1, (index + 1) / per_epoch, total / n_labels, lr, grad_norm)
+                if (index + 1) % SAVE_STEPS == 0 and index + 1 < len(steps):
+                    _save_checkpoint(work, index + 1, names, params, optimizer, tokens_before + tokens)
     except torch.OutOfMemoryError as err:
-        raise StepError(f"LoRA training ran out of {device} memory with batch_size={train.batch_size}, "
-                        f"max_length={train.max_length}: lower train.batch_size (and raise train.grad_accum "
-                        f"to keep the effective batch), or train.max_length") from err
+        raise StepError(f"LoRA training ran out of {device} memory with micro-batches of {token_budget} tokens, "
+                        f"max_length={train.max_length}: lower train.max_length") from err
     except (RuntimeError, ValueError) as err:
-        raise StepError(f"LoRA training failed at step {trainer.state.global_step}: {err} "
+        raise StepError(f"LoRA training failed at step {index + 1}: {err} "
                         f"(checkpoints, if any, are kept in {work} and a rerun resumes from them)") from err
     seconds = time.perf_counter() - start
-    logger.flush()
 
-    state = trainer.state
-    tokens = int(state.num_input_tokens_seen - logger.tokens_at_start)
     result = TrainResult(
         adapter_dir=out_dir,
-        steps=int(state.global_step),
-        epochs=float(state.epoch or 0.0),
+        steps=len(steps),
+        epochs=len(steps) / per_epoch,
         rows=len(kept),
         train_tokens=tokens,
         tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
@@ -345,15 +466,45 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the adapter folder is an ordinary one
     try:
-        trainer.model.save_pretrained(str(tmp))  # adapter only: adapter_config.json + adapter_model.safetensors
+        model.save_pretrained(str(tmp))  # adapter only: adapter_config.json + adapter_model.safetensors
         write_atomic(tmp / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    del trainer, model
+    del model, optimizer
     return result
+
+
+def _fused(device: str) -> dict:
+    import torch
+
+    try:  # fused AdamW: one kernel for all the adapter's tensors (CPU since torch 2.4)
+        torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError):  # pragma: no cover
+        return {}
+
+
+def _save_checkpoint(work: Path, step: int, names, params, optimizer, tokens: int) -> None:
+    import torch
+
+    path = work / f"checkpoint-{step}.pt"
+    tmp = work / f".checkpoint-{step}.pt.tmp"
+    torch.save({"step": step, "tokens": tokens, "rng": torch.get_rng_state(),
+                "adapter": {n: p.detach().cpu() for n, p in zip(names, params)},
+                "optimizer": optimizer.state_dict()}, tmp)
+    os.replace(tmp, path)
+    for old in work.glob("checkpoint-*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def _last_checkpoint(work: Path) -> Path | None:
+    found = [(_checkpoint_step(p.stem), p) for p in work.glob("checkpoint-*.pt")]
+    found = [(s, p) for s, p in found if s is not None]
+    return max(found)[1] if found else None
 
 
 def _checkpoint_step(path: str) -> int | None:
@@ -363,47 +514,9 @@ def _checkpoint_step(path: str) -> int | None:
         return None
 
 
-_TRAINER_CLASS = None
-
-
-def _trainer_class():
-    """SFTTrainer with the plain transformers loss (the model's own cross-entropy on the labels TRL built).
-
-    TRL 1.16 computes the loss through its chunked "fused LM head", which also computes the entropy
-    and token accuracy of every position for its logs; on CPU that path took 5 of the 11 seconds of
-    a step (batch 8 x 200 tokens, 49k vocabulary). The model's loss is the same number (mean NLL of
-    the completion tokens, normalized by the tokens of the whole accumulated batch) for ~1 second."""
-    global _TRAINER_CLASS
-    if _TRAINER_CLASS is None:
-        from transformers import Trainer
-        from trl import SFTTrainer
-
-        class _SFTTrainer(SFTTrainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                inputs["use_cache"] = False
-                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-
-        _TRAINER_CLASS = _SFTTrainer
-    return _TRAINER_CLASS
-
-
-_LOG_CLASS = None
-
-
-def _JsonlLog(path: Path | None, resumed_step: int | None):
-    """A TrainerCallback writing train_log.jsonl; the class is built on first use, so importing
-    this module does not import transformers."""
-    global _LOG_CLASS
-    if _LOG_CLASS is None:
-        from transformers import TrainerCallback
-
-        _LOG_CLASS = type("JsonlLog", (_JsonlLogMixin, TrainerCallback), {})
-    return _LOG_CLASS(path, resumed_step)
-
-
-class _JsonlLogMixin:
-    """One JSON line per logged optimizer step, rewritten atomically after each (a small file)."""
+class _JsonlLog:
+    """One JSON line per optimizer step in train_log.jsonl, rewritten atomically after each (a small
+    file); a resumed run keeps the lines of the steps it resumes after."""
 
     def __init__(self, path: Path | None, resumed_step: int | None):
         self.path = path
@@ -416,27 +529,16 @@ class _JsonlLogMixin:
                     continue
                 if isinstance(entry, dict) and entry.get("step", 0) <= resumed_step:
                     self.lines.append(entry)
-        self.last_loss: float | None = None
-        self.tokens_at_start = 0
+        self.last_loss: float | None = self.lines[-1]["loss"] if self.lines else None
         self._start = time.perf_counter()
         self._offset = self.lines[-1].get("seconds", 0.0) if self.lines else 0.0
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-        self.tokens_at_start = state.num_input_tokens_seen  # 0, or the resumed checkpoint's count
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:  # the final summary log has train_loss, not loss
-            return
-        self.last_loss = float(logs["loss"])
-        self.lines.append({
-            "step": int(state.global_step),
-            "epoch": round(float(state.epoch or 0.0), 4),
-            "loss": self.last_loss,
-            "learning_rate": float(logs.get("learning_rate", 0.0)),
-            "seconds": round(self._offset + time.perf_counter() - self._start, 3),
-            **({"grad_norm": float(logs["grad_norm"])} if "grad_norm" in logs else {}),
-        })
+    def log(self, step: int, epoch: float, loss: float, lr: float, grad_norm: float) -> None:
+        self.last_loss = float(loss)
+        self.lines.append({"step": step, "epoch": round(epoch, 4), "loss": self.last_loss,
+                           "learning_rate": float(lr),
+                           "seconds": round(self._offset + time.perf_counter() - self._start, 3),
+                           "grad_norm": float(grad_norm)})
         self.flush()
 
     def flush(self) -> None:
