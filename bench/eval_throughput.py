@@ -125,8 +125,9 @@ def quick_adapter(args, recipe, splits, program, folder: Path) -> str:
     start = time.perf_counter()
     result = train_lora(checkpoint, [{"messages": m} for m in rows], folder, Lora(r=8, alpha=16), train,
                         seed=0, device="cpu")
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.3f}"
     return (f"quick LoRA trained here: {len(rows)} gold-label rows with the 4 demos, 1 epoch, "
-            f"{result.steps} steps of 4, lr 2e-3, final loss {result.final_loss}, "
+            f"{result.steps} steps of 4, lr 2e-3, final loss {loss}, "
             f"{time.perf_counter() - start:.0f} s")
 
 
