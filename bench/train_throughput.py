@@ -1,6 +1,7 @@
 """Benchmark 2: LoRA training throughput, jointopt's trainer against TRL's SFTTrainer as DSPy configures it.
 
     .venv/bin/python bench/train_throughput.py            # ~5-10 minutes on 2 CPU cores
+    .venv/bin/python bench/train_throughput.py --bf16     # also jointopt in bf16
     .venv/bin/python bench/train_throughput.py --steps 3 --rows 100
 
 Rows: the DSPy fine-tune rows of the sst2 recipe's program with 4 labeled demos (the first 4 training
@@ -10,8 +11,9 @@ examples), built like `jointopt bootstrap ... traces.source=labels` builds them
 Trainers, each in its own child process (so that each peak RSS is its own), on the same rows, one
 warm-up optimizer step then `--steps` measured ones of 8 rows each:
 - jointopt: `jointcli.models.lora.train_lora` with the shipped recipe's settings (LoRA r=8 alpha 16,
-  batch_size 2 x grad_accum 4) and its defaults (dtype auto, micro-batches from a token budget,
-  LM head on the completion positions only, no gradient checkpointing).
+  batch_size 2 x grad_accum 4) and its defaults (dtype auto: fp32 on CPU, micro-batches from a
+  token budget, LM head on the completion positions only, no gradient checkpointing); `--bf16`
+  adds a run with dtype bfloat16 (autocast).
 - dspy-trl: DSPy 3.4's `LocalProvider` (dspy/clients/lm_local.py, `train_sft_locally`) reproduced with
   current TRL/PEFT, because DSPy's own code fails with TRL 1.16 (`setup_chat_format` is gone,
   `max_seq_length` was renamed `max_length`): its LoRA config when `use_peft` (r=32, alpha 64,
@@ -96,7 +98,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_jointopt(rows: list[dict], steps: int, out: Path) -> dict:
+def run_jointopt(rows: list[dict], steps: int, out: Path, dtype: str = "auto") -> dict:
     from jointcli.models.embedded import resolve_checkpoint
     from jointcli.models.lora import plan_steps, to_prompt_completion, tokenize_pair, train_lora
     from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
@@ -106,7 +108,7 @@ def run_jointopt(rows: list[dict], steps: int, out: Path) -> dict:
     train = Train(epochs=1, learning_rate=1e-3, batch_size=2, grad_accum=4)  # the shipped sst2 recipe
     log = out / "log.jsonl"
     result = train_lora(checkpoint, rows, out / "adapter", Lora(r=8, alpha=16), train, seed=0, log_path=log,
-                        device="cpu")
+                        device="cpu", dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     data = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(rows)]
     plan = plan_steps(len(data), train.batch_size * train.grad_accum, train.epochs, 0)
@@ -115,7 +117,7 @@ def run_jointopt(rows: list[dict], steps: int, out: Path) -> dict:
     tokens = sum(len(data[i][0]) for step in measured for i in step)
     labels = sum(len(data[i][0]) - data[i][1] for step in measured for i in step)
     seconds = lines[-1]["seconds"] - lines[0]["seconds"]
-    return {"trainer": "jointopt", "dtype": result.dtype, "tokens": tokens, "label_tokens": labels,
+    return {"trainer": "jointopt" + ("" if dtype == "auto" else f"-{dtype}"), "dtype": result.dtype, "tokens": tokens, "label_tokens": labels,
             "seconds": seconds, "tokens_per_second": tokens / seconds, "steps": len(measured),
             "losses": [round(e["loss"], 4) for e in lines], "peak_rss_mb": _rss_mb(),
             "mean_row_tokens": sum(len(d[0]) for d in data) / len(data)}
@@ -204,8 +206,8 @@ def _child(which: str, rows_file: Path, steps: int, packing: bool) -> dict:
     torch.set_num_threads(_cpu_budget())
     rows = json.loads(rows_file.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        if which == "jointopt":
-            return run_jointopt(rows, steps, Path(tmp))
+        if which.startswith("jointopt"):
+            return run_jointopt(rows, steps, Path(tmp), "bfloat16" if which == "jointopt-bf16" else "auto")
         return run_dspy_trl(rows, steps, Path(tmp), packing)
 
 
@@ -232,7 +234,8 @@ def main() -> None:
                         "(steps + 1) x 8)")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps of 8 rows, after 1 warm-up")
     parser.add_argument("--packing", action="store_true", help="also run DSPy's packing=True (slow)")
-    parser.add_argument("--child", choices=["jointopt", "dspy-trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help="also run jointopt in bf16 (auto is fp32 on CPU)")
+    parser.add_argument("--child", choices=["jointopt", "jointopt-bf16", "dspy-trl"], help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -258,7 +261,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.json"
         rows_file.write_text(json.dumps(used))
-        runs = [("dspy-trl", False), ("jointopt", False)] + ([("dspy-trl", True)] if args.packing else [])
+        runs = ([("dspy-trl", False), ("jointopt", False)] + ([("jointopt-bf16", False)] if args.bf16 else [])
+                + ([("dspy-trl", True)] if args.packing else []))
         for which, packing in runs:
             cmd = [sys.executable, __file__, "--child", which, "--rows-file", str(rows_file),
                    "--steps", str(args.steps)] + (["--packing"] if packing else [])
@@ -272,9 +276,12 @@ def main() -> None:
                   f"{r['seconds']:.1f} s, {r['steps']} steps, {r['dtype']}), peak RSS {r['peak_rss_mb']:.0f} MB, "
                   f"losses {r['losses']}", flush=True)
 
+    # the machine is shared: the peak measured again after the trainers, the best of both counts
+    peaks = {dt: max(v, matmul_peak(dt)) for dt, v in peaks.items()}
+    print("matmul peak, best of before and after (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     ours, base = results["jointopt"], results["dspy-trl"]
     base.setdefault("mean_row_tokens", ours["mean_row_tokens"])
-    for r, rank in ((ours, 8), (base, 32)):
+    for r, rank in [(ours, 8), (base, 32)] + ([(results["jointopt-bfloat16"], 8)] if args.bf16 else []):
         flops = model_flops(r, rank)
         peak = peaks[r["dtype"]]
         print(f"{r['trainer']:>18}: {flops / r['tokens'] / 1e6:.0f} model MFLOP/token, "

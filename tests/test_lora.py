@@ -184,13 +184,13 @@ def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded)
 
 
 def test_loss_falls(tmp_path: Path, checkpoint: Path):
-    """Default settings (bf16 autocast where the CPU has it, micro-batches): the training loss falls."""
+    """bf16 autocast (the GPU default, opt-in on CPU) with micro-batches: the training loss falls."""
     log = tmp_path / "log.jsonl"
     result = train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(r=4, alpha=8),
                         Train(epochs=3, batch_size=2, grad_accum=2, learning_rate=2e-3), seed=0, log_path=log,
-                        device="cpu", token_budget=400)
+                        device="cpu", dtype="bfloat16", token_budget=400)
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    assert result.steps == len(losses) == 6
+    assert result.steps == len(losses) == 6 and result.dtype == "bfloat16"
     assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
 
 
