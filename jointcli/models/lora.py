@@ -29,7 +29,7 @@ the summed NLL of its completion tokens over their count):
 - bf16 on bf16 GPUs (dtype auto) and on request (dtype bfloat16): frozen base weights stored in
   bf16, autocast, LoRA weights and AdamW in fp32; PEFT's cast of each LoRA input to fp32 is turned
   off (under autocast it only kept an fp32 copy of every linear input alive: 3.6 -> 2.7 GB peak at
-  2048 tokens). fp32 on CPU by default, even with avx512_bf16: no faster there, and worse adapters
+  2048 tokens). fp32 on CPU by default, even with avx512_bf16: 1.7x faster there, but worse adapters
   (see resolve_train_dtype);
 - no gradient checkpointing (TRL's default): micro-batches keep memory small without it;
 - torch threads set to the CPU budget (affinity and cgroup quota) while training.
@@ -37,8 +37,9 @@ the summed NLL of its completion tokens over their count):
 Measured on 2 shared CPU cores (AMD EPYC, avx512_bf16), rows of ~460 tokens (sst2 with 4 demos),
 peak RSS of a training process: fp32 micro-batch of 2048 tokens 6.3 GB, 512 tokens (the CPU default)
 2.6 GB; bf16 2048 tokens 2.7 GB, 1024 tokens 1.7 GB; the TRL trainer with batch 8 peaked at 13.3 GB
-in a joint run. Throughput (bench/train_throughput.py, same rows): 186 tokens/s fp32, 183 bf16,
-against 24-32 for TRL's SFTTrainer as DSPy configures it and ~91 for the former TRL-based trainer.
+in a joint run. Throughput (bench/train_throughput.py, same rows, 2 shared cores): 201 tokens/s fp32,
+347 bf16, against 59 for TRL's SFTTrainer as DSPy configures it (fp32); the former TRL-based trainer
+did ~91 in fp32 (README).
 
 Writes are atomic: the adapter is saved into a temporary sibling folder and renamed over
 `out_dir` at the end. Checkpoints for resuming (adapter, optimizer and RNG state, every SAVE_STEPS
@@ -124,10 +125,11 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- devices
 def resolve_train_dtype(dtype: str, device: str) -> str:
-    """auto: bf16 autocast on a CUDA GPU that supports it, else fp32. On CPUs with avx512_bf16, bf16
-    training was no faster (183 against 186 tokens/s, bench/train_throughput.py) and its adapters
-    scored lower on sst2 dev (0.72 and 0.68 against 0.76 and 0.78 for the fp32 trainer, seeds 0 and 1),
-    so it is opt-in there. The LoRA weights and the optimizer always stay in fp32."""
+    """auto: bf16 autocast on a CUDA GPU that supports it, else fp32. On a CPU with avx512_bf16, bf16
+    trains 1.7x faster (347 against 201 tokens/s, bench/train_throughput.py, 2 cores) but its adapters
+    scored lower on sst2 dev (0.72 and 0.68, seeds 0 and 1, against 0.74 and 0.78 in fp32 and 0.76
+    and 0.78 with the former TRL trainer), so it is opt-in there (dtype="bfloat16"). The LoRA weights
+    and the optimizer always stay in fp32."""
     import torch
 
     if dtype == "auto":
