@@ -111,6 +111,17 @@ def main() -> int:
               f"first answers alone vs together equal: {alone == texts[:4]}")
         if any(r.usage.output_tokens == 0 for r in together):
             failures.append("a request got no tokens")
+
+        # float32: batching and prefix reuse must not change greedy answers (bf16 may, near ties)
+        exact = get_engine(str(checkpoint), "float32", args.device)
+        exact.add_adapter("check", result.adapter_dir)
+        alone = [exact.complete(r).message.text for r in requests]
+        with ThreadPoolExecutor(16) as pool:
+            together = [r.message.text for r in pool.map(exact.complete, requests)]
+        same = sum(a == b for a, b in zip(alone, together))
+        print(f"float32: {same}/{len(requests)} answers equal alone and batched")
+        if same != len(requests):
+            failures.append("float32 batched answers differ from single calls")
     for failure in failures:
         print(f"FAILED: {failure}")
     print("gpu_check:", "ok" if not failures else "failed")

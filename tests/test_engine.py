@@ -306,3 +306,20 @@ def test_prefix_cache_never_outlives_its_adapter(engine, tmp_path):
     reference = alone(engine, [request(p, model="local/smollm2@ref-b", system=system) for p in PROMPTS[:2]])
     assert same(out_b, reference) and not same(out_a, out_b)
     assert base.text not in (out_a[0].text, out_b[0].text)
+
+
+def test_decoding_matches_transformers_generate(engine):
+    """The engine's own decode loop against model.generate, greedy fp32, token for token: the key/value
+    cache must really be used (transformers renamed forward's keyword for it; a wrong name is ignored)."""
+    import torch
+
+    for text in PROMPTS[:2]:
+        ours = ask(engine, text, max_tokens=12)
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+        ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                        do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
+        theirs = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert ours.message.text == theirs

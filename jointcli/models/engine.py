@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import inspect
 import os
 import queue
 import re
@@ -199,6 +200,10 @@ class LocalEngine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.weights_id = _fingerprint(self.checkpoint, self.dtype)
         self.eos_ids = _eos_ids(self.model)
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); an unknown keyword is
+        # swallowed by **kwargs, and decoding without the cache is silently wrong: ask the signature
+        forward_args = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
         self.adapters: dict[str, str] = {}  # name -> adapter folder
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
         self._peft = None  # the PeftModel wrapping self.model, once an adapter is added
@@ -505,7 +510,7 @@ class LocalEngine:
     def _forward(self, ids, cache, mask=None, positions=None) -> torch.Tensor:
         """One forward pass that extends `cache`; the logits of the last position, one row per sequence.
         self.model is the base model with the LoRA layers (if any) injected: _weights chose the adapter."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
