@@ -316,7 +316,10 @@ def print_report(report: dict, console) -> None:
 
 def plot_report(report: dict, groups: list[Group], out: Path) -> None:
     """Two panels: dev score by step for each run, and the dev-score/tokens candidates with their front."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'jointopt[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
