@@ -318,8 +318,9 @@ def test_decoding_matches_transformers_generate(engine):
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                      add_generation_prompt=True)
         ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        with torch.inference_mode():
-            out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+        model, base_weights, _ = engine._weights("local/smollm2")  # earlier tests added adapters: base only
+        with torch.inference_mode(), base_weights:
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                         do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
         theirs = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert ours.message.text == theirs
