@@ -58,7 +58,9 @@ class RunRecord:
         if last is not None and last.status != "done":
             record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
         predictions = run.path / best.folder / "predictions-test.jsonl" if best else None
-        if predictions is not None and predictions.is_file():
+        # a run that stopped on a failed step has no result: a test score of a step it adopted or
+        # reached before the failure would read as the strategy's
+        if predictions is not None and predictions.is_file() and record.error is None:
             record.test = {int(r["index"]): float(r["score"]) for r in read_jsonl(predictions)}
         return record
 

@@ -145,3 +145,16 @@ def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
 
     assert cli("sweep", RECIPES / "sst2.yaml", "--strategies", "p, p", "--runs-dir", runs) == 2
     assert cli("sweep", RECIPES / "sst2.yaml", "--strategies", "p -> x", "--runs-dir", runs) == 2
+
+
+def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
+    # zero-shot, the tiny model passes no training example: the w step fails (exit 1)
+    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=w", "--name", "failed",
+               "--runs-dir", two_runs) == 1
+    capsys.readouterr()
+    assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    failed = report["runs"][1]
+    assert failed["test"] is None and "no passing traces" in failed["errors"][0]
+    assert report["pairs"] == []  # nothing to pair with a run that has no result
+    assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--min-score", "failed=0") == 3
