@@ -75,7 +75,13 @@ def _start(runs: Path, *extra: str) -> subprocess.Popen:
     log = open(runs / "stderr.log", "w")  # a file, not a pipe: a full pipe would block the child
     return subprocess.Popen([sys.executable, "-m", "jointcli.cli", "joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT,
                              *extra, "--runs-dir", str(runs)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=log, text=True)
+                            stderr=log, text=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A suite started in the background by a script inherits SIGINT ignored, and Python keeps it
+    so in the child: give the child the ordinary disposition, as a terminal's Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: float = 600) -> None:
