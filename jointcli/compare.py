@@ -156,7 +156,7 @@ def build_report(groups: list[Group]) -> dict:
             "train_steps": round(sum(r.train_steps for r in g.runs) / len(g.runs)),
             "per_run": [{"path": str(r.path), "seed": r.seed, "best_step": r.best.folder if r.best else None,
                          "best_dev": r.best.scores.get("dev") if r.best else None,
-                         "test": r.best.scores.get("test") if r.best else None, "error": r.error}
+                         "test": r.best.scores.get("test") if r.best and not r.error else None, "error": r.error}
                         for r in g.runs],
             "errors": [f"{r.path.name}: {r.error}" if len(g.runs) > 1 else r.error for r in g.runs if r.error],
         }
