@@ -92,3 +92,11 @@ def test_program_class_needs_exactly_one_kind(tmp_path):
 def test_schema_is_json_schema():
     schema = Recipe.model_json_schema(by_alias=True)
     assert schema["type"] == "object" and "data" in schema["properties"]
+
+
+def test_training_dtype_is_a_recipe_choice():
+    recipe = load_recipe(RECIPES / "sst2.yaml", ["optimizers.w.train.dtype=bfloat16"])
+    assert recipe.optimizers["w"].train.dtype == "bfloat16"
+    assert load_recipe(RECIPES / "sst2.yaml", []).optimizers["w"].train.dtype == "auto"
+    with pytest.raises(InputError, match="dtype"):
+        load_recipe(RECIPES / "sst2.yaml", ["optimizers.w.train.dtype=fp8"])

@@ -152,7 +152,7 @@ class LocalProvider(Provider):
                             model, len(train_data), lora.r, train.epochs, folder)
                 result = train_lora(engine.checkpoint, train_data, folder, lora, train, seed=seed,
                                     log_path=root / f"{key}.train_log.jsonl", device=engine.device,
-                                    init_adapter=init_adapter)
+                                    init_adapter=init_adapter, dtype=train.dtype)
                 if isinstance(job, LocalTrainingJob):
                     job.train_result = result
                 logger.info("fine-tune of %s: %d steps in %.0f s, final loss %s",

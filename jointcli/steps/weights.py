@@ -56,7 +56,8 @@ def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: 
     for name, (model, rows) in groups.items():
         local = recipe.models[model]
         result = train_lora(resolve_checkpoint(local.path), rows, folder / "adapters" / name, spec.lora, spec.train,
-                            seed=seed, log_path=folder / f"train_log-{name}.jsonl", device=local.device)
+                            seed=seed, log_path=folder / f"train_log-{name}.jsonl", device=local.device,
+                            dtype=spec.train.dtype)
         results[name] = {"rows": result.rows, "dropped_rows": result.dropped_rows, "steps": result.steps,
                          "train_tokens": result.train_tokens,
                          "tokens_per_second": round(result.tokens_per_second, 1),
