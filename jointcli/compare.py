@@ -23,6 +23,7 @@ import numpy as np
 from .errors import InputError
 from .metrics import is_binary
 from .rundir import RunDir, Step, read_jsonl
+from .schedule import best_step
 from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 GATE = re.compile(r"^\s*(\S+)\s*(>=|>)\s*(\S+)\s*$")
@@ -47,14 +48,15 @@ class RunRecord:
     def load(cls, path: Path) -> "RunRecord":
         run = RunDir.existing(path)
         recipe, manifest = run.recipe(), run.manifest()
-        steps = [s for s in run.done_steps() if s.kind in ("baseline", "p", "w", "init", "eval")]
+        every = [Step(**s) for s in manifest["steps"]]  # RunDir.existing checked they parse
+        steps = [s for s in every if s.status == "done" and s.kind in ("baseline", "p", "w", "init", "eval")]
         scored = [s for s in steps if "dev" in s.scores]
         best = next((s for s in scored if s.folder == manifest.get("best")), None)
-        if best is None and scored:  # an unfinished joint run: best so far, ties to the earlier
-            best = max(scored, key=lambda s: (s.scores["dev"], -s.index))
+        if best is None:  # an unfinished joint run: the best so far, as the schedule picks it
+            best = best_step(scored)
         record = cls(run.path, recipe.seed, recipe.schedule.strategy, manifest.get("data_fingerprint"),
                      {"name": recipe.metric.name, "field": recipe.label_field}, steps, best)
-        last = run.steps()[-1] if run.steps() else None
+        last = every[-1] if every else None
         if last is not None and last.status != "done":
             record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
         predictions = run.path / best.folder / "predictions-test.jsonl" if best else None
@@ -130,7 +132,8 @@ def _test_matrix(group: Group) -> tuple[list[int], np.ndarray] | None:
 
 def _cost(run: RunRecord, step: Step) -> dict:
     """Mean inference cost per dev example of a step's program; seconds only from uncached calls."""
-    rows = read_jsonl(run.path / step.folder / "predictions.jsonl") if (run.path / step.folder / "predictions.jsonl").is_file() else []
+    path = run.path / step.folder / "predictions.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
     if not rows:
         return {"tokens": None, "seconds": None}
     tokens = sum(r.get("tokens_in", 0) + r.get("tokens_out", 0) for r in rows) / len(rows)

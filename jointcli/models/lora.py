@@ -274,7 +274,6 @@ def completion_nll(model, input_ids, attention_mask, labels):
     The decoder body gives hidden states; only the positions whose next token has a label go
     through the LM head (~20 of ~500 here), so the [batch, seq, vocab] logits of the full model
     are never built. Same value as the model's own loss x the number of label tokens."""
-    import torch
     import torch.nn.functional as F
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -304,14 +303,6 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _cpu_budget() -> int:
-    try:
-        from .engine import _cpu_budget as budget
-        return budget()
-    except ImportError:  # pragma: no cover
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def load_for_training(checkpoint: Path, lora: Lora, device: str, dtype: str, seed: int,
@@ -420,6 +411,8 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     tokens = 0
     start = time.perf_counter()
     try:
+        from .engine import _cpu_budget  # the engine's: affinity mask capped by the cgroup quota
+
         with _threads(_cpu_budget()) if device == "cpu" else nullcontext():
             for index in range(done, len(steps)):
                 lr = train.learning_rate * (len(steps) - index) / len(steps)  # linear decay to 0
