@@ -201,7 +201,7 @@ def encode_sft_example(messages: list[dict], tokenizer, max_seq_length: int) -> 
 def _child(which: str, rows_file: Path, steps: int, packing: bool) -> dict:
     import torch
 
-    from jointcli.models.engine import _cpu_budget
+    from jointcli.models.device import cpu_budget as _cpu_budget
 
     torch.set_num_threads(_cpu_budget())
     rows = json.loads(rows_file.read_text())
@@ -246,7 +246,7 @@ def main() -> None:
 
     import torch
 
-    from jointcli.models.engine import _cpu_budget
+    from jointcli.models.device import cpu_budget as _cpu_budget
 
     torch.set_num_threads(_cpu_budget())
     rows = build_rows(args.rows)

@@ -1,15 +1,94 @@
-"""All human output goes through one rich console on stderr; stdout carries results (--json)."""
+"""All human output goes through one rich console on stderr; stdout carries results (--json).
+
+Long phases report progress with `phase(...)`: a rich bar in a terminal; in a log or a pipe (CI,
+`tee`), where a bar shows nothing, a plain line every LOG_EVERY_S seconds and one at the end:
+
+    with phase("dev eval", total=50) as tick:
+        for example in devset:
+            ...
+            tick()
+"""
 
 from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+LOG_EVERY_S = 30.0
 
 
-def progress() -> Progress:
+def _bar() -> Progress:
     """A progress bar for long work; hidden automatically when stderr is not a terminal."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                     console=console, transient=True)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+class _LogLines:
+    """Plain progress lines for a log: what, done/total, elapsed, estimate left; at most one every
+    `every` seconds (checked when work advances, and by a timer so a slow item still shows life)."""
+
+    def __init__(self, label: str, total: int, every: float):
+        self.label, self.total, self.every = label, total, every
+        self.done, self.note, self.start = 0, "", time.monotonic()
+        self.last = self.start
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._timer = threading.Thread(target=self._beat, daemon=True, name="jointopt-progress")
+
+    def _line(self, final: bool = False) -> str:
+        elapsed = time.monotonic() - self.start
+        note = f", {self.note}" if self.note else ""
+        if final:
+            return f"{self.label}: {self.done}/{self.total} done in {_seconds(elapsed)}{note}"
+        left = f", ~{_seconds(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
+        return f"{self.label}: {self.done}/{self.total}, {_seconds(elapsed)} elapsed{left}{note}"
+
+    def _emit(self, final: bool = False) -> None:
+        with self._lock:
+            self.last = time.monotonic()
+            console.print(self._line(final), highlight=False, soft_wrap=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every / 3):
+            if time.monotonic() - self.last >= self.every:
+                self._emit()
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        self.note = note or self.note
+        if time.monotonic() - self.last >= self.every and self.done < self.total:
+            self._emit()
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self._stop.set()
+        self._timer.join()
+        if exc_type is None and self.total > 0:
+            self._emit(final=True)
+
+
+@contextmanager
+def phase(label: str, total: int, every: float | None = None) -> Iterator[Callable[..., None]]:
+    """Report progress of `total` units of work; yields `tick(n=1, note="")` to call as units finish
+    (`note`, e.g. "loss 0.41", is shown in log lines)."""
+    if console.is_terminal:
+        with _bar() as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n=1, note="": bar.update(task, advance=n)
+        return
+    with _LogLines(label, total, LOG_EVERY_S if every is None else every) as lines:
+        yield lines.advance

@@ -3,10 +3,12 @@ max_tokens, usage, threads, async, LoRA adapters chosen by model id, saving, err
 shared-prefix reuse give the same greedy outputs as neither (float32), per-row stops in a batch,
 and no prefix cached for one adapter's weights is ever used with others.
 
-    .venv/bin/python -m pytest tests/test_engine.py -q     # about 1 min on 2 CPU cores
+    .venv/bin/python -m pytest tests/test_engine.py -q
+    JOINTOPT_CPU_BF16=0 .venv/bin/python -m pytest tests/test_engine.py -q   # the fp32 path on a bf16 CPU
 
 Most tests use a float32 engine: there batching changes only rounding, so outputs can be compared
-exactly. The default engine (bf16 on CPUs with avx512_bf16) is checked for sharing and sane answers.
+exactly. The default engine (bf16 on CPUs with avx512_bf16 or AMX, else fp32) is checked for
+sharing; its bf16 path only where bf16 is native (JOINTOPT_CPU_BF16=0 forces the fp32 path).
 
 The first run on a machine converts the embedded model into ~/.cache/jointopt (about 20 s more).
 """
@@ -24,8 +26,11 @@ from dspy.lm15 import Config, Message, Request
 
 from jointcli.errors import InputError
 from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint  # before torch: see models/__init__
-from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine, resolve_dtype
+from jointcli.models.device import resolve_dtype
+from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine
 from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
+
+from .conftest import requires_native_bf16
 
 DEMOS = [dspy.Example(question="What is the capital of Italy?", answer="Rome"),
          dspy.Example(question="What is the capital of Spain?", answer="Madrid")]
@@ -47,24 +52,38 @@ def ask(engine, text, model="local/smollm2", **config):
 
 
 def test_build_lm_shares_one_engine(lm, engine):
+    import torch
+
     assert isinstance(engine, LocalEngine) and isinstance(lm._async_engine_spec, AsyncLocalEngine)
     assert get_engine(EMBEDDED_MODEL, "float32", "cpu") is engine
     assert build_lm("other", LocalModel(dtype="float32")).engine is engine
     default = build_lm("default", LocalModel()).engine
-    assert default is get_engine(EMBEDDED_MODEL, "auto", "auto") is not engine
+    assert default is get_engine(EMBEDDED_MODEL, "auto", "auto")
     assert default.dtype == resolve_dtype("auto", "cpu")
+    # auto is float32 on a CPU without native bf16 (or with JOINTOPT_CPU_BF16=0): the same weights then
+    assert (default is engine) == (default.dtype == torch.float32)
     assert lm.model == "local/smollm2" and lm.kwargs["temperature"] == 0.0
 
 
-def test_default_engine_answers_concurrent_callers():
-    """The default dtype (bf16 here): batched answers may differ from lone ones by rounding, but
-    every caller gets the answer to its own question."""
+@requires_native_bf16
+def test_bf16_engine_answers_concurrent_callers():
+    """The bf16 default: batched answers may differ from lone ones by rounding (fp32 equality is
+    tested below), but every caller gets the answer to its own question, whatever the model knows:
+    each concurrent answer is closer to its own lone answer than to any other."""
+    from difflib import SequenceMatcher
+
+    import torch
+
     default = build_lm("default", LocalModel(max_tokens=12), cache=False)
-    questions = {"France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "England": "London"}
+    assert default.engine.dtype == torch.bfloat16
+    questions = [f"What is the capital of {c}?" for c in ("France", "Italy", "Japan", "England")]
+    lone = [default(q)[0] for q in questions]
+    assert len(set(lone)) == len(lone), lone
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda c: default(f"What is the capital of {c}?")[0], questions))
-    for answer, city in zip(answers, questions.values()):
-        assert city in answer, answers
+        answers = list(pool.map(lambda q: default(q)[0], questions))
+    for i, answer in enumerate(answers):
+        closest = max(range(len(lone)), key=lambda j: SequenceMatcher(None, answer, lone[j]).ratio())
+        assert closest == i, (answers, lone)
 
 
 def test_predict_through_chat_adapter(lm):
@@ -72,7 +91,7 @@ def test_predict_through_chat_adapter(lm):
     predict.demos = DEMOS
     with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         answer = predict(question="What is the capital of France?", config={"max_tokens": 16}).answer
-    assert isinstance(answer, str) and "Paris" in answer
+    assert isinstance(answer, str) and answer.strip()  # parsed from the [[ ## answer ## ]] field
 
 
 def test_greedy_is_deterministic_and_reports_usage(engine):
@@ -89,11 +108,18 @@ def test_max_tokens_is_honoured(engine, lm):
     assert 0 < lm.history[-1]["usage"]["completion_tokens"] <= 3
 
 
+def middle_word(text: str) -> str:
+    """A stop string that occurs inside `text`, whatever the model said."""
+    words = text.split()
+    assert len(words) >= 3, text
+    return words[len(words) // 2]
+
+
 def test_stop_string_cuts_the_output(engine):
     full = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12).text
-    assert "4" in full, full
-    stopped = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12, stop=("4",))
-    assert stopped.text == full[:full.index("4")] and stopped.finish_reason == "stop"
+    stop = middle_word(full)
+    stopped = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12, stop=(stop,))
+    assert stopped.text == full[:full.index(stop)] and stopped.finish_reason == "stop"
     assert stopped.usage.output_tokens < 12
 
 
@@ -105,12 +131,14 @@ def test_concurrent_calls_get_their_own_answers(lm):
 
 
 def test_evaluate_with_threads(lm):
+    """dspy.Evaluate's threads get the answers one caller at a time gets (float32: exactly)."""
     predict = dspy.Predict("question -> answer")
     predict.demos = DEMOS
-    devset = [dspy.Example(question=q, answer="Paris").with_inputs("question")
-              for q in ("What is the capital of France?", "Which city is the capital of France?")]
+    questions = ("What is the capital of France?", "Which city is the capital of France?", "Name a colour.")
     with dspy.context(lm=lm.copy(max_tokens=16), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer in pred.answer,
+        alone = {q: predict(question=q).answer for q in questions}
+        devset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in alone.items()]
+        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
                                num_threads=4, display_progress=False)(predict)
     assert result.score == 100.0
 
@@ -272,7 +300,8 @@ def test_concurrent_threads_get_their_own_answers(engine):
 
 def test_each_row_stops_at_its_own_end(engine):
     count = "Count from 1 to 10, separated by commas."
-    configs = [dict(max_tokens=16), dict(max_tokens=16, stop=("4",)), dict(max_tokens=3)]
+    stop = middle_word(alone(engine, [request(count, system=None, max_tokens=16)])[0].text)
+    configs = [dict(max_tokens=16), dict(max_tokens=16, stop=(stop,)), dict(max_tokens=3)]
     requests = [request(count, system=None, **c) for c in configs] + \
         [request("Write a long story about a dragon.", system=None, max_tokens=14),
          request(PROMPTS[0], system=None, max_tokens=16)]
@@ -281,7 +310,7 @@ def test_each_row_stops_at_its_own_end(engine):
         batched = together(engine, requests)
     assert same(batched, reference)
     full, stopped, short, story, paris = batched
-    assert "4" in full.text and stopped.text == full.text[:full.text.index("4")]
+    assert stopped.text == full.text[:full.text.index(stop)]
     assert stopped.finish_reason == "stop" and stopped.usage.output_tokens < full.usage.output_tokens
     assert short.finish_reason == "length" and short.usage.output_tokens == 3
     assert story.finish_reason == "length" and story.usage.output_tokens == 14

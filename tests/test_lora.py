@@ -15,6 +15,8 @@ from jointcli.models.lora import (TrainResult, collate, completion_nll, load_for
                                   resolve_train_dtype, to_prompt_completion, tokenize_pair, train_lora)
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
 
+from .conftest import requires_native_bf16
+
 SENTENCES = [
     ("a gorgeous, witty, seductive movie.", "positive"),
     ("the plot is dull and the acting is worse.", "negative"),
@@ -183,14 +185,16 @@ def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded)
     torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
 
 
-def test_loss_falls(tmp_path: Path, checkpoint: Path):
-    """bf16 autocast (the GPU default, opt-in on CPU) with micro-batches: the training loss falls."""
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=requires_native_bf16)])
+def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
+    """fp32 (the CPU default) and bf16 autocast (the GPU default, opt-in on CPU) with micro-batches:
+    the training loss falls."""
     log = tmp_path / "log.jsonl"
     result = train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(r=4, alpha=8),
                         Train(epochs=3, batch_size=2, grad_accum=2, learning_rate=2e-3), seed=0, log_path=log,
-                        device="cpu", dtype="bfloat16", token_budget=400)
+                        device="cpu", dtype=dtype, token_budget=400)
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    assert result.steps == len(losses) == 6 and result.dtype == "bfloat16"
+    assert result.steps == len(losses) == 6 and result.dtype == dtype
     assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
 
 

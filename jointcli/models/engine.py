@@ -40,7 +40,6 @@ wraps the one base model: adding one costs its LoRA matrices, never a copy of th
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import inspect
 import os
@@ -70,10 +69,10 @@ from dspy.lm15 import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import InputError
+from .device import limit_torch_threads, resolve_device, resolve_dtype
 from .embedded import resolve_checkpoint
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; build_lm always passes the recipe's
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ADAPTER_NAME = re.compile(r"^[^.@\s]+$")  # PEFT keeps adapters in ModuleDicts (no dots); '@' splits ids
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -82,59 +81,6 @@ PREFILL_TOKENS = 8192  # rows x padded suffix length fed in one forward pass (bo
 MIN_PREFIX = 16  # shorter shared prefixes are not worth an LRU entry
 PREFIX_CACHE_TOKENS = 8192  # LRU budget, in cached tokens (batch 1): ~190 MB in bf16 for SmolLM2-135M
 PREFIX_CACHE_ENTRIES = 8
-
-
-# ---------------------------------------------------------------- device and dtype
-def resolve_device(device: str) -> str:
-    """auto: cuda when a GPU is visible, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for, but torch sees no CUDA GPU; use device: cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """auto: bf16 on CUDA GPUs and CPUs with native bf16 (avx512_bf16 or AMX), else fp32."""
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    if dtype != "auto":
-        raise InputError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
-    if resolve_device(device) == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-
-
-@functools.cache
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def _cpu_budget() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return n
-
-
-def _limit_torch_threads() -> None:
-    """torch may start one thread per host core inside a container with fewer CPUs; oversubscription
-    makes generation several times slower. Only ever lowers the count."""
-    budget = _cpu_budget()
-    if torch.get_num_threads() > budget:
-        torch.set_num_threads(budget)
 
 
 # ---------------------------------------------------------------- model ids
@@ -193,7 +139,7 @@ class LocalEngine:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device == "cpu":
-            _limit_torch_threads()
+            limit_torch_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype, local_files_only=True)
         self.model = model.to(self.device).eval()

@@ -347,7 +347,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     import torch
     from transformers import AutoTokenizer
 
-    from .engine import resolve_device
+    from .device import cpu_budget, resolve_device
 
     device = resolve_device(device)
     dtype = resolve_train_dtype(dtype, device)
@@ -411,9 +411,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     tokens = 0
     start = time.perf_counter()
     try:
-        from .engine import _cpu_budget  # the engine's: affinity mask capped by the cgroup quota
-
-        with _threads(_cpu_budget()) if device == "cpu" else nullcontext():
+        with _threads(cpu_budget()) if device == "cpu" else nullcontext():
             for index in range(done, len(steps)):
                 lr = train.learning_rate * (len(steps) - index) / len(steps)  # linear decay to 0
                 for group in optimizer.param_groups:

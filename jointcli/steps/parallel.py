@@ -1,4 +1,5 @@
-"""Run a function over examples on a thread pool, the way DSPy's own Evaluate does, with a progress bar.
+"""Run a function over examples on a thread pool, the way DSPy's own Evaluate does, with progress
+(a bar in a terminal, plain lines in a log).
 
     rows = parallel_map(score_one, list(enumerate(devset)), num_threads=4, label="dev eval")
 
@@ -14,7 +15,7 @@ from typing import Callable, TypeVar
 
 from dspy.dsp.utils.settings import thread_local_overrides
 
-from ..console import progress
+from ..console import phase
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,13 +35,12 @@ def parallel_map(fn: Callable[[T], R], items: list[T], num_threads: int, label: 
 
     pool = ThreadPoolExecutor(max_workers=max(1, num_threads))
     try:
-        with progress() as bar:
-            task = bar.add_task(label, total=len(items))
+        with phase(label, total=len(items)) as tick:
             futures = [pool.submit(work, item) for item in items]
             results = []
             for future in futures:
                 results.append(future.result())
-                bar.update(task, advance=1)
+                tick()
             return results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

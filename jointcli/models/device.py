@@ -1,0 +1,99 @@
+"""Where models run: the device, the dtype `auto` picks, how many CPU threads this process may use,
+and what kind of CPU this is (every benchmark figure names it).
+
+    JOINTOPT_CPU_BF16=0 jointopt joint recipes/sst2.yaml   # the fp32 path, even on a bf16 CPU
+
+The switch JOINTOPT_CPU_BF16 overrides what /proc/cpuinfo says about native bf16 (avx512_bf16 or
+AMX): 0 makes `dtype: auto` pick float32 as on an AVX2-only CPU, 1 makes it pick bfloat16. The
+tests use it to run both paths on one machine; users use it to compare them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from ..errors import InputError
+
+DTYPES = ("float32", "bfloat16", "float16")
+BF16_SWITCH = "JOINTOPT_CPU_BF16"
+
+
+def resolve_device(device: str) -> str:
+    """auto: cuda when a GPU is visible, else cpu."""
+    import torch  # here, not at the top: the CPU facts below serve callers that never load a model
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for, but torch sees no CUDA GPU; use device: cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+    """auto: bf16 on CUDA GPUs and CPUs with native bf16 (avx512_bf16 or AMX), else fp32."""
+    import torch
+
+    if dtype in DTYPES:
+        return getattr(torch, dtype)
+    if dtype != "auto":
+        raise InputError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if resolve_device(device) == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with avx512_bf16 or AMX, unless JOINTOPT_CPU_BF16 says otherwise (0 or 1)."""
+    switch = os.environ.get(BF16_SWITCH, "").strip()
+    if switch in ("0", "1"):
+        return switch == "1"
+    if switch:
+        raise InputError(f"{BF16_SWITCH}={switch!r}: use 0 (fp32 path) or 1 (bf16 path), or leave it unset")
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:  # not Linux
+        return frozenset()
+
+
+def cpu_kind() -> str:
+    """The CPU as benchmarks report it: its widest vector/bf16 feature and the cores this process may
+    use, e.g. 'avx512_bf16+amx, 2 cores' or 'avx2, 2 cores'; the switch is named when it is set."""
+    flags = cpu_flags()
+    kind = next((k for k in ("avx512_bf16", "avx512f", "avx2") if k in flags), "other")
+    if "amx_bf16" in flags:
+        kind += "+amx"
+    switch = os.environ.get(BF16_SWITCH)
+    forced = f", {BF16_SWITCH}={switch}" if switch in ("0", "1") else ""
+    return f"{kind}, {cpu_budget()} cores{forced}"
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def limit_torch_threads() -> None:
+    """torch may start one thread per host core inside a container with fewer CPUs; oversubscription
+    makes generation several times slower. Only ever lowers the count."""
+    import torch
+
+    budget = cpu_budget()
+    if torch.get_num_threads() > budget:
+        torch.set_num_threads(budget)
