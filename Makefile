@@ -1,6 +1,7 @@
 # jointopt: two commands do all set-up on a fresh clone.
 #   make run    set up if needed, then the main job: jointopt joint recipes/sst2.yaml
 #   make test   set up if needed, then the test suite
+#   make test-fast  the tests that need no model (recipe, schedule, stats, run directory): seconds
 #   make bench  set up if needed, then the benchmarks under bench/ (about half an hour)
 # On this kind of machine `torch==2.13.0` is a CPU build on local disk; elsewhere it is the
 # ordinary PyPI build. Override with e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
@@ -10,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not model"
 
 bench: setup
 	$(BIN)/python bench/eval_throughput.py

@@ -35,14 +35,45 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli(*args) -> int:
+    """Run `jointopt ARGS` in this process, as the console script does (the model stays loaded
+    between calls); returns the exit code. run_cli is for where the process boundary matters."""
+    from jointcli.cli import main
+
+    old = sys.argv
+    sys.argv = ["jointopt", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as exit:
+        return exit.code or 0
+    finally:
+        sys.argv = old
+
+
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
+# Every test in these files runs the model, and importing them imports transformers (seconds):
+# the fast tier does not collect them at all.
+MODEL_ONLY_FILES = {"test_engine.py", "test_cache.py"}
+
+
+def _fast_tier(config) -> bool:
+    return config.getoption("markexpr", "") == "not model"
+
+
+def pytest_ignore_collect(collection_path, config):
+    if _fast_tier(config) and collection_path.name in MODEL_ONLY_FILES:
+        return True
+    return None
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The fast tier promises no model: make that a check, not a hope."""
-    if session.config.getoption("markexpr", "") == "not model" and "transformers" in sys.modules:
+    if _fast_tier(session.config) and "transformers" in sys.modules:
         print("\nerror: a test outside the `model` tier imported transformers; mark it "
               "@pytest.mark.model", file=sys.stderr)
         session.exitstatus = 1

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.pool import ModelPool
 from jointcli.recipe import load_recipe
 
-from .conftest import RECIPES
-from .test_cli import cli
+from .conftest import RECIPES, cli
+
+pytestmark = pytest.mark.model  # every test here runs the embedded model
 
 TINY = ["data.split.train=4", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
         "runtime.num_threads=2"]

@@ -7,38 +7,24 @@ loads once for the whole file; a few run in a subprocess where the process bound
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import dspy
 import pytest
 
-from jointcli.cli import main
 from jointcli.rundir import RunDir
 
-from .conftest import RECIPES, run_cli
+from .conftest import RECIPES, cli, run_cli
 
 TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
         "runtime.num_threads=2"]
-
-
-def cli(*args: str) -> int:
-    """Run `jointopt ARGS` in this process; returns the exit code."""
-    old = sys.argv
-    sys.argv = ["jointopt", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as exit:
-        return exit.code or 0
-    finally:
-        sys.argv = old
 
 
 def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
 
 
+@pytest.mark.model
 def test_eval_writes_a_complete_run_directory(runs, capsys):
     # without DSPy's cache, so that tokens are generated (cache hits cost, and count, no tokens)
     assert cli("eval", RECIPES / "sst2.yaml", *TINY, "runtime.cache=false", "--runs-dir", runs) == 0
@@ -67,6 +53,7 @@ def test_eval_writes_a_complete_run_directory(runs, capsys):
     assert (run / "recipe.1.yaml").is_file()  # the old recipe is kept
 
 
+@pytest.mark.model
 def test_prompt_then_weight_steps_chain_state(runs, capsys):
     args = [*TINY, "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}",
             "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=1", "optimizers.w.train.batch_size=3",
@@ -125,6 +112,7 @@ def test_optimizer_names_and_arguments_are_checked(runs, capsys):
     assert "does not accept ['bogus']" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_zero_passing_traces_is_a_clear_failure(runs, capsys):
     code = cli("bootstrap", RECIPES / "sst2.yaml", *TINY, "optimizers.w.traces.threshold=2.0",
                "--runs-dir", runs)
@@ -171,6 +159,7 @@ def test_damaged_manifest_is_bad_input(tmp_path):
     assert result.returncode == 2 and "manifest.json: damaged" in result.stderr
 
 
+@pytest.mark.model
 def test_two_module_pipeline_and_user_program_class(runs, tmp_path, monkeypatch, capsys):
     # the two-module recipe: the second module reads the first one's output
     assert cli("eval", RECIPES / "sst2-pipeline.yaml", "data.split.dev=2", "--runs-dir", runs) == 0

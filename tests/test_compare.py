@@ -10,8 +10,8 @@ import pytest
 
 from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
 
-from .conftest import RECIPES
-from .test_cli import cli, manifest
+from .conftest import RECIPES, cli
+from .test_cli import manifest
 
 TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=6", "models.small.max_tokens=24",
         "runtime.num_threads=2", "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}"]
@@ -88,6 +88,7 @@ def two_runs(tmp_path_factory) -> Path:
     return runs
 
 
+@pytest.mark.model
 def test_compare_identical_runs_and_its_gates(two_runs, tmp_path, capsys):
     args = ["compare", "a", "b", "--runs-dir", two_runs]
     assert cli(*args, "--json") == 0
@@ -113,6 +114,7 @@ def test_compare_identical_runs_and_its_gates(two_runs, tmp_path, capsys):
     assert matplotlib.image.imread(plot).shape[:2][1] > 500
 
 
+@pytest.mark.model
 def test_compare_refuses_incomparable_runs(two_runs, capsys):
     assert cli("joint", RECIPES / "sst2.yaml", *TINY, "data.split.seed=1", "schedule.strategy=none",
                "--name", "other-split", "--runs-dir", two_runs) == 0
@@ -123,6 +125,7 @@ def test_compare_refuses_incomparable_runs(two_runs, capsys):
     assert "no run directory" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
     runs = tmp_path / "runs"
     args = ["sweep", RECIPES / "sst2.yaml", *TINY, "--strategies", "p, none", "--seeds", "0,1",
@@ -147,6 +150,7 @@ def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
     assert cli("sweep", RECIPES / "sst2.yaml", "--strategies", "p -> x", "--runs-dir", runs) == 2
 
 
+@pytest.mark.model
 def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
     # zero-shot, the tiny model passes no training example: the w step fails (exit 1)
     assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=w", "--name", "failed",

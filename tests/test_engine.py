@@ -32,6 +32,8 @@ from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
 
 from .conftest import requires_native_bf16
 
+pytestmark = pytest.mark.model  # every test here runs the embedded model
+
 DEMOS = [dspy.Example(question="What is the capital of Italy?", answer="Rome"),
          dspy.Example(question="What is the capital of Spain?", answer="Madrid")]
 PROMPTS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello in French."]
