@@ -320,6 +320,10 @@ def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
     debug = os.environ.get("JOINTOPT_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _interrupt)  # a CI runner's stop: as clean as Ctrl-C
+    if not sys.stderr.isatty():
+        # In a log, DSPy's tqdm bars are a flood of carriage returns; jointopt prints plain progress
+        # lines instead (console.phase). tqdm reads this when it is first imported, which is later.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     if not debug:  # libraries' deprecation notices are for their callers' authors, not our users
         import warnings
 

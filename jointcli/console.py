@@ -38,7 +38,7 @@ class _LogLines:
     """Plain progress lines for a log: what, done/total, elapsed, estimate left; at most one every
     `every` seconds (checked when work advances, and by a timer so a slow item still shows life)."""
 
-    def __init__(self, label: str, total: int, every: float):
+    def __init__(self, label: str, total: int | None, every: float):
         self.label, self.total, self.every = label, total, every
         self.done, self.note, self.start = 0, "", time.monotonic()
         self.last = self.start
@@ -49,6 +49,8 @@ class _LogLines:
     def _line(self, final: bool = False) -> str:
         elapsed = time.monotonic() - self.start
         note = f", {self.note}" if self.note else ""
+        if self.total is None:
+            return f"{self.label}: " + (f"done in {_seconds(elapsed)}" if final else f"{_seconds(elapsed)} elapsed") + note
         if final:
             return f"{self.label}: {self.done}/{self.total} done in {_seconds(elapsed)}{note}"
         left = f", ~{_seconds(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
@@ -67,7 +69,7 @@ class _LogLines:
     def advance(self, n: int = 1, note: str = "") -> None:
         self.done += n
         self.note = note or self.note
-        if time.monotonic() - self.last >= self.every and self.done < self.total:
+        if time.monotonic() - self.last >= self.every and self.done < (self.total or 0):
             self._emit()
 
     def __enter__(self):
@@ -77,14 +79,18 @@ class _LogLines:
     def __exit__(self, exc_type, *_):
         self._stop.set()
         self._timer.join()
-        if exc_type is None and self.total > 0:
+        if exc_type is None and self.total != 0:
             self._emit(final=True)
 
 
 @contextmanager
-def phase(label: str, total: int, every: float | None = None) -> Iterator[Callable[..., None]]:
+def phase(label: str, total: int | None, every: float | None = None) -> Iterator[Callable[..., None]]:
     """Report progress of `total` units of work; yields `tick(n=1, note="")` to call as units finish
-    (`note`, e.g. "loss 0.41", is shown in log lines)."""
+    (`note`, e.g. "loss 0.41", is shown in log lines). total=None: work of unknown size (a DSPy
+    optimizer, which shows its own progress in a terminal); a log gets "elapsed" lines."""
+    if console.is_terminal and total is None:
+        yield lambda n=1, note="": None
+        return
     if console.is_terminal:
         with _bar() as bar:
             task = bar.add_task(label, total=total)

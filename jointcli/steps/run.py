@@ -83,7 +83,10 @@ def prompt_step(ctx, key: str) -> Step:
         lm = next(p.lm for _, p in program.named_predictors())
         import dspy
 
-        with dspy.context(lm=lm):  # optimizers that propose instructions use the settings' LM
+        from ..console import phase
+
+        # optimizers that propose instructions use the settings' LM
+        with dspy.context(lm=lm), phase(f"prompt step {key} ({spec.optimizer})", total=None):
             optimized = optimize_prompts(program, spec, optimizer, ctx.trainset(step.index), chosen, names, seed)
         ctx.attach(optimized, state)
         save_state(ctx.run, ctx.run.step_dir(step), optimized, state)
