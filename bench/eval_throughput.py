@@ -193,7 +193,10 @@ def main():
             engine.close()
     if "float32" in rates:
         print(f"jointopt fp32 / naive: {rates['float32'] / naive:.2f}x")
-    print(f"eval_throughput: {rates['auto'] / naive:.2f}x (target 4x)")
+    from jointcli.models.device import cpu_kind, resolve_dtype
+
+    print(f"eval_throughput: {rates['auto'] / naive:.2f}x (target 4x) "
+          f"[cpu {cpu_kind()}; jointopt {str(resolve_dtype('auto', 'cpu'))[6:]} vs naive float32]")
 
 
 if __name__ == "__main__":

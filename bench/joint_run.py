@@ -53,13 +53,16 @@ def main() -> None:
         resume = min(joint(home, runs, overrides) for _ in range(3))  # 3 tries: the machine is shared
         manifest = json.loads((runs / "sst2" / "manifest.json").read_text())
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible")
+    from jointcli.models.device import cpu_kind, resolve_dtype
+
+    where = f"[cpu {cpu_kind()}; engine {str(resolve_dtype('auto', 'cpu'))[6:]}, LoRA float32]"
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {where}")
     for s in manifest["steps"]:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items())
         print(f"  {s['index']:02d}-{s['kind']:<9} {s['seconds']:7.1f} s   {scores}")
-    print(f"joint_wall: {wall:.0f} s (target 600 s)")
-    print(f"resume_wall: {resume:.1f} s (target 5 s)")
-    print(f"joint_peak_rss: {peak_gb:.2f} GB (target 4 GB)")
+    print(f"joint_wall: {wall:.0f} s (target 600 s) {where}")
+    print(f"resume_wall: {resume:.1f} s (target 5 s) {where}")
+    print(f"joint_peak_rss: {peak_gb:.2f} GB (target 4 GB) {where}")
 
 
 if __name__ == "__main__":
