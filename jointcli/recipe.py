@@ -204,7 +204,9 @@ class Schedule(Strict):
 
 
 class Runtime(Strict):
-    num_threads: int = Field(4, ge=1, description="DSPy threads for evaluation and optimizers")
+    num_threads: int = Field(16, ge=1, description="DSPy threads for evaluation and optimizers; the local engine "
+                             "decodes their concurrent calls as one batch (up to 16 rows), so more threads give "
+                             "bigger batches")
     cache: bool = Field(True, description="DSPy's LM cache")
 
 

@@ -74,6 +74,8 @@ def cpu_kind() -> str:
         kind += "+amx"
     switch = os.environ.get(BF16_SWITCH)
     forced = f", {BF16_SWITCH}={switch}" if switch in ("0", "1") else ""
+    capped = os.environ.get("ATEN_CPU_CAPABILITY")  # torch's kernels limited to an older vector ISA
+    forced += f", ATEN_CPU_CAPABILITY={capped}" if capped else ""
     return f"{kind}, {cpu_budget()} cores{forced}"
 
 
