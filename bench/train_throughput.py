@@ -12,8 +12,9 @@ Trainers, each in its own child process (so that each peak RSS is its own), on t
 warm-up optimizer step then `--steps` measured ones of 8 rows each:
 - jointopt: `jointcli.models.lora.train_lora` with the shipped recipe's settings (LoRA r=8 alpha 16,
   batch_size 2 x grad_accum 4) and its defaults (dtype auto: fp32 on CPU, micro-batches from a
-  token budget, LM head on the completion positions only, no gradient checkpointing); `--bf16`
-  adds a run with dtype bfloat16 (autocast).
+  token budget, the rows' shared prompt prefix computed once per micro-batch, LM head on the
+  completion positions only, no gradient checkpointing); `--bf16` adds a run with dtype bfloat16
+  (autocast).
 - dspy-trl: DSPy 3.4's `LocalProvider` (dspy/clients/lm_local.py, `train_sft_locally`) reproduced with
   current TRL/PEFT, because DSPy's own code fails with TRL 1.16 (`setup_chat_format` is gone,
   `max_seq_length` was renamed `max_length`): its LoRA config when `use_peft` (r=32, alpha 64,
@@ -26,7 +27,8 @@ warm-up optimizer step then `--steps` measured ones of 8 rows each:
   default: TRL 1.16 packs into 4096-token padding-free rows whose attention is quadratic in the
   whole pack, far slower here; `--packing` runs it anyway.
 Throughput = trained tokens (non-pad prompt + completion tokens) of the measured steps / their
-wall time.
+wall time. A shared prefix counts for every row that uses it: the figure is rows' tokens per second,
+not tokens computed per second (jointopt computes the shared ~370 tokens of a micro-batch once).
 
 Model FLOPs per trained token (the useful work, the same count for both trainers), for a decoder
 with linear weights N_lin (frozen), LoRA weights N_lora, hidden size d, L layers, vocabulary V:
@@ -37,7 +39,8 @@ with linear weights N_lin (frozen), LoRA weights N_lora, hidden size d, L layers
                               causal half, backward twice that), s_avg the mean row length
 and once per completion (label) token: 4 * V * d (LM head forward + gradient to the hidden state).
 Model FLOP utilization (MFU) = model FLOP/s / the machine's measured matmul peak (torch.matmul of
-square matrices, in the dtype jointopt trained in).
+square matrices, in the dtype jointopt trained in). Model FLOPs count whole rows, so jointopt's
+shared prefix (computed once per micro-batch) shows as useful work done without computing it.
 """
 
 from __future__ import annotations

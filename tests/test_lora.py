@@ -13,6 +13,7 @@ from jointcli.errors import StepError
 from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.lora import (TrainResult, collate, completion_nll, load_for_training, micro_batches, plan_steps,
                                   resolve_train_dtype, to_prompt_completion, tokenize_pair, train_lora)
+from jointcli.models.lora import MIN_SHARED_PREFIX, collate_shared, shared_completion_nll, shared_prefix
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
 
 from .conftest import requires_native_bf16
@@ -54,12 +55,14 @@ def test_bad_row_is_a_step_error(tmp_path: Path):
                    tmp_path / "adapter", Lora(), Train())
 
 
+@pytest.mark.model
 def test_rows_longer_than_max_length_are_dropped(tmp_path: Path, checkpoint: Path):
     with pytest.raises(StepError, match="longer than train.max_length=16"):
         train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(), Train(max_length=16))
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.model
 def test_same_seed_same_adapter_and_out_dir_is_replaced(tmp_path: Path, checkpoint: Path):
     rows, out = sentiment_rows()[:3], tmp_path / "adapter"
     train = Train(epochs=1, batch_size=3)
@@ -71,6 +74,7 @@ def test_same_seed_same_adapter_and_out_dir_is_replaced(tmp_path: Path, checkpoi
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter.") and p.suffix != ".lock"]
 
 
+@pytest.mark.model
 def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path):
     import torch
     from peft import PeftModel
@@ -120,6 +124,7 @@ def encoded(checkpoint: Path):
     return tokenizer, [tokenize_pair(tokenizer, p) for p in to_prompt_completion(sentiment_rows())]
 
 
+@pytest.mark.model
 def test_completion_starts_at_the_answer(encoded):
     tokenizer, data = encoded
     ids, start = data[0]
@@ -139,6 +144,7 @@ def test_plan_keeps_the_effective_batch_and_micro_batches_fit_the_budget():
     assert micro[1:] == [[1, 2], [4, 0, 3]]  # longest first: rows of similar length pad little
 
 
+@pytest.mark.model
 def test_completion_head_loss_equals_the_models_loss(checkpoint: Path, encoded):
     """Only the label positions go through the LM head; the loss is the model's own, padding included."""
     import torch
@@ -156,6 +162,7 @@ def test_completion_head_loss_equals_the_models_loss(checkpoint: Path, encoded):
     assert float(nll) / count == pytest.approx(float(reference), rel=1e-5)
 
 
+@pytest.mark.model
 def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded):
     import torch
 
@@ -185,6 +192,131 @@ def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded)
     torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
 
 
+def demo_rows() -> list[dict]:
+    """Rows of one module with two demos: ~210 prompt tokens shared, the sentence and the answer not."""
+    adapter = dspy.ChatAdapter()
+    signature = dspy.Signature("sentence -> sentiment")
+    demos = [dspy.Example(sentence=s, sentiment=y) for s, y in SENTENCES[6:]]
+    return [adapter.format_finetune_data(signature, demos=demos, inputs={"sentence": s}, outputs={"sentiment": y})
+            for s, y in SENTENCES[:6]]
+
+
+def test_shared_prefix_is_capped_before_the_completions():
+    prefix = list(range(100, 160))  # 60 shared tokens
+    rows = [(prefix + [1, 2, 3, 4, 5], 62), (prefix + [1, 9, 9], 61), (prefix + [7, 8], 61)]
+    assert shared_prefix(rows) == 60  # the common prefix, every row keeps its own tokens
+    assert shared_prefix([rows[0], rows[1]]) == 60  # common 61, capped at first completion (61) - 1
+    assert shared_prefix([rows[0], rows[0]]) == 61  # identical rows: all but the token before the completion
+    assert shared_prefix(rows[:1]) == 0  # one row: nothing to share
+    short = [(ids[30:], start - 30) for ids, start in rows[1:]]  # 30 tokens in common, under MIN_SHARED_PREFIX
+    assert MIN_SHARED_PREFIX > 30
+    assert shared_prefix(short) == 0
+
+
+def test_micro_batches_count_a_shared_prefix_once():
+    """With the rows' tokens, a micro-batch costs its shared prefix once + rows x longest suffix, so
+    rows that share a long prompt fill one micro-batch; without them (or without a long common
+    prefix) the plan is rows x longest row, as before."""
+    prefix = list(range(1000, 1400))  # 400 shared tokens
+    rows = [(prefix + [i] * (60 - i), 440 + i) for i in range(8)]  # suffixes of 60..53 tokens, answer 20..13
+    lengths = [len(ids) for ids, _ in rows]
+    step = list(range(8))
+    assert micro_batches(lengths, step, 900, rows) == [step]  # 400 + 8 x 60 = 880 tokens
+    assert all(len(m) == 1 for m in micro_batches(lengths, step, 900))  # 2 x 460 padded tokens > 900
+    plan = micro_batches(lengths, step, 600, rows)  # 400 + 3 x 60 = 580: 3, 3 and 2 rows
+    assert plan == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert all(shared_prefix([rows[i] for i in m]) + len(m) * (lengths[m[0]] - 400) <= 600 for m in plan)
+    unrelated = [([7000 + 10 * i] + ids[1:], start) for i, (ids, start) in enumerate(rows)]  # first token differs
+    assert micro_batches(lengths, step, 900, unrelated) == micro_batches(lengths, step, 900)
+
+
+def test_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
+    import jointcli.models.lora as lora_module
+
+    args = (tmp_path, sentiment_rows(), Lora(), Train(), 0, "cpu", "float32")
+    shared = lora_module._fingerprint(*args)
+    monkeypatch.setattr(lora_module, "SHARE_PREFIX", False)
+    assert lora_module._fingerprint(*args) != shared
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("same_length", [False, True], ids=["padded-suffixes", "equal-suffixes"])
+def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path, same_length: bool):
+    """The prefix computed once (batch 1) and its cache repeated for every row: the same loss and
+    LoRA gradients as every row computed whole, the prefix's share of the gradient included."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    data = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows())]
+    rows = [data[0], data[0]] if same_length else data  # equal suffixes: no padding, no attention mask
+    prefix = shared_prefix(rows)
+    assert prefix >= 200 and prefix < min(start for _, start in rows)
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    assert model.training
+    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_labels = sum(len(ids) - start for ids, start in rows)
+
+    def loss_and_gradient(shared: bool):
+        model.zero_grad(set_to_none=True)
+        if shared:
+            batch = collate_shared(rows, prefix, tokenizer.pad_token_id)
+            assert (batch[2] is None) == same_length  # the attention mask
+            nll, count = shared_completion_nll(model, *batch)
+        else:
+            nll, count = completion_nll(model, *collate(rows, tokenizer.pad_token_id))
+        assert count == n_labels
+        (nll / n_labels).backward()
+        return nll.detach() / n_labels, torch.cat([p.grad.flatten() for p in params])
+
+    whole_loss, whole = loss_and_gradient(False)
+    shared_loss, shared = loss_and_gradient(True)
+    assert whole.abs().max() > 0
+    torch.testing.assert_close(shared_loss, whole_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-6)
+    # the gradient of the prefix is really there: the first layer's LoRA A sees only the inputs,
+    # and the prefix tokens are most of them
+    a0 = next(p for name, p in model.named_parameters() if "layers.0." in name and "lora_A" in name)
+    assert a0.grad.abs().max() > 0
+
+
+@pytest.mark.model
+def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpoint: Path, monkeypatch):
+    """train_lora with the default token budget runs rows that share a prompt as one micro-batch
+    through the shared prefix, and reports one progress tick per optimizer step, with its loss."""
+    from contextlib import contextmanager
+
+    import jointcli.models.lora as lora_module
+
+    calls, phases = [], []
+    real = lora_module.shared_completion_nll
+
+    def counting(model, prefix_ids, input_ids, *rest):
+        calls.append((prefix_ids.shape[1], input_ids.shape[0]))
+        return real(model, prefix_ids, input_ids, *rest)
+
+    @contextmanager
+    def recording(label, total):
+        notes: list[str] = []
+        phases.append((label, total, notes))
+        yield lambda n=1, note="": notes.append(note)
+
+    monkeypatch.setattr(lora_module, "shared_completion_nll", counting)
+    monkeypatch.setattr(lora_module, "phase", recording)
+    log = tmp_path / "log.jsonl"
+    train_lora(checkpoint, sentiment_rows()[:4], tmp_path / "adapter", Lora(r=2, alpha=4),
+               Train(epochs=1, batch_size=2), seed=0, log_path=log, device="cpu", dtype="float32")
+    assert calls and all(prefix >= MIN_SHARED_PREFIX and n == 2 for prefix, n in calls)
+    assert len(calls) == 2  # one micro-batch of 2 rows per step
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert phases == [("LoRA training adapter", 2, [f"loss {x:.3f}" for x in losses])]
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=requires_native_bf16)])
 def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
     """fp32 (the CPU default) and bf16 autocast (the GPU default, opt-in on CPU) with micro-batches:
@@ -198,6 +330,7 @@ def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
     assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
 
 
+@pytest.mark.model
 def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     """Stock dspy.BootstrapFinetune: traces from a teacher (a DummyLM that answers in DSPy's format,
     so the test does not depend on what the 135M model produces zero-shot), a real LoRA fine-tune
@@ -232,7 +365,8 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     system, user = dspy.ChatAdapter().format(student.signature, demos=[], inputs={"sentence": "a dull film."})
     def complete(model_lm):
         return model_lm(lm15.Request(model=model_lm.model, system=system["content"],
-                                     messages=(lm15.Message.user(user["content"]),))).message.text
+                                     messages=(lm15.Message.user(user["content"]),),
+                                     config=lm15.Config(max_tokens=24))).message.text  # not the 512 default
 
     tuned_text, base_text = complete(tuned_lm), complete(lm)
     assert "[[ ## sentiment ## ]]" in tuned_text and tuned_text != base_text
@@ -246,6 +380,7 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     assert [p for p in (tmp_path / "adapters").iterdir() if p.is_dir()] == folders
 
 
+@pytest.mark.model
 def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint: Path):
     """SIGKILL a training process after its checkpoint at step 2; the rerun resumes there and ends with
     the adapter of an uninterrupted run."""

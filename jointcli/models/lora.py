@@ -18,10 +18,17 @@ The loop (it replaced TRL's SFTTrainer, whose semantics it keeps: AdamW, betas 0
 decay, linear decay of the learning rate to 0, gradient norm clipped at 1.0, the loss of a step is
 the summed NLL of its completion tokens over their count):
 - an optimizer step is `batch_size x grad_accum` rows (a seeded shuffle per epoch); its rows are
-  sorted by length and cut into micro-batches of at most TOKEN_BUDGET padded tokens (rows x longest
-  row), so memory is bounded whatever the recipe's batch size, and rows of similar length share a
-  batch (little padding; none when a micro-batch has one row or rows of one length, and then no
-  attention mask either). Micro-batches give the gradient of the whole step (tested);
+  sorted by length and cut into micro-batches of at most TOKEN_BUDGET computed tokens, so memory is
+  bounded whatever the recipe's batch size, and rows of similar length share a batch (little
+  padding; none when a micro-batch has one row or rows of one length, and then no attention mask
+  either). Micro-batches give the gradient of the whole step (tested);
+- shared prefix: rows of one module start with the same system message and demos (~370 of ~460
+  tokens on sst2). When the rows of a micro-batch share MIN_SHARED_PREFIX+ tokens, that prefix goes
+  through the decoder once (batch 1, with gradients) and its key/value cache, repeated for every row,
+  serves the rows' own suffixes in one batch (`shared_completion_nll`; the prefix stops before the
+  token that predicts the first completion token). A micro-batch then costs prefix + rows x longest
+  suffix tokens instead of rows x longest row, so several such rows fit one micro-batch. Same loss
+  and LoRA gradients as whole rows (tested); LoRA dropout, if any, draws one mask for the shared part;
 - completion-only LM head (`completion_nll`): the decoder body gives hidden states and only the
   ~20 label positions of a ~490-token row go through the 49152-word LM head, instead of the
   [batch, seq, vocab] fp32 logits (770 MB for 8 rows of 490 tokens, and as much again for their
@@ -35,11 +42,12 @@ the summed NLL of its completion tokens over their count):
 - torch threads set to the CPU budget (affinity and cgroup quota) while training.
 
 Measured on 2 shared CPU cores (AMD EPYC, avx512_bf16), rows of ~460 tokens (sst2 with 4 demos),
-peak RSS of a training process: fp32 micro-batch of 2048 tokens 6.3 GB, 512 tokens (the CPU default)
-2.6 GB; bf16 2048 tokens 2.7 GB, 1024 tokens 1.7 GB; the TRL trainer with batch 8 peaked at 13.3 GB
-in a joint run. Throughput (bench/train_throughput.py, same rows, 2 shared cores): 201 tokens/s fp32,
-347 bf16, against 59 for TRL's SFTTrainer as DSPy configures it (fp32); the former TRL-based trainer
-did ~91 in fp32 (README).
+peak RSS of a training process: fp32 micro-batch of 2048 tokens 6.3 GB, 512 tokens 2.6 GB; bf16 2048
+tokens 2.7 GB, 1024 tokens 1.7 GB; the TRL trainer with batch 8 peaked at 13.3 GB in a joint run (on
+an Intel Xeon with amx_bf16, fp32 1024 tokens, the CPU default now: 3.6 GB, shared prefix or not,
+against 2.3 GB at 512). Throughput before the shared prefix
+(bench/train_throughput.py, same rows, 2 shared cores): 201 tokens/s fp32, 347 bf16, against 59 for
+TRL's SFTTrainer as DSPy configures it (fp32); the former TRL-based trainer did ~91 in fp32 (README).
 
 Writes are atomic: the adapter is saved into a temporary sibling folder and renamed over
 `out_dir` at the end. Checkpoints for resuming (adapter, optimizer and RNG state, every SAVE_STEPS
@@ -65,15 +73,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..console import phase
 from ..errors import StepError
 from ..rundir import _umask, write_atomic
 from ..recipe import Lora, Train
 
 SAVE_STEPS = 20  # a checkpoint every this many optimizer steps (at most ~2 minutes lost here)
-# Padded tokens per micro-batch (rows x its longest row): bounds activation memory whatever the
-# recipe's batch size. Measured peak RSS of a training process on this 135M model: bf16 1024 tokens
-# 1.7 GB, 2048 tokens 2.7 GB; fp32 2048 tokens 6.3 GB (fp32 activations are twice the size).
-TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 512}, "cuda": {"bfloat16": 8192, "float32": 4096}}
+# Computed tokens per micro-batch (rows x its longest row; with a shared prefix, the prefix once +
+# rows x the longest suffix): bounds activation memory whatever the recipe's batch size. Measured
+# peak RSS of a training process on this 135M model: bf16 1024 tokens 1.7 GB, 2048 tokens 2.7 GB;
+# fp32 512 tokens 2.3 GB, 1024 tokens 3.6 GB (shared prefix or not; Intel Xeon), 2048 tokens 6.3 GB. fp32 CPU
+# was 512 before the shared prefix: 1024 fits 6 sst2 rows (370 shared + 6 x ~100 tokens) where 512
+# fits 1, whole or shared.
+TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 1024}, "cuda": {"bfloat16": 8192, "float32": 4096}}
+# Rows of a micro-batch whose common token prefix is at least this long compute it once (batch 1) and
+# run their own suffixes against its key/value cache; a shorter prefix is not worth a second pass.
+MIN_SHARED_PREFIX = 32
+SHARE_PREFIX = True  # off: every row runs whole (the plan and the gradient are those of trainer 2)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESULT_FILE = "training.json"  # TrainResult of the run, next to the adapter files
 _FINGERPRINT = "fingerprint.json"
@@ -149,7 +165,8 @@ def _fingerprint(checkpoint: Path, rows: list[dict], lora: Lora, train: Train, s
     h.update(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
                          "train": train.model_dump(mode="json"), "seed": seed, "device": device,
                          "dtype": dtype, "token_budget": token_budget,
-                         "trainer": 2}, sort_keys=True).encode())
+                         "trainer": 3 if SHARE_PREFIX else 2,
+                         "shared_prefix": MIN_SHARED_PREFIX if SHARE_PREFIX else 0}, sort_keys=True).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
@@ -194,8 +211,8 @@ def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, tr
     dtype: auto (bf16 autocast on a CUDA GPU or CPU with native bf16, else fp32), float32 or bfloat16.
     init_adapter: a PEFT adapter folder to continue training (its r, alpha and target modules are
     kept and `lora` is ignored); None starts a new adapter on the base weights.
-    token_budget: padded tokens per micro-batch (default: TOKEN_BUDGET[device][dtype]); bounds activation memory,
-    never changes the optimizer step (batch_size x grad_accum rows)."""
+    token_budget: computed tokens per micro-batch (default: TOKEN_BUDGET[device][dtype]; a shared prefix
+    counts once); bounds activation memory, never changes the optimizer step (batch_size x grad_accum rows)."""
     if not rows:
         raise StepError("no training rows: nothing to fine-tune on (did every trace fail the metric?)")
     pairs = to_prompt_completion(rows)
@@ -238,17 +255,62 @@ def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> lis
     return steps[:total]
 
 
-def micro_batches(lengths: list[int], step: list[int], token_budget: int) -> list[list[int]]:
+def micro_batches(lengths: list[int], step: list[int], token_budget: int,
+                  rows: list[tuple[list[int], int]] | None = None) -> list[list[int]]:
     """Split one optimizer step's rows into micro-batches of similar length (sorted, longest first),
-    each at most `token_budget` padded tokens (rows x its longest row; a longer row goes alone)."""
+    each at most `token_budget` computed tokens (a longer row goes alone). Without `rows` (token ids
+    and completion start of every row) a micro-batch costs rows x its longest row (padded tokens);
+    with them, a micro-batch whose rows share a prefix (`shared_prefix`) costs the prefix once plus
+    rows x the longest suffix, which is what `shared_completion_nll` computes."""
     order = sorted(step, key=lambda i: (-lengths[i], i))
     out: list[list[int]] = []
+    common, first_start = 0, 0  # of the last micro-batch: common prefix of its rows, their first completion
     for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
-            out[-1].append(i)
-        else:
-            out.append([i])
+        if out:
+            group = out[-1]
+            head = group[0]  # the longest row, first of its micro-batch
+            n = len(group) + 1
+            if rows is None:
+                cost = n * lengths[head]
+            else:
+                c = min(common, _common_len(rows[head][0], rows[i][0]))
+                f = min(first_start, rows[i][1])
+                shared = _shared_len(c, f, min(lengths[head], lengths[i]), n)
+                cost = shared + n * (lengths[head] - shared)
+            if cost <= token_budget:
+                group.append(i)
+                if rows is not None:
+                    common, first_start = c, f
+                continue
+        out.append([i])
+        if rows is not None:
+            common, first_start = lengths[i], rows[i][1]
     return out
+
+
+def _common_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _shared_len(common: int, first_start: int, shortest: int, n_rows: int) -> int:
+    """Prefix tokens a micro-batch computes once: its rows' common prefix, cut so that the hidden
+    state predicting each row's first completion token (at first_start - 1) and at least one token
+    of every row stay in the suffix; 0 (no sharing) for one row or a prefix under MIN_SHARED_PREFIX."""
+    shared = min(common, first_start - 1, shortest - 1)
+    return shared if n_rows > 1 and shared >= MIN_SHARED_PREFIX and SHARE_PREFIX else 0
+
+
+def shared_prefix(rows: list[tuple[list[int], int]]) -> int:
+    """Tokens at the start of every row that a micro-batch computes once (see _shared_len); 0: none."""
+    if len(rows) < 2:
+        return 0
+    first = rows[0][0]
+    common = min(_common_len(first, ids) for ids, _ in rows[1:])
+    return _shared_len(common, min(start for _, start in rows), min(len(ids) for ids, _ in rows), len(rows))
 
 
 def collate(rows: list[tuple[list[int], int]], pad_id: int, device: str = "cpu"):
@@ -283,6 +345,65 @@ def completion_nll(model, input_ids, attention_mask, labels):
     keep = targets != -100
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def collate_shared(rows: list[tuple[list[int], int]], prefix_len: int, pad_id: int, device: str = "cpu"):
+    """The rows' shared first `prefix_len` tokens [1, prefix_len], and their own suffixes as `collate`
+    gives them (right-padded input_ids, attention_mask over prefix + suffix or None when nothing is
+    padded, labels), plus their position ids (continuing after the prefix)."""
+    import torch
+
+    prefix = rows[0][0][:prefix_len]
+    if not all(ids[:prefix_len] == prefix and start > prefix_len for ids, start in rows):
+        raise ValueError(f"rows do not share {prefix_len} prompt tokens before their completions")
+    input_ids, mask, labels = collate([(ids[prefix_len:], start - prefix_len) for ids, start in rows], pad_id)
+    if mask is not None:
+        mask = torch.cat([mask.new_ones((len(rows), prefix_len)), mask], dim=1)
+    positions = torch.arange(prefix_len, prefix_len + input_ids.shape[1])[None].expand(len(rows), -1)
+    return (torch.tensor([prefix], device=device), input_ids.to(device),
+            mask.to(device) if mask is not None else None, labels.to(device), positions.to(device))
+
+
+def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids):
+    """completion_nll of rows that start with the same `prefix_ids` (batch 1), as `collate_shared`
+    gives them: the prefix goes through the decoder once, and its key/value cache, repeated for every
+    row (autograd sums the rows' gradients into the one prefix computation), serves the rows' own
+    suffixes in one batch. Same loss and gradients as completion_nll on the whole rows (tested); every
+    label and the hidden state predicting it lie in the suffix."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    cache_kw = _cache_keyword(body)
+    prefix_len, (n, width) = prefix_ids.shape[1], input_ids.shape
+    cache = DynamicCache(config=base.config)
+    body(input_ids=prefix_ids, use_cache=True, **{cache_kw: cache})
+    if cache.get_seq_length() != prefix_len:  # the cache keyword was ignored: never train on a wrong loss
+        raise RuntimeError(f"the decoder did not fill the prefix cache passed as {cache_kw!r}")
+    cache.batch_repeat_interleave(n)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=True, **{cache_kw: cache}).last_hidden_state
+    if cache.get_seq_length() != prefix_len + width:
+        raise RuntimeError(f"the decoder did not use the prefix cache passed as {cache_kw!r}")
+    if bool((labels[:, 0] != -100).any()):
+        raise ValueError("a label on the first suffix token: its predicting hidden state is in the prefix")
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+def _cache_keyword(module) -> str:
+    """The forward keyword that takes a key/value cache: transformers renamed `past_key_values` to
+    `cache` (5.2x), and an unknown keyword is swallowed by **kwargs, so ask the signature."""
+    import inspect
+
+    params = inspect.signature(type(module).forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise RuntimeError(f"{type(module).__name__}.forward takes no key/value cache (cache or past_key_values)")
 
 
 def _autocast(device: str, dtype: str):
@@ -411,7 +532,8 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     tokens = 0
     start = time.perf_counter()
     try:
-        with _threads(cpu_budget()) if device == "cpu" else nullcontext():
+        with _threads(cpu_budget()) if device == "cpu" else nullcontext(), \
+                phase(f"LoRA training {out_dir.name}", len(steps) - done) as tick:
             for index in range(done, len(steps)):
                 lr = train.learning_rate * (len(steps) - index) / len(steps)  # linear decay to 0
                 for group in optimizer.param_groups:
@@ -419,10 +541,14 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
                 step_rows = steps[index]
                 n_labels = sum(lengths[i] - data[i][1] for i in step_rows)  # completion tokens (label count)
                 total = 0.0
-                for micro in micro_batches(lengths, step_rows, token_budget):
-                    input_ids, mask, labels = collate([data[i] for i in micro], pad_id, device)
+                for micro in micro_batches(lengths, step_rows, token_budget, data):
+                    batch = [data[i] for i in micro]
+                    shared = shared_prefix(batch)
                     with _autocast(device, dtype):
-                        nll, _ = completion_nll(model, input_ids, mask, labels)
+                        if shared:
+                            nll, _ = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, device))
+                        else:
+                            nll, _ = completion_nll(model, *collate(batch, pad_id, device))
                     (nll / n_labels).backward()
                     total += float(nll.detach())
                     tokens += sum(lengths[i] for i in micro)
@@ -430,6 +556,7 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 logger.log(index + 1, (index + 1) / per_epoch, total / n_labels, lr, grad_norm)
+                tick(note=f"loss {total / n_labels:.3f}")
                 if (index + 1) % SAVE_STEPS == 0 and index + 1 < len(steps):
                     _save_checkpoint(work, index + 1, names, params, optimizer, tokens_before + tokens)
     except torch.OutOfMemoryError as err:
