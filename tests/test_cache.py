@@ -16,8 +16,7 @@ from .conftest import RECIPES, cli
 
 pytestmark = pytest.mark.model  # every test here runs the embedded model
 
-TINY = ["data.split.train=4", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
-        "runtime.num_threads=2"]
+TINY = ["data.split.train=4", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24"]
 
 
 def test_reevaluating_an_unchanged_program_generates_nothing(runs):

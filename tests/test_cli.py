@@ -16,8 +16,7 @@ from jointcli.rundir import RunDir
 
 from .conftest import RECIPES, cli, run_cli
 
-TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24",
-        "runtime.num_threads=2"]
+TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24"]
 
 
 def manifest(run: Path) -> dict:

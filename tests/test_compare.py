@@ -14,7 +14,7 @@ from .conftest import RECIPES, cli
 from .test_cli import manifest
 
 TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=6", "models.small.max_tokens=24",
-        "runtime.num_threads=2", "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}"]
+        "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}"]
 
 
 # ---------------------------------------------------------------- statistics

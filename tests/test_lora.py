@@ -323,10 +323,10 @@ def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
     the training loss falls."""
     log = tmp_path / "log.jsonl"
     result = train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(r=4, alpha=8),
-                        Train(epochs=3, batch_size=2, grad_accum=2, learning_rate=2e-3), seed=0, log_path=log,
+                        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3), seed=0, log_path=log,
                         device="cpu", dtype=dtype, token_budget=400)
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    assert result.steps == len(losses) == 6 and result.dtype == dtype
+    assert result.steps == len(losses) == 4 and result.dtype == dtype
     assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
 
 
@@ -392,11 +392,11 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
     from safetensors.torch import load_file
 
     rows = sentiment_rows()[:4]
-    args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1.5, batch_size=1), seed=0, device="cpu")
+    args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1, batch_size=1), seed=0, device="cpu")
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     script = (f"import json, jointcli.models.lora as L; from jointcli.recipe import Lora, Train; L.SAVE_STEPS = 2; "
               f"L.train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
-              f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1.5, batch_size=1), seed=0, "
+              f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1, batch_size=1), seed=0, "
               f"device='cpu', log_path={str(tmp_path / 'log.jsonl')!r})")
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 600
@@ -415,9 +415,9 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
     finally:
         lora_module.SAVE_STEPS = saved
     straight = train_lora(checkpoint, rows, tmp_path / "straight", **args)
-    assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 6
+    assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 4
     assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-4)
-    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("resumed", "straight"))
     assert a.keys() == b.keys() and all(torch_allclose(a[k], b[k]) for k in a)
     assert not (tmp_path / ".resumed.work").exists()
