@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/joint_run.py                  # the shipped recipe (p -> w -> p), ~10 minutes
     .venv/bin/python bench/joint_run.py data.split.dev=20  # overrides go to the recipe
+    .venv/bin/python bench/joint_run.py --keep=runs/bench  # keep the run directory
 
 The run starts cold: a fresh $JOINTOPT_HOME (so DSPy's LM cache is empty) that borrows the already
 converted model, and a fresh run directory. Then the same command runs again on the finished run
@@ -19,10 +20,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +42,19 @@ def joint(home: Path, runs: Path, overrides: list[str]) -> float:
     return seconds
 
 
+def answer_shares(run: Path, manifest: dict) -> str:
+    """What the shipped program answers on test, against the gold labels: a program that gives one
+    answer to everything scores the majority share, whatever its score says."""
+    rows = [json.loads(x) for x in (run / manifest["best"] / "predictions-test.jsonl").read_text().splitlines()]
+    label = lambda d: "(no answer)" if not d else str(next(iter(d.values())))  # noqa: E731
+    said, gold = Counter(label(r["prediction"]) for r in rows), Counter(label(r["gold"]) for r in rows)
+    share = lambda c: ", ".join(f"{k} {v / len(rows):.2f}" for k, v in c.most_common())  # noqa: E731
+    return f"{share(said)} (gold: {share(gold)})"
+
+
 def main() -> None:
-    overrides = sys.argv[1:]
+    overrides = [a for a in sys.argv[1:] if not a.startswith("--keep=")]
+    keep = next((Path(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--keep=")), None)
     from jointcli.models.embedded import jointopt_home, resolve_checkpoint
 
     resolve_checkpoint("builtin:smollm2-135m-instruct")  # convert once, outside the timed run
@@ -52,6 +66,9 @@ def main() -> None:
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # KB on Linux
         resume = min(joint(home, runs, overrides) for _ in range(3))  # 3 tries: the machine is shared
         manifest = json.loads((runs / "sst2" / "manifest.json").read_text())
+        answers = answer_shares(runs / "sst2", manifest)
+        if keep is not None:
+            shutil.copytree(runs / "sst2", keep)
 
     from jointcli.models.device import cpu_kind, resolve_dtype
 
@@ -60,6 +77,7 @@ def main() -> None:
     for s in manifest["steps"]:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in s["scores"].items())
         print(f"  {s['index']:02d}-{s['kind']:<9} {s['seconds']:7.1f} s   {scores}")
+    print(f"answers of the best step ({manifest.get('best')}) on test: {answers}")
     print(f"joint_wall: {wall:.0f} s (target 600 s) {where}")
     print(f"resume_wall: {resume:.1f} s (target 5 s) {where}")
     print(f"joint_peak_rss: {peak_gb:.2f} GB (target 4 GB) {where}")
