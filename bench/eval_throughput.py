@@ -5,7 +5,7 @@
 
 The workload is recipes/sst2.yaml's module with 4 labeled demos (LabeledFewShot k=4, as the
 recipe's p step starts) and a LoRA adapter, evaluated on the SST-2 dev split with dspy.Evaluate
-and 8 threads, DSPy's cache off. Engines, all in this process, same prompts:
+and the recipe's threads (runtime.num_threads), DSPy's cache off. Engines, all in this process, same prompts:
 
 - naive: defined below; one `model.generate` per call under a lock, fp32, the adapter through
   PEFT, no batching, no prefix reuse: what a straightforward transformers engine does;
@@ -36,7 +36,8 @@ from jointcli.models import build_lm, resolve_checkpoint  # noqa: E402  (before 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=50, help="dev examples (the recipe's dev split has 50)")
-    ap.add_argument("--threads", type=int, default=8, help="dspy.Evaluate threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="dspy.Evaluate threads (default: the recipe's runtime.num_threads, what jointopt uses)")
     ap.add_argument("--adapter", type=Path, help="a PEFT LoRA folder; default: train a quick one here")
     ap.add_argument("--random-adapter", action="store_true",
                     help="no training: a PEFT LoRA with random A and B matrices (outputs are then not SST-2-like)")
@@ -160,6 +161,7 @@ def main():
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     recipe, splits, program, metric, devset = workload(args.n)
+    args.threads = args.threads or recipe.runtime.num_threads
     spec = recipe.models["small"]
     print(f"workload: SST-2 dev, {len(devset)} examples, {args.threads} threads, sst2 module with "
           f"{len(program.classify.demos)} labeled demos + LoRA, max_tokens {spec.max_tokens}, greedy; "
