@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jointcli.recipe import load_recipe
+from jointcli.rundir import RunDir, write_jsonl
 from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 from .conftest import RECIPES, cli
@@ -162,3 +164,67 @@ def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
     assert failed["test"] is None and "no passing traces" in failed["errors"][0]
     assert report["pairs"] == []  # nothing to pair with a run that has no result
     assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--min-score", "failed=0") == 3
+
+
+# ---------------------------------------------------------------- the same on hand-made run directories (no model)
+def made_run(root: Path, name: str, test_scores: list[float], strategy: str = "none", seed: int = 0,
+             kinds: tuple[str, ...] = ("baseline",)) -> RunDir:
+    """A finished run directory written with RunDir, as `joint` writes one: every step scored on
+    dev, the last one best and scored on test."""
+    recipe = load_recipe(RECIPES / "sst2.yaml", [f"schedule.strategy={strategy}", f"seed={seed}"])
+    run = RunDir.open(root, name, recipe)
+    run.set_manifest_field("data_fingerprint", "one-split")
+    rows = [{"index": i, "score": s, "tokens_in": 100, "tokens_out": 20, "seconds": 0.5, "cached_calls": 0}
+            for i, s in enumerate(test_scores)]
+    mean = sum(test_scores) / len(test_scores)
+    for kind in kinds:
+        step = run.begin(kind)
+        step.info["optimizer"] = None if kind == "baseline" else kind
+        write_jsonl(run.step_dir(step) / "predictions.jsonl", rows)
+        step.scores["dev"] = mean
+        run.finish(step, 1.0)
+    write_jsonl(run.step_dir(step) / "predictions-test.jsonl", rows)
+    step.scores["test"] = mean
+    run.update(step)
+    run.set_manifest_field("best", step.folder)
+    run.set_manifest_field("finished", True)
+    run.unlock()
+    return run
+
+
+def test_gates_on_hand_made_runs(tmp_path, capsys):
+    made_run(tmp_path, "good", [1.0] * 40)
+    made_run(tmp_path, "bad", [1.0] * 10 + [0.0] * 30)
+    args = ["compare", "good", "bad", "--runs-dir", tmp_path]
+    assert cli(*args, "--json") == 0
+    (pair,) = json.loads(capsys.readouterr().out)["pairs"]
+    assert pair["significant"] and pair["n"] == 40
+    assert cli(*args, "--require", "good > bad", "--require", "good >= bad") == 0
+    assert cli(*args, "--require", "bad > good") == 3
+    assert "gate failed: bad > good" in capsys.readouterr().err
+    assert cli(*args, "--require", "bad >= good") == 3  # significantly worse
+    assert cli(*args, "--min-score", "0.5") == 3
+    assert "bad scored 0.250 on test" in capsys.readouterr().err
+    assert cli(*args, "--min-score", "good=0.99") == 0
+    assert cli(*args, "--min-score", "x=") == 2 and cli(*args, "--require", "good >> bad") == 2
+
+
+def test_sweep_adopts_the_finished_prefix_of_a_sibling(tmp_path):
+    from types import SimpleNamespace
+
+    from jointcli.sweep import adopt_prefix
+
+    donor = made_run(tmp_path / "p", "seed-0", [1.0, 0.0], strategy="p", kinds=("baseline", "p"))
+    other_seed = made_run(tmp_path / "p", "seed-1", [1.0, 0.0], strategy="p", seed=1, kinds=("baseline", "p"))
+    recipe = load_recipe(RECIPES / "sst2.yaml", ["schedule.strategy=p -> w"])
+    run = RunDir.open(tmp_path / "p-w", "seed-0", recipe)
+    try:
+        assert adopt_prefix(SimpleNamespace(run=run, recipe=recipe), [other_seed, donor]) == 2
+        steps = run.steps()
+        assert [s.kind for s in steps] == ["baseline", "p"]
+        assert all(s.info["adopted_from"] == str(donor.path) for s in steps)
+        assert (run.step_dir(steps[1]) / "predictions.jsonl").is_file()
+        # a run that has steps adopts nothing
+        assert adopt_prefix(SimpleNamespace(run=run, recipe=recipe), [donor]) == 0
+    finally:
+        run.unlock()
