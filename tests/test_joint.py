@@ -22,7 +22,7 @@ OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
 # float32: the same answers in this process and in a child, however requests are batched
 TINY_JOINT = ["data.split.train=4", "data.split.dev=3", "data.split.test=3", "models.small.max_tokens=24",
               "models.small.dtype=float32", "optimizers.p.optimizer=LabeledFewShot",
-              "optimizers.p.args={k: 2}", "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
+              "optimizers.p.args={k: 1}", "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
               "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w"]
 
 
