@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import os
 import queue
 import re
@@ -69,6 +68,7 @@ from dspy.lm15 import (
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from ..errors import InputError
+from .compat import cache_keyword
 from .device import limit_torch_threads, resolve_device, resolve_dtype
 from .embedded import resolve_checkpoint
 
@@ -146,10 +146,7 @@ class LocalEngine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.weights_id = _fingerprint(self.checkpoint, self.dtype)
         self.eos_ids = _eos_ids(self.model)
-        # transformers renamed forward's `past_key_values` to `cache` (5.2x); an unknown keyword is
-        # swallowed by **kwargs, and decoding without the cache is silently wrong: ask the signature
-        forward_args = inspect.signature(type(model).forward).parameters
-        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        self._cache_kw = cache_keyword(model)
         self.adapters: dict[str, str] = {}  # name -> adapter folder
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
         self._peft = None  # the PeftModel wrapping self.model, once an adapter is added

@@ -373,9 +373,11 @@ def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, 
     import torch.nn.functional as F
     from transformers import DynamicCache
 
+    from .compat import cache_keyword
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
-    cache_kw = _cache_keyword(body)
+    cache_kw = cache_keyword(body)
     prefix_len, (n, width) = prefix_ids.shape[1], input_ids.shape
     cache = DynamicCache(config=base.config)
     body(input_ids=prefix_ids, use_cache=True, **{cache_kw: cache})
@@ -392,18 +394,6 @@ def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, 
     keep = targets != -100
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
-
-
-def _cache_keyword(module) -> str:
-    """The forward keyword that takes a key/value cache: transformers renamed `past_key_values` to
-    `cache` (5.2x), and an unknown keyword is swallowed by **kwargs, so ask the signature."""
-    import inspect
-
-    params = inspect.signature(type(module).forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise RuntimeError(f"{type(module).__name__}.forward takes no key/value cache (cache or past_key_values)")
 
 
 def _autocast(device: str, dtype: str):
