@@ -41,11 +41,16 @@ def configure_dspy(recipe: Recipe) -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """What pydantic cannot check alone: the strategy's letters, optimizer names and arguments."""
+    """What pydantic cannot check alone: the built-in data set and metric names, the strategy's
+    letters, optimizer names and arguments. Each is checked by the module that owns the list."""
+    from .data import check_source
+    from .metrics import check_metric_name
     from .recipe import PromptOptimizer
     from .schedule import parse_strategy
     from .steps.prompts import check_optimizer
 
+    check_source(recipe.data.source)
+    check_metric_name(recipe.metric.name)
     parse_strategy(recipe.schedule.strategy, recipe.optimizers)
     for key, spec in recipe.optimizers.items():
         if isinstance(spec, PromptOptimizer):

@@ -158,11 +158,16 @@ def _read_csv(path: Path) -> list[dict]:
     return rows
 
 
+def check_source(source: str) -> None:
+    """A `builtin:` source must name one of the built-ins (a file is checked when it is read)."""
+    if source.startswith("builtin:") and source not in _BUILTINS:
+        raise InputError(f"data.source: unknown built-in data set {source!r}; choose one of {', '.join(_BUILTINS)}")
+
+
 def load_rows(source: str) -> list[dict]:
     """All rows of a built-in (`builtin:sst2|iris|gsm8k`) or a .jsonl/.csv file, as fresh dicts."""
     if source.startswith("builtin:"):
-        if source not in _BUILTINS:
-            raise InputError(f"unknown built-in data set {source!r}; choose one of {', '.join(_BUILTINS)}")
+        check_source(source)
         return [dict(r) for r in _builtin_rows(source)]
     path = Path(source)
     if not path.is_file():

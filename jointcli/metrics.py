@@ -16,19 +16,17 @@ as `metric.user_function`.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import os
 import re
 import string
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Callable
 
 from . import recipe
 from .errors import InputError
+from .imports import import_ref
 
 MetricFn = Callable[..., float]
 BINARY_METRICS = ("exact_match", "numeric")
@@ -127,18 +125,8 @@ _SCORES = {"exact_match": exact_match_score, "numeric": numeric_score, "f1": f1_
 
 
 # ---------------------------------------------------------------- user metrics
-def _import_ref(ref: str) -> Callable:
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    module_name, _, attr = ref.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"metric.name: cannot import {ref!r}: {type(err).__name__}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - a module that fails while importing
-        raise InputError(f"metric.name: cannot import {ref!r}: the module raised "
-                         f"{type(err).__name__}: {err}") from None
+def _import_metric(ref: str) -> Callable:
+    fn = import_ref(ref, "metric.name")
     if not callable(fn):
         raise InputError(f"metric.name: cannot import {ref!r}: {type(fn).__name__} is not callable")
     return fn
@@ -173,10 +161,18 @@ def _to_float(result: Any) -> float:
 
 
 # ---------------------------------------------------------------- public
+def check_metric_name(name: str) -> None:
+    """A name without ':' must be a built-in metric's (the recipe checks the form of the rest)."""
+    if ":" not in name and name not in _SCORES:
+        raise InputError(f"metric.name: unknown metric {name!r}; use one of {', '.join(_SCORES)} "
+                         "or package.module:function")
+
+
 def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
     """A DSPy metric `(example, pred, trace=None, pred_name=None, pred_trace=None) -> float`."""
     field = metric.field or label_field
     name = metric.name
+    check_metric_name(name)
 
     if name in _SCORES:
         score = _SCORES[name]
@@ -189,7 +185,7 @@ def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
         builtin_metric.field = field
         return builtin_metric
 
-    fn = _import_ref(name)
+    fn = _import_metric(name)
     arity = _arity(fn)
 
     def user_metric(example, pred, trace=None, pred_name=None, pred_trace=None) -> float:
@@ -202,5 +198,5 @@ def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
     return user_metric
 
 
-__all__ = ["build_metric", "is_binary", "exact_match_score", "numeric_score", "f1_score",
+__all__ = ["build_metric", "check_metric_name", "is_binary", "exact_match_score", "numeric_score", "f1_score",
            "normalize_exact", "normalize_squad", "last_number"]

@@ -7,13 +7,10 @@ instead; its predictors are then the "modules" of the recipe.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import dspy
 
 from .errors import InputError
+from .imports import import_ref
 from .recipe import Module, Recipe
 
 
@@ -81,14 +78,3 @@ def model_of(recipe: Recipe, module: str) -> str:
             return next(iter(recipe.models))
         raise InputError(f"program.models: predictor {module!r} has no model and program.default_model is unset")
     return model
-
-
-def import_ref(ref: str, where: str):
-    """Import `package.module:name`; the current directory is importable, like `python -m`."""
-    module_name, _, attr = ref.partition(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"{where}: cannot import {ref!r}: {err}") from None

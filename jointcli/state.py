@@ -33,7 +33,7 @@ class ModuleState:
 
 @dataclass
 class ProgramState:
-    program: str | None = None  # program.json relative to the run directory; None: the recipe's program
+    program_file: str | None = None  # program.json, relative to the run directory; None: the recipe's program
     modules: dict[str, ModuleState] = field(default_factory=dict)
 
     @classmethod
@@ -41,7 +41,7 @@ class ProgramState:
         return cls(None, {m: ModuleState(model_of(recipe, m)) for m in module_names(recipe, program)})
 
     def to_json(self) -> dict:
-        return {"program": self.program, "modules": {k: vars(v) for k, v in self.modules.items()}}
+        return {"program": self.program_file, "modules": {k: vars(v) for k, v in self.modules.items()}}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "ProgramState":
@@ -65,8 +65,8 @@ def current_state(run: RunDir, recipe: Recipe, program: dspy.Module, upto: int |
 def load_program(run: RunDir, recipe: Recipe, state: ProgramState) -> dspy.Module:
     """The recipe's program with the prompts of `state` loaded (models are attached separately)."""
     program = build_program(recipe)
-    if state.program:
-        path = run.path / state.program
+    if state.program_file:
+        path = run.path / state.program_file
         if not path.is_file():
             raise InputError(f"{path}: missing; the run directory is damaged")
         try:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.device import BF16_SWITCH, cpu_has_native_bf16
+from jointcli.models.device import BF16_SWITCH, cpu_has_native_bf16, set_process_defaults
+
+set_process_defaults()  # the suite is an entry point, like the CLI: before any test loads torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -99,3 +99,15 @@ def limit_torch_threads() -> None:
     budget = cpu_budget()
     if torch.get_num_threads() > budget:
         torch.set_num_threads(budget)
+
+
+def set_process_defaults() -> None:
+    """What an entry point (the CLI, the test suite, a benchmark) sets for the whole process, before
+    torch loads; a library import sets nothing. Each is a default: the environment wins."""
+    # OpenMP threads that spin while they wait make generation several times slower whenever
+    # another process shares the cores; read once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Models come from packages and local folders (every load passes local_files_only): never
+    # reach for the Hugging Face hub, even from a library that jointopt does not call directly.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -3,7 +3,8 @@
     eval_step(ctx, "dev");  prompt_step(ctx, "p");  bootstrap_step(ctx, "w");  weight_step(ctx, "w")
 
 Every step starts from the run's current program state (the latest finished step's) and a step
-that changes the program saves the new state, so steps chain whichever command runs them.
+that changes the program saves the new state, so steps chain whichever command runs them. What
+a step may touch is `StepContext`; `jointcli.context.Context` is the one implementation.
 """
 
 from __future__ import annotations
@@ -11,16 +12,53 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
+import dspy
+
+from ..console import phase
 from ..errors import InputError, JointoptError, StepError
 from ..program import module_names
-from ..recipe import PromptOptimizer, WeightOptimizer
-from ..rundir import Step, read_jsonl, write_json, write_jsonl
+from ..recipe import PromptOptimizer, Recipe, WeightOptimizer
+from ..rundir import RunDir, Step, read_jsonl, write_json, write_jsonl
 from ..state import ModuleState, ProgramState, save_state
 
+if TYPE_CHECKING:
+    from ..data import Splits
+    from ..models.pool import ModelPool
+    from .evaluate import EvalResult
 
-def run_step(ctx, kind: str, body: Callable[[Step], None], info: dict | None = None) -> Step:
+
+class StepContext(Protocol):
+    """What a step may touch: the recipe, the run directory, the data, the metric, the models, and
+    the few operations that turn a program state into a runnable program and record its scores."""
+
+    recipe: Recipe
+    run: RunDir
+    splits: Splits
+    metric: Callable
+    pool: ModelPool
+
+    def current_program(self, upto: int | None = None) -> tuple[dspy.Module, ProgramState]:
+        """The program of the run's latest state (as of step `upto`), models attached."""
+
+    def program_for(self, state: ProgramState) -> dspy.Module:
+        """The program of `state`, models attached."""
+
+    def attach(self, program: dspy.Module, state: ProgramState) -> None:
+        """Set each predictor's LM from `state` (its model, and its adapter if any)."""
+
+    def trainset(self, step_index: int) -> list[dspy.Example]:
+        """The training split, shuffled for this step from the recipe's seed."""
+
+    def evaluate(self, program: dspy.Module, split: str) -> EvalResult:
+        """Score `program` on the dev or test split."""
+
+    def record_eval(self, step: Step, result: EvalResult, split: str) -> None:
+        """Write the evaluation into the step's folder and its manifest entry."""
+
+
+def run_step(ctx: StepContext, kind: str, body: Callable[[Step], None], info: dict | None = None) -> Step:
     """Begin a step, run `body(step)`; the manifest records success, failure or interruption."""
     step = ctx.run.begin(kind)
     step.info.update(info or {})
@@ -41,7 +79,7 @@ def run_step(ctx, kind: str, body: Callable[[Step], None], info: dict | None = N
     return step
 
 
-def _optimizer(ctx, key: str, kind: type):
+def _optimizer(ctx: StepContext, key: str, kind: type):
     spec = ctx.recipe.optimizers.get(key)
     if spec is None:
         raise InputError(f"optimizers.{key}: no such optimizer in the recipe "
@@ -53,13 +91,13 @@ def _optimizer(ctx, key: str, kind: type):
 
 
 # ---------------------------------------------------------------- eval
-def eval_step(ctx, split: str = "dev") -> Step:
+def eval_step(ctx: StepContext, split: str = "dev") -> Step:
     program, _ = ctx.current_program()
     kind = "baseline" if not ctx.run.done_steps() else "eval"
     return run_step(ctx, kind, lambda step: ctx.record_eval(step, ctx.evaluate(program, split), split))
 
 
-def test_eval(ctx, step: Step) -> None:
+def test_eval(ctx: StepContext, step: Step) -> None:
     """Score a finished step's program on the test split, into that step's folder."""
     program, _ = ctx.current_program(upto=step.index)
     result = ctx.evaluate(program, "test")
@@ -68,7 +106,7 @@ def test_eval(ctx, step: Step) -> None:
 
 
 # ---------------------------------------------------------------- p
-def prompt_step(ctx, key: str) -> Step:
+def prompt_step(ctx: StepContext, key: str) -> Step:
     from .prompts import make_optimizer, optimize_prompts
 
     spec: PromptOptimizer = _optimizer(ctx, key, PromptOptimizer)
@@ -81,10 +119,6 @@ def prompt_step(ctx, key: str) -> Step:
         seed = ctx.recipe.seed + step.index
         optimizer = make_optimizer(key, spec, ctx.metric, ctx.recipe.runtime.num_threads, seed, reflection)
         lm = next(p.lm for _, p in program.named_predictors())
-        import dspy
-
-        from ..console import phase
-
         # optimizers that propose instructions use the settings' LM
         with dspy.context(lm=lm), phase(f"prompt step {key} ({spec.optimizer})", total=None):
             optimized = optimize_prompts(program, spec, optimizer, ctx.trainset(step.index), chosen, names, seed)
@@ -96,7 +130,7 @@ def prompt_step(ctx, key: str) -> Step:
 
 
 # ---------------------------------------------------------------- bootstrap
-def _collect(ctx, spec: WeightOptimizer, key: str, step_index: int):
+def _collect(ctx: StepContext, spec: WeightOptimizer, key: str, step_index: int):
     from .traces import collect_traces, label_traces
     from .weights import weight_modules
 
@@ -115,7 +149,7 @@ def _collect(ctx, spec: WeightOptimizer, key: str, step_index: int):
     if source == "teacher":
         if not spec.traces.teacher:
             raise InputError(f"optimizers.{key}.traces.teacher: source=teacher needs a model name")
-        teacher_state = ProgramState(state.program, {m: ModuleState(spec.traces.teacher) for m in state.modules})
+        teacher_state = ProgramState(state.program_file, {m: ModuleState(spec.traces.teacher) for m in state.modules})
         program = ctx.program_for(teacher_state)
     return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
                           ctx.recipe.runtime.num_threads)
@@ -128,7 +162,7 @@ def _write_traces(folder: Path, traces) -> dict:
     return counts
 
 
-def bootstrap_step(ctx, key: str) -> Step:
+def bootstrap_step(ctx: StepContext, key: str) -> Step:
     spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
 
     def body(step: Step) -> None:
@@ -142,7 +176,7 @@ def bootstrap_step(ctx, key: str) -> Step:
     return run_step(ctx, "bootstrap", body, {"optimizer": key, "source": spec.traces.source})
 
 
-def fresh_traces(run) -> Path | None:
+def fresh_traces(run: RunDir) -> Path | None:
     """traces.jsonl of a bootstrap step made since the program last changed, if any."""
     for step in reversed(run.done_steps()):
         folder = run.step_dir(step)
@@ -154,7 +188,7 @@ def fresh_traces(run) -> Path | None:
 
 
 # ---------------------------------------------------------------- w
-def weight_step(ctx, key: str, traces_path: Path | None = None) -> Step:
+def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> Step:
     from .weights import group_rows, no_traces_error, train_adapters, weight_modules
 
     spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
@@ -179,7 +213,7 @@ def weight_step(ctx, key: str, traces_path: Path | None = None) -> Step:
             raise no_traces_error(counts)
         step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index)
         _merge_logs(folder, list(groups))
-        new = ProgramState(state.program, dict(state.modules))
+        new = ProgramState(state.program_file, dict(state.modules))
         for module in modules:
             name = state.modules[module].model if spec.adapters == "shared" else module
             if name in groups:
@@ -203,7 +237,7 @@ def _merge_logs(folder: Path, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- init
-def init_step(ctx, source_path: Path) -> Step | None:
+def init_step(ctx: StepContext, source_path: Path) -> Step | None:
     """Copy another run's best program state (prompts and adapters) in as this run's first state."""
     from ..rundir import RunDir
     from ..state import current_state
@@ -218,7 +252,7 @@ def init_step(ctx, source_path: Path) -> Step | None:
     from ..program import build_program
 
     state = current_state(source, source.recipe(), build_program(source.recipe()), upto)
-    if state.program is None and not any(m.adapter for m in state.modules.values()):
+    if state.program_file is None and not any(m.adapter for m in state.modules.values()):
         raise InputError(f"--init-from: {source.path} has no optimized program state to start from")
     _, mine = ctx.current_program()
     if set(state.modules) != set(mine.modules) or any(m.model not in ctx.recipe.models for m in state.modules.values()):
@@ -235,7 +269,7 @@ def init_step(ctx, source_path: Path) -> Step | None:
                 adapter = str((folder / "adapters" / module).relative_to(ctx.run.path))
             new.modules[module] = ModuleState(ms.model, adapter)
         if state.program:
-            shutil.copyfile(source.path / state.program, folder / "program.json")
+            shutil.copyfile(source.path / state.program_file, folder / "program.json")
             new.program = str((folder / "program.json").relative_to(ctx.run.path))
         write_json(folder / "state.json", new.to_json())
 
