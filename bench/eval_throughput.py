@@ -30,7 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jointcli.models import build_lm, resolve_checkpoint  # noqa: E402  (before torch: see models/__init__)
+from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint  # noqa: E402
+from jointcli.models.device import set_process_defaults  # noqa: E402
+
+set_process_defaults()  # a benchmark is an entry point, like the CLI: before torch loads
 
 
 def parse_args():
@@ -143,7 +146,7 @@ def measure(label, lm, program, metric, devset, threads, engine=None):
             except Exception:  # noqa: BLE001 - a parse failure is fine here
                 pass
         if engine is not None:
-            engine.stats.clear()
+            engine.decoder.stats.clear()
         evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
                                  max_errors=len(devset) + 1, provide_traceback=False)
         start = time.perf_counter()
@@ -185,10 +188,10 @@ def main():
             base = build_lm("small", spec.model_copy(update={"dtype": dtype}), cache=False)
             engine = base.engine
             engine.add_adapter("bench", adapter)
-            lm = base.copy(model=f"{base.model}@bench")
+            lm = base.copy(model=adapter_model_id(base.model, "bench"))
             rates[dtype] = measure(f"{label}, {str(engine.dtype)[6:]}", lm, program, metric, devset, args.threads,
                                    engine)
-            s = engine.stats
+            s = engine.decoder.stats
             print(f"    {s['batches']} batches, {s['rows'] / max(1, s['batches']):.1f} rows each; prompt tokens "
                   f"{s['prompt_tokens']}, run {s['prefill_tokens']} ({100 * s['prefill_tokens'] / max(1, s['prompt_tokens']):.0f}%, "
                   f"pads included); output tokens {s['output_tokens']}", flush=True)

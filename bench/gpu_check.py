@@ -56,8 +56,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda (the point), or cpu to try the script itself")
     args = parser.parse_args()
 
+    from jointcli.models.device import set_process_defaults
+
+    set_process_defaults()  # a benchmark is an entry point, like the CLI: before torch loads
     import torch
 
+    from jointcli.models import adapter_model_id
     from jointcli.models.engine import get_engine
     from jointcli.models.lora import train_lora
     from jointcli.recipe import Lora, Train
@@ -97,7 +101,7 @@ def main() -> int:
         engine = get_engine(str(checkpoint), "auto", args.device)
         engine.add_adapter("check", result.adapter_dir)
         print(f"engine: {engine}")
-        requests = [Request(model=f"local/m{'@check' if i % 2 else ''}",
+        requests = [Request(model=adapter_model_id("local/m", "check") if i % 2 else "local/m",
                             messages=(Message.user(f"Sentence: {s}\nSentiment?"),), config=Config(max_tokens=24))
                     for i, s in enumerate(SENTENCES * 4)]
         alone = [engine.complete(r).message.text for r in requests[:4]]

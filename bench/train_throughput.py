@@ -1,6 +1,6 @@
 """Benchmark 2: LoRA training throughput, jointopt's trainer against TRL's SFTTrainer as DSPy configures it.
 
-    .venv/bin/python bench/train_throughput.py            # ~5-10 minutes on 2 CPU cores
+    .venv/bin/python bench/train_throughput.py
     .venv/bin/python bench/train_throughput.py --bf16     # also jointopt in bf16
     .venv/bin/python bench/train_throughput.py --steps 3 --rows 100
 

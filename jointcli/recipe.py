@@ -79,7 +79,8 @@ class LocalModel(Strict):
     type: Literal["local"] = "local"
     path: str = Field(EMBEDDED_MODEL, description=f"{EMBEDDED_MODEL} or a Hugging Face checkpoint folder")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 on CUDA and on CPUs with native bf16, else fp32")
+        "auto", description="inference dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                            "(models/device.py)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_tokens: int = Field(64, ge=1, description="new tokens per completion")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
@@ -181,8 +182,7 @@ class Train(Strict):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16, description="tokens per training row; longer rows are left out (counted)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bf16 on bf16 GPUs, fp32 on CPU (bf16 is 1.7x faster there, but its adapters "
-                            "scored lower on sst2)")
+        "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (models/device.py)")
 
 
 class WeightOptimizer(Strict):

@@ -25,6 +25,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -76,14 +77,56 @@ def atomic_target(path: Path):
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         yield tmp
-        if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if tmp.is_dir():
+            replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst` (same file system), replacing whatever is at `dst`. `dst` is never
+    half-written: the old one is renamed aside first, then `src` renamed into place (put back on
+    failure). Between the two renames `dst` is briefly absent."""
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, trash / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        os.replace(trash / dst.name, dst)
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(dst: Path):
+    """Yield a new empty folder next to `dst` (`.NAME.tmp-*`, ordinary permissions) to fill; on
+    success it replaces `dst` (`replace_dir`), on failure it is removed. For writers of a whole
+    folder that may be killed midway (an adapter, a converted model)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the folder is an ordinary one
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_staged(dst: Path) -> None:
+    """Remove the `staged_dir` folders of `dst` left by killed writers; only while holding a lock
+    that keeps every other writer of `dst` out."""
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_json(path: Path) -> Any:
@@ -104,12 +147,23 @@ def recipe_digest(recipe: Recipe) -> str:
     return hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
 
 
+class StepKind(StrEnum):
+    """What a step did. The values are written into manifest.json and into folder names (02-w)."""
+
+    INIT = "init"  # another run's best program copied in (joint --init-from)
+    BASELINE = "baseline"  # the first evaluation, of the recipe's program
+    EVAL = "eval"  # a later evaluation
+    PROMPT = "p"  # a prompt optimizer
+    WEIGHT = "w"  # LoRA fine-tuning
+    BOOTSTRAP = "bootstrap"  # traces recorded for a weight step
+
+
 @dataclass
 class Step:
     """One entry of the manifest."""
 
     index: int
-    kind: str  # baseline | eval | p | w | bootstrap
+    kind: str  # a StepKind value: init | baseline | eval | p | w | bootstrap
     status: str = "running"  # running | done | failed
     started: str = field(default_factory=now)
     ended: str | None = None

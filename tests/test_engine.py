@@ -25,7 +25,7 @@ import pytest
 from dspy.lm15 import Config, Message, Request
 
 from jointcli.errors import InputError
-from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint  # before torch: see models/__init__
+from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint
 from jointcli.models.device import resolve_dtype
 from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine
 from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
@@ -234,15 +234,17 @@ def request(text, model="local/smollm2", system=SYSTEM, **config):
 
 @contextmanager
 def settings(engine, **values):
-    """Change engine knobs for one test; a long batch window makes 'arrive together' certain."""
-    old = {k: getattr(engine, k) for k in values}
+    """Change the knobs of the engine's batch decoder for one test; a long batch window makes
+    'arrive together' certain."""
+    decoder = engine.decoder
+    old = {k: getattr(decoder, k) for k in values}
     for k, v in values.items():
-        setattr(engine, k, v)
+        setattr(decoder, k, v)
     try:
         yield engine
     finally:
         for k, v in old.items():
-            setattr(engine, k, v)
+            setattr(decoder, k, v)
 
 
 def alone(engine, requests):
@@ -267,9 +269,9 @@ def test_batched_equals_unbatched(engine):
     reference = alone(engine, requests)
     assert len({r.text for r in reference}) == len(PROMPTS)
     with settings(engine, batch_window_s=0.3, prefix_reuse=False):
-        before = engine.stats["batches"]
+        before = engine.decoder.stats["batches"]
         batched = together(engine, requests)
-        assert engine.stats["batches"] == before + 1  # one batch of four rows
+        assert engine.decoder.stats["batches"] == before + 1  # one batch of four rows
     assert same(batched, reference)
     assert [r.usage.input_tokens for r in batched] == [r.usage.input_tokens for r in reference]
 
@@ -278,12 +280,12 @@ def test_prefix_reuse_equals_no_reuse(engine):
     requests = [request(p, system=SYSTEM + " Be kind.") for p in PROMPTS]
     reference = alone(engine, requests)
     with settings(engine, batch_window_s=0.3):
-        before = dict(engine.stats)
+        before = dict(engine.decoder.stats)
         assert same(together(engine, requests), reference)  # shared prefix computed once for the batch
-        assert engine.stats["prefill_tokens"] - before.get("prefill_tokens", 0) < \
+        assert engine.decoder.stats["prefill_tokens"] - before.get("prefill_tokens", 0) < \
             sum(r.usage.input_tokens for r in reference) - 3 * 30
         lone = [engine.complete(r) for r in requests]  # later lone calls take it from the LRU
-        assert engine.stats["lru_tokens"] >= before.get("lru_tokens", 0) + 4 * 30
+        assert engine.decoder.stats["lru_tokens"] >= before.get("lru_tokens", 0) + 4 * 30
     assert same(lone, reference)
 
 
@@ -324,15 +326,15 @@ def test_prefix_cache_never_outlives_its_adapter(engine, tmp_path):
     dir_a, dir_b = _random_loras(tmp_path, seeds=(3, 4))
     engine.add_adapter("swap", dir_a)
     swap = "local/smollm2@swap"
-    engine._prefixes.clear()  # the LRU: from here on it holds only what this test puts there
+    engine.decoder.prefixes.clear()  # the LRU: from here on it holds only what this test puts there
     with settings(engine, batch_window_s=0.3):
         out_a = together(engine, [request(p, model=swap, system=system) for p in PROMPTS[:2]])
-        cached = engine.stats["lru_tokens"]
+        cached = engine.decoder.stats["lru_tokens"]
         base = engine.complete(request(PROMPTS[0], system=system))  # other weights: not from swap's entry
-        assert engine.stats["lru_tokens"] == cached
+        assert engine.decoder.stats["lru_tokens"] == cached
         engine.add_adapter("swap", dir_b)  # same name, other folder: replaced
         out_b = together(engine, [request(p, model=swap, system=system) for p in PROMPTS[:2]])
-        assert engine.stats["lru_tokens"] == cached
+        assert engine.decoder.stats["lru_tokens"] == cached
     engine.add_adapter("ref-b", dir_b)
     reference = alone(engine, [request(p, model="local/smollm2@ref-b", system=system) for p in PROMPTS[:2]])
     assert same(out_b, reference) and not same(out_a, out_b)

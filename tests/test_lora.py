@@ -1,5 +1,5 @@
-"""LoRA training (models/lora.py) and the DSPy fine-tuning provider (models/provider.py), with the real
-embedded model and real (tiny) training runs."""
+"""LoRA training (models/lora.py, models/microbatch.py) and the DSPy fine-tuning provider
+(models/provider.py), with the real embedded model and real (tiny) training runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 
 from jointcli.errors import StepError
 from jointcli.models.embedded import resolve_checkpoint
-from jointcli.models.lora import (TrainResult, collate, completion_nll, load_for_training, micro_batches, plan_steps,
-                                  resolve_train_dtype, to_prompt_completion, tokenize_pair, train_lora)
-from jointcli.models.lora import MIN_SHARED_PREFIX, collate_shared, shared_completion_nll, shared_prefix
+from jointcli.models.device import resolve_train_dtype
+from jointcli.models.lora import (TrainResult, load_for_training, plan_steps, to_prompt_completion,
+                                  tokenize_pair, train_lora)
+from jointcli.models.microbatch import (MIN_SHARED_PREFIX, collate, collate_shared, completion_nll, micro_batches,
+                                        shared_completion_nll, shared_prefix)
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
 
 from .conftest import requires_native_bf16
@@ -230,13 +232,33 @@ def test_micro_batches_count_a_shared_prefix_once():
     assert micro_batches(lengths, step, 900, unrelated) == micro_batches(lengths, step, 900)
 
 
-def test_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
+def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
+    import jointcli.models.microbatch as microbatch
     import jointcli.models.lora as lora_module
 
     args = (tmp_path, sentiment_rows(), Lora(), Train(), 0, "cpu", "float32")
-    shared = lora_module._fingerprint(*args)
-    monkeypatch.setattr(lora_module, "SHARE_PREFIX", False)
-    assert lora_module._fingerprint(*args) != shared
+    shared = lora_module._resume_fingerprint(*args)
+    assert lora_module._resume_fingerprint(*args) == shared
+    monkeypatch.setattr(microbatch, "SHARE_PREFIX", False)
+    assert lora_module._resume_fingerprint(*args) != shared
+
+
+def test_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
+    """The adapter's folder (rundir.staged_dir, as _save_adapter writes it): a failed write keeps the
+    old folder and leaves no temporary one; a finished one replaces it whole."""
+    from jointcli.rundir import staged_dir
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("killed midway")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (out / "old.txt").is_file()
+    with staged_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and [p.name for p in out.iterdir()] == ["new.txt"]
 
 
 @pytest.mark.model

