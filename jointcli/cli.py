@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,8 +25,9 @@ try:  # typer >= 0.22 carries its own copy of click
 except ImportError:  # pragma: no cover
     from click import ClickException
 
-from .console import console
-from .errors import InputError, JointoptError, StepError
+from .console import console, quiet_libraries
+from .errors import InputError, JointoptError
+from .sweep import DEFAULT_STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Jointly optimize the prompts and the weights of DSPy programs.")
@@ -74,11 +74,12 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
 
     jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
     """
-    from .steps.run import eval_step
+    from .context import open_run
+    from .steps.kinds import eval_step
 
     if split not in ("dev", "test"):
         raise InputError(f"--split: {split!r} is not dev or test")
-    with _context(recipe, overrides, name, runs_dir, force) as ctx:
+    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
         eval_step(ctx, split)
         _print_steps(ctx.run)
 
@@ -90,10 +91,12 @@ def optimize_prompts(recipe: RecipeArg, overrides: Overrides = None, name: NameO
 
     jointopt optimize-prompts recipes/sst2.yaml optimizers.p.optimizer=LabeledFewShot
     """
-    from .steps.run import prompt_step
+    from .context import open_run
+    from .schedule import pick_optimizer
+    from .steps.kinds import prompt_step
 
-    with _context(recipe, overrides, name, runs_dir, force) as ctx:
-        prompt_step(ctx, _pick(ctx.recipe, optimizer, "prompt"))
+    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
+        prompt_step(ctx, pick_optimizer(ctx.recipe, optimizer, "prompt"))
         _print_steps(ctx.run)
 
 
@@ -104,10 +107,12 @@ def bootstrap(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = No
 
     jointopt bootstrap recipes/sst2.yaml optimizers.w.traces.source=labels
     """
-    from .steps.run import bootstrap_step
+    from .context import open_run
+    from .schedule import pick_optimizer
+    from .steps.kinds import bootstrap_step
 
-    with _context(recipe, overrides, name, runs_dir, force) as ctx:
-        bootstrap_step(ctx, _pick(ctx.recipe, optimizer, "weight"))
+    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
+        bootstrap_step(ctx, pick_optimizer(ctx.recipe, optimizer, "weight"))
         _print_steps(ctx.run)
 
 
@@ -120,10 +125,12 @@ def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = Non
 
     jointopt finetune recipes/sst2.yaml optimizers.w.train.epochs=1
     """
-    from .steps.run import weight_step
+    from .context import open_run
+    from .schedule import pick_optimizer
+    from .steps.kinds import weight_step
 
-    with _context(recipe, overrides, name, runs_dir, force) as ctx:
-        weight_step(ctx, _pick(ctx.recipe, optimizer, "weight"), traces)
+    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
+        weight_step(ctx, pick_optimizer(ctx.recipe, optimizer, "weight"), traces)
         _print_steps(ctx.run)
 
 
@@ -139,22 +146,10 @@ def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     jointopt joint recipes/sst2.yaml
     jointopt joint recipes/sst2.yaml schedule.strategy="w -> p" --name sst2-wp --seeds 0,1,2
     """
-    from .schedule import parse_strategy, run_joint
+    from .schedule import run_joint_seeds
 
-    base = _recipe(recipe, overrides)
-    parse_strategy(base.schedule.strategy, base.optimizers)  # bad strategy: exit 2 before any work
-    runs = [(None, name or base.name)]
-    if seeds:
-        runs = [(v, f"{name or base.name}/seed-{v}") for v in _seeds(seeds)]
-    for seed, run_name in runs:
-        extra = [f"seed={seed}"] if seed is not None else []
-        with _context(recipe, (overrides or []) + extra, run_name, runs_dir, force) as ctx:
-            if init_from is not None:
-                from .steps.run import init_step
-
-                init_step(ctx, _run_path(init_from, runs_dir))
-            run_joint(ctx)
-            _print_steps(ctx.run)
+    start = _run_path(init_from, runs_dir) if init_from is not None else None
+    run_joint_seeds(recipe, overrides, name, runs_dir, force, seeds=seeds, init_from=start, after=_print_steps)
 
 
 RequireOpt = Annotated[Optional[list[str]], typer.Option(
@@ -186,7 +181,7 @@ def compare(runs: Annotated[list[str], typer.Argument(help="run names (under the
 def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
           force: ForceOpt = False,
           strategies: Annotated[str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")]
-          = "p, w, p -> w, w -> p, p -> w -> p",
+          = DEFAULT_STRATEGIES,
           seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds (default: the recipe's)")] = None,
           as_json: JsonOpt = False, plot: PlotOpt = None, require: RequireOpt = None,
           min_score: MinScoreOpt = None) -> None:
@@ -195,44 +190,22 @@ def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     jointopt sweep recipes/sst2.yaml --strategies "p, w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
     makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
     """
-    from .compare import load_group
-    from .schedule import run_joint
-    from .sweep import adopt_prefix, parse_strategies, sibling_runs, slug
+    from .sweep import run_sweep
 
-    base = _recipe(recipe, overrides)
-    plan = parse_strategies(strategies, base.optimizers)
-    values = _seeds(seeds) if seeds else [base.seed]
-    root_name = name or f"{base.name}-sweep"
-    root = runs_dir / root_name
-    failed = []
-    for strategy in plan:
-        for seed in values:
-            extra = [f"schedule.strategy={strategy}", f"seed={seed}"]
-            with _context(recipe, (overrides or []) + extra, f"{root_name}/{slug(strategy)}/seed-{seed}",
-                          runs_dir, force) as ctx:
-                console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
-                if adopted := adopt_prefix(ctx, sibling_runs(root, seed)):
-                    console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")
-                try:
-                    run_joint(ctx)
-                except StepError as err:  # one strategy failing (e.g. no passing traces) is a result too
-                    console.print(f"[red]failed[/]: {ctx.run.path}: {err}", highlight=False, soft_wrap=True)
-                    failed.append(f"{slug(strategy)}/seed-{seed}")
-    groups = [load_group(str(root / slug(s)), runs_dir, label=slug(s)) for s in plan]
-    if failed:
-        _report(groups, as_json, plot, [], [])
-        raise StepError(f"{len(failed)} run(s) failed ({', '.join(failed)}); the table shows what they finished")
-    _report(groups, as_json, plot, require or [], min_score or [])
+    result = run_sweep(recipe, overrides, name, runs_dir, force, strategies=strategies, seeds=seeds)
+    if error := result.failure():  # the report shows what the failed runs finished; no gates then
+        _report(result.groups, as_json, plot, [], [])
+        raise error
+    _report(result.groups, as_json, plot, require or [], min_score or [])
 
 
 def _report(groups, as_json: bool, plot: Path | None, require: list[str], min_score: list[str]) -> None:
     """Print (or --json) the comparison, write the plot, then apply the gates (exit code 3)."""
-    from .compare import build_report, check_gates, plot_report, print_report, report_json
-    from .errors import GateError
+    from .compare import build_report, check_gates
+    from .compare_render import plot_report, print_report, report_json
 
     report = build_report(groups)
-    failures = check_gates(report, require, min_score)
-    report["gates"] = {"require": require, "min_score": min_score, "failures": failures}
+    report.gates = check_gates(report, require, min_score)
     if as_json:
         print(report_json(report))
     else:
@@ -240,8 +213,8 @@ def _report(groups, as_json: bool, plot: Path | None, require: list[str], min_sc
     if plot is not None:
         plot_report(report, groups, plot)
         console.print(f"plot: {plot}")
-    if failures:
-        raise GateError("gate failed: " + "; ".join(failures))
+    if error := report.gates.error():
+        raise error
 
 
 @app.command()
@@ -258,40 +231,9 @@ def status(run: Annotated[Path, typer.Argument(help="run directory (or a name un
         _print_steps(rd)
 
 
-@contextmanager
-def _context(recipe: Path, overrides, name, runs_dir: Path, force: bool):
-    from .context import Context
-
-    ctx = Context.open(_recipe(recipe, overrides), runs_dir, name, force)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
-    if not values or len(set(values)) != len(values):
-        raise InputError(f"--seeds: {text!r} must name at least one seed, each once")
-    return values
-
-
 def _run_path(run: Path, runs_dir: Path) -> Path:
     """A run given as a path, or as a name under the runs root."""
     return run if run.exists() or run.is_absolute() else runs_dir / run
-
-
-def _pick(recipe, key: str | None, kind: str) -> str:
-    """The optimizer key a command uses: --optimizer, else the recipe's first of that type."""
-    if key is not None:
-        return key
-    for k, spec in recipe.optimizers.items():
-        if spec.type == kind:
-            return k
-    raise InputError(f"optimizers: the recipe has no {kind} optimizer")
 
 
 def _print_steps(run) -> None:
@@ -312,12 +254,23 @@ def _print_steps(run) -> None:
     console.print(table)
 
 
+# The libraries whose deprecation notices main() hides (by the module a warning is attributed to):
+# jointcli's own and a user's module (a metric, a program class) still show theirs.
+LIBRARIES_NOTICES = (r"(dspy|litellm|openai|httpx|httpcore|aiohttp|pydantic|transformers|peft|accelerate|torch"
+                     r"|huggingface_hub|tokenizers|safetensors|gguf|numpy|scipy|sklearn|pandas|pyarrow|datasets"
+                     r"|matplotlib|optuna|tqdm|jinja2|diskcache|gepa)(\.|$)")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
+    from .models.device import set_process_defaults
+
+    set_process_defaults()  # OMP_WAIT_POLICY, offline hub: before any command imports torch
+    quiet_libraries()
     debug = os.environ.get("JOINTOPT_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _interrupt)  # a CI runner's stop: as clean as Ctrl-C
     if not sys.stderr.isatty():
@@ -327,8 +280,8 @@ def main() -> None:
     if not debug:  # libraries' deprecation notices are for their callers' authors, not our users
         import warnings
 
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=LIBRARIES_NOTICES)
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
         if isinstance(code, int) and code:

@@ -1,32 +1,34 @@
 """Compare finished runs: scores with intervals, paired significance, the quality/cost front, gates.
 
     groups = [load_group("seq", Path("runs")), load_group("joint", Path("runs"))]
-    report = build_report(groups)            # plain dict: runs, pairs, pareto (what --json prints)
-    print_report(report)
-    failures = check_gates(report, require=["joint > seq"], min_score=["0.8"])
+    report = build_report(groups)            # a Report: runs, pairs, pareto (report.to_json() is --json)
+    report.gates = check_gates(report, require=["joint > seq"], min_score=["0.8"])
+    report.gates.failures                    # one line per failed gate
 
 A group is one run directory, or a folder of seed runs (`jointopt joint --seeds 0,1,2` makes
 NAME/seed-0, NAME/seed-1, ...). A group's test score is that of each run's best step by dev score
 (the step a user would ship), averaged over seeds per example; its interval resamples examples.
-Runs compare only when they used the same data splits and the same metric.
+Runs compare only when they used the same data splits and the same metric. compare_render.py
+shows a report: tables, JSON text, plot.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import GateError, InputError
 from .metrics import is_binary
-from .rundir import RunDir, Step, read_jsonl
+from .rundir import RunDir, Step, StepKind, read_jsonl
 from .schedule import best_step
 from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 GATE = re.compile(r"^\s*(\S+)\s*(>=|>)\s*(\S+)\s*$")
+# the steps whose program compare scores and counts (bootstrap steps only record traces)
+PROGRAM_KINDS = (StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.INIT, StepKind.EVAL)
 
 
 # ---------------------------------------------------------------- loading
@@ -47,9 +49,8 @@ class RunRecord:
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
         run = RunDir.existing(path)
-        recipe, manifest = run.recipe(), run.manifest()
-        every = [Step(**s) for s in manifest["steps"]]  # RunDir.existing checked they parse
-        steps = [s for s in every if s.status == "done" and s.kind in ("baseline", "p", "w", "init", "eval")]
+        recipe, manifest, every = run.recipe(), run.manifest(), run.steps()
+        steps = [s for s in every if s.status == "done" and s.kind in PROGRAM_KINDS]
         scored = [s for s in steps if "dev" in s.scores]
         best = next((s for s in scored if s.folder == manifest.get("best")), None)
         if best is None:  # an unfinished joint run: the best so far, as the schedule picks it
@@ -59,7 +60,7 @@ class RunRecord:
         last = every[-1] if every else None
         if last is not None and last.status != "done":
             record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
-        predictions = run.path / best.folder / "predictions-test.jsonl" if best else None
+        predictions = run.step_dir(best) / "predictions-test.jsonl" if best else None
         # a run that stopped on a failed step has no result: a test score of a step it adopted or
         # reached before the failure would read as the strategy's
         if predictions is not None and predictions.is_file() and record.error is None:
@@ -68,7 +69,8 @@ class RunRecord:
 
     @property
     def baseline(self) -> float | None:
-        return next((s.scores["dev"] for s in self.steps if s.kind == "baseline" and "dev" in s.scores), None)
+        return next((s.scores["dev"] for s in self.steps if s.kind == StepKind.BASELINE and "dev" in s.scores),
+                    None)
 
     @property
     def seconds(self) -> float:
@@ -122,6 +124,100 @@ def check_comparable(groups: list[Group]) -> None:
 
 
 # ---------------------------------------------------------------- the report
+# Field order is the order of the keys in `--json`.
+@dataclass
+class RunSummary:
+    """One run of a group: its best step by dev score, and that step's test score."""
+
+    path: str
+    seed: int
+    best_step: str | None
+    best_dev: float | None
+    test: float | None  # None when the run stopped on a failed step
+    error: str | None
+
+
+@dataclass
+class GroupSummary:
+    """A row of the runs table: a group's scores (means over its seeds) and costs."""
+
+    label: str
+    path: str
+    strategy: str
+    seeds: list[int]
+    n_test: int | None  # test examples every run of the group scored; None: no test result
+    baseline: float | None
+    best_dev: float | None
+    best_step: list[str]
+    test: float | None
+    test_low: float | None  # 95% bootstrap interval over examples
+    test_high: float | None
+    test_std: float | None  # across seeds, with more than one
+    seconds: float
+    tokens: int
+    train_steps: int
+    per_run: list[RunSummary]
+    errors: list[str]
+
+
+@dataclass
+class PairSummary:
+    """Group a against group b on the test examples both scored: a - b, paired."""
+
+    a: str
+    b: str
+    n: int
+    delta: float
+    low: float
+    high: float
+    only_a: int | None  # McNemar's discordant counts (binary metrics, runs matched by seed)
+    only_b: int | None
+    p_mcnemar: float | None
+    significant: bool
+
+
+@dataclass
+class Candidate:
+    """A step's program as a point of the quality/cost plane."""
+
+    candidate: str  # label[/seed-run]/step folder
+    group: str
+    dev: float
+    tokens: float  # mean per dev example
+    seconds: float | None  # mean per dev example, from uncached calls only
+    on_front: bool = False
+
+
+@dataclass
+class Gates:
+    """The gates asked for and those that failed (one line each)."""
+
+    require: list[str]
+    min_score: list[str]
+    failures: list[str]
+
+    def error(self) -> GateError | None:
+        """What a failed gate ends with (exit code 3)."""
+        return GateError("gate failed: " + "; ".join(self.failures)) if self.failures else None
+
+
+@dataclass
+class Report:
+    metric: dict  # {"name": ..., "field": ...}
+    binary: bool
+    runs: list[GroupSummary]
+    pairs: list[PairSummary]
+    pareto: list[Candidate]
+    gates: Gates | None = None
+
+    def to_json(self) -> dict:
+        """What `--json` prints: plain values, keys in field order; "gates" once they are checked."""
+        data = asdict(self)
+        if self.gates is None:
+            del data["gates"]
+        return data
+
+
 def _test_matrix(group: Group) -> tuple[list[int], np.ndarray] | None:
     """(example indices, seeds x examples scores) over the test examples every run scored."""
     if not group.runs or any(not r.test for r in group.runs):
@@ -141,41 +237,38 @@ def _cost(run: RunRecord, step: Step) -> dict:
     return {"tokens": round(tokens, 1), "seconds": round(sum(timed) / len(timed), 4) if timed else None}
 
 
-def build_report(groups: list[Group]) -> dict:
+def build_report(groups: list[Group]) -> Report:
     check_comparable(groups)
     binary = is_binary(groups[0].runs[0].metric["name"])
     runs, matrices = [], {}
     for g in groups:
-        matrix = _test_matrix(g)
-        entry = {
-            "label": g.label, "path": str(g.path), "strategy": g.runs[0].strategy,
-            "seeds": [r.seed for r in g.runs], "n_test": None,
-            "baseline": _mean([r.baseline for r in g.runs]),
-            "best_dev": _mean([r.best.scores["dev"] if r.best else None for r in g.runs]),
-            "best_step": sorted({r.best.folder for r in g.runs if r.best}),
-            "test": None, "test_low": None, "test_high": None, "test_std": None,
-            "seconds": round(sum(r.seconds for r in g.runs) / len(g.runs), 1),
-            "tokens": round(sum(r.tokens for r in g.runs) / len(g.runs)),
-            "train_steps": round(sum(r.train_steps for r in g.runs) / len(g.runs)),
-            "per_run": [{"path": str(r.path), "seed": r.seed, "best_step": r.best.folder if r.best else None,
-                         "best_dev": r.best.scores.get("dev") if r.best else None,
-                         "test": r.best.scores.get("test") if r.best and not r.error else None, "error": r.error}
-                        for r in g.runs],
-            "errors": [f"{r.path.name}: {r.error}" if len(g.runs) > 1 else r.error for r in g.runs if r.error],
-        }
-        if matrix is not None:
+        n = len(g.runs)
+        n_test = test = test_low = test_high = test_std = None
+        if (matrix := _test_matrix(g)) is not None:
             indices, scores = matrix
             matrices[g.label] = (indices, scores)
-            entry["n_test"] = len(indices)
-            entry["test"], entry["test_low"], entry["test_high"] = _rounded(bootstrap_ci(scores.mean(axis=0)))
-            if len(g.runs) > 1:
-                entry["test_std"] = round(float(scores.mean(axis=1).std(ddof=1)), 4)
-        runs.append(entry)
-    return {"metric": groups[0].runs[0].metric, "binary": binary, "runs": runs,
-            "pairs": _pairs(groups, matrices, binary), "pareto": _pareto(groups)}
+            n_test = len(indices)
+            test, test_low, test_high = _rounded(bootstrap_ci(scores.mean(axis=0)))
+            if n > 1:
+                test_std = round(float(scores.mean(axis=1).std(ddof=1)), 4)
+        runs.append(GroupSummary(
+            label=g.label, path=str(g.path), strategy=g.runs[0].strategy, seeds=[r.seed for r in g.runs],
+            n_test=n_test, baseline=_mean([r.baseline for r in g.runs]),
+            best_dev=_mean([r.best.scores["dev"] if r.best else None for r in g.runs]),
+            best_step=sorted({r.best.folder for r in g.runs if r.best}),
+            test=test, test_low=test_low, test_high=test_high, test_std=test_std,
+            seconds=round(sum(r.seconds for r in g.runs) / n, 1),
+            tokens=round(sum(r.tokens for r in g.runs) / n),
+            train_steps=round(sum(r.train_steps for r in g.runs) / n),
+            per_run=[RunSummary(str(r.path), r.seed, r.best.folder if r.best else None,
+                                r.best.scores.get("dev") if r.best else None,
+                                r.best.scores.get("test") if r.best and not r.error else None, r.error)
+                     for r in g.runs],
+            errors=[f"{r.path.name}: {r.error}" if n > 1 else r.error for r in g.runs if r.error]))
+    return Report(groups[0].runs[0].metric, binary, runs, _pairs(groups, matrices, binary), _pareto(groups))
 
 
-def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[dict]:
+def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[PairSummary]:
     pairs = []
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
@@ -192,18 +285,17 @@ def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[dict]:
                 # McNemar on (example, seed) pairs, runs matched by seed
                 order_b = [seeds_b.index(s) for s in seeds_a]
                 diff.only_a, diff.only_b, diff.p_mcnemar = mcnemar(pa.ravel(), pb[order_b].ravel())
-            pairs.append(_pair_entry(a.label, b.label, len(common), diff))
+            pairs.append(_pair(a.label, b.label, len(common), diff))
     return pairs
 
 
-def _pair_entry(a: str, b: str, n: int, d: Difference) -> dict:
+def _pair(a: str, b: str, n: int, d: Difference) -> PairSummary:
     delta, low, high = _rounded((d.delta, d.low, d.high))
-    return {"a": a, "b": b, "n": n, "delta": delta, "low": low, "high": high,
-            "only_a": d.only_a, "only_b": d.only_b,
-            "p_mcnemar": None if d.p_mcnemar is None else round(d.p_mcnemar, 4), "significant": d.significant}
+    return PairSummary(a, b, n, delta, low, high, d.only_a, d.only_b,
+                       None if d.p_mcnemar is None else round(d.p_mcnemar, 4), d.significant)
 
 
-def _pareto(groups: list[Group]) -> list[dict]:
+def _pareto(groups: list[Group]) -> list[Candidate]:
     """Every evaluated step of every run is a candidate program: (dev score, mean tokens per example)."""
     candidates = []
     for g in groups:
@@ -214,11 +306,11 @@ def _pareto(groups: list[Group]) -> list[dict]:
                     continue
                 cost = _cost(r, s)
                 if cost["tokens"] is not None:
-                    candidates.append({"candidate": f"{g.label}{seed_part}/{s.folder}", "group": g.label,
-                                       "dev": s.scores["dev"], **cost})
-    front = set(pareto_front([(c["dev"], c["tokens"]) for c in candidates]))
+                    candidates.append(Candidate(f"{g.label}{seed_part}/{s.folder}", g.label, s.scores["dev"],
+                                                cost["tokens"], cost["seconds"]))
+    front = set(pareto_front([(c.dev, c.tokens) for c in candidates]))
     for i, c in enumerate(candidates):
-        c["on_front"] = i in front
+        c.on_front = i in front
     return candidates
 
 
@@ -232,11 +324,11 @@ def _rounded(values):
 
 
 # ---------------------------------------------------------------- gates
-def check_gates(report: dict, require: list[str], min_score: list[str]) -> list[str]:
-    """One line per failed gate. `require`: "A > B" (A significantly better) or "A >= B" (A not
-    significantly worse). `min_score`: "0.8" (every run's test score) or "NAME=0.8"."""
+def check_gates(report: Report, require: list[str], min_score: list[str]) -> Gates:
+    """The gates and one line per failed one. `require`: "A > B" (A significantly better) or
+    "A >= B" (A not significantly worse). `min_score`: "0.8" (every run's test score) or "NAME=0.8"."""
     failures = []
-    by_label = {r["label"]: r for r in report["runs"]}
+    by_label = {r.label: r for r in report.runs}
     for gate in require:
         m = GATE.match(gate)
         if not m:
@@ -245,14 +337,14 @@ def check_gates(report: dict, require: list[str], min_score: list[str]) -> list[
         for name in (a, b):
             if name not in by_label:
                 raise InputError(f"--require {gate!r}: no run named {name!r} (runs: {', '.join(by_label)})")
-        pair = next((p for p in report["pairs"] if {p["a"], p["b"]} == {a, b}), None)
+        pair = next((p for p in report.pairs if {p.a, p.b} == {a, b}), None)
         if pair is None:
             failures.append(f"{gate}: no paired test scores for {a} and {b}")
             continue
-        sign = 1 if pair["a"] == a else -1
-        delta, low, high = sign * pair["delta"] + 0.0, *sorted((sign * pair["low"] + 0.0, sign * pair["high"] + 0.0))
-        worse = pair["significant"] and delta < 0
-        better = pair["significant"] and delta > 0
+        sign = 1 if pair.a == a else -1
+        delta, low, high = sign * pair.delta + 0.0, *sorted((sign * pair.low + 0.0, sign * pair.high + 0.0))
+        worse = pair.significant and delta < 0
+        better = pair.significant and delta > 0
         if (op == ">" and not better) or (op == ">=" and worse):
             verdict = "significantly worse" if worse else "not significantly better"
             failures.append(f"{gate}: {a} - {b} = {delta:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}")
@@ -264,98 +356,11 @@ def check_gates(report: dict, require: list[str], min_score: list[str]) -> list[
             raise InputError(f"--min-score {gate!r}: write a number, or NAME=number") from None
         if name and name not in by_label:
             raise InputError(f"--min-score {gate!r}: no run named {name!r} (runs: {', '.join(by_label)})")
-        for r in report["runs"]:
-            if name and r["label"] != name:
+        for r in report.runs:
+            if name and r.label != name:
                 continue
-            if r["test"] is None:
-                failures.append(f"--min-score {threshold}: {r['label']} has no test score")
-            elif r["test"] < threshold:
-                failures.append(f"--min-score {threshold}: {r['label']} scored {r['test']:.3f} on test")
-    return failures
-
-
-# ---------------------------------------------------------------- output
-def print_report(report: dict, console) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if not console.is_terminal:  # a log or a pipe: no terminal to wrap for, keep rows on one line
-        console = Console(file=console.file, width=max(console.width, 160))
-
-    f = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
-    runs = Table(title=f"runs ({report['metric']['name']} on {report['metric']['field']}; test = best step by dev, "
-                       "95% bootstrap interval over examples)")
-    for col in ("run", "strategy", "seeds", "baseline", "best dev", "test [95% CI]", "± std (seeds)", "best step",
-                "wall s", "eval tokens", "train steps"):
-        runs.add_column(col, justify="left" if col in ("run", "strategy", "best step") else "right")
-    for r in report["runs"]:
-        test = "" if r["test"] is None else f"{r['test']:.3f} [{r['test_low']:.3f}, {r['test_high']:.3f}]"
-        runs.add_row(r["label"], r["strategy"] or "zero-shot", str(len(r["seeds"])), f(r["baseline"]),
-                     f(r["best_dev"]), test, f(r["test_std"]), ", ".join(r["best_step"]), f(r["seconds"], ".0f"),
-                     str(r["tokens"]), str(r["train_steps"]))
-    console.print(runs)
-    for r in report["runs"]:
-        for error in r["errors"]:
-            console.print(f"[red]{r['label']}[/] did not finish: {error}", highlight=False, soft_wrap=True)
-    if report["pairs"]:
-        pairs = Table(title="pairwise test differences (A - B on the same examples; paired bootstrap"
-                            + (", McNemar" if report["binary"] else "") + ")")
-        for col in ("A", "B", "n", "A - B [95% CI]", "A only / B only", "McNemar p", "verdict"):
-            pairs.add_column(col, justify="left" if col in ("A", "B", "verdict") else "right")
-        for p in report["pairs"]:
-            verdict = ("[green]significant[/]" if p["significant"] else "not significant")
-            counts = "" if p["only_a"] is None else f"{p['only_a']} / {p['only_b']}"
-            pairs.add_row(p["a"], p["b"], str(p["n"]), f"{p['delta']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]",
-                          counts, f(p["p_mcnemar"], ".4f"), verdict)
-        console.print(pairs)
-    front = sorted((c for c in report["pareto"] if c["on_front"]), key=lambda c: (c["tokens"], -c["dev"]))
-    if front:
-        table = Table(title=f"quality/cost Pareto front ({len(front)} of {len(report['pareto'])} step programs): "
-                            "dev score against mean tokens per example")
-        for col in ("program", "dev", "tokens/example", "seconds/example"):
-            table.add_column(col, justify="left" if col == "program" else "right")
-        for c in front:
-            table.add_row(c["candidate"], f(c["dev"]), f(c["tokens"], ".0f"), f(c["seconds"], ".3f"))
-        console.print(table)
-
-
-def plot_report(report: dict, groups: list[Group], out: Path) -> None:
-    """Two panels: dev score by step for each run, and the dev-score/tokens candidates with their front."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'jointopt[plot]'") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .rundir import atomic_target
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for g in groups:  # one line per group: the mean over seeds at each step all its runs reached
-        curves = [[s.scores["dev"] for s in r.steps if "dev" in s.scores] for r in g.runs]
-        length = min(len(c) for c in curves)
-        mean = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
-        seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
-        left.plot(range(length), mean, marker="o", label=f"{g.label}{seeds}")
-    left.set(title="dev score by step (0 = baseline)", xlabel="step", ylabel="dev score")
-    left.xaxis.get_major_locator().set_params(integer=True)
-    left.legend(fontsize=8)
-    for label in dict.fromkeys(c["group"] for c in report["pareto"]):
-        points = [c for c in report["pareto"] if c["group"] == label]
-        right.scatter([c["tokens"] for c in points], [c["dev"] for c in points], label=label, alpha=0.7)
-    front = sorted((c for c in report["pareto"] if c["on_front"]), key=lambda c: c["tokens"])
-    if front:
-        right.step([c["tokens"] for c in front], [c["dev"] for c in front], where="post", color="black",
-                   linewidth=1, label="Pareto front")
-    right.set(title="quality against inference cost", xlabel="mean tokens per example", ylabel="dev score")
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def report_json(report: dict) -> str:
-    return json.dumps(report, indent=2)
+            if r.test is None:
+                failures.append(f"--min-score {threshold}: {r.label} has no test score")
+            elif r.test < threshold:
+                failures.append(f"--min-score {threshold}: {r.label} scored {r.test:.3f} on test")
+    return Gates(list(require), list(min_score), failures)

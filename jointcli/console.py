@@ -11,6 +11,8 @@ Long phases report progress with `phase(...)`: a rich bar in a terminal; in a lo
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -98,3 +100,20 @@ def phase(label: str, total: int | None, every: float | None = None) -> Iterator
         return
     with _LogLines(label, total, LOG_EVERY_S if every is None else every) as lines:
         yield lines.advance
+
+
+def quiet_libraries() -> None:
+    """The CLI (cli.main) shows its own progress: DSPy's per-call warnings (a truncated answer is a
+    parse failure, counted in eval.json) and transformers' loading bars would bury it."""
+    import logging
+
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
+    logging.getLogger("dspy.teleprompt").setLevel(logging.WARNING)
+    if "transformers" not in sys.modules:  # read when it loads; importing it here costs ~2 s a command
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

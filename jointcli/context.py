@@ -1,18 +1,19 @@
 """What every subcommand sets up: recipe, run directory, data, metric, models and DSPy settings.
 
-    ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")
+    with open_run(Path("recipes/sst2.yaml"), ["data.split.dev=20"], name="quick", runs_dir=Path("runs")) as ctx:
+        ...
+    ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")      # the same, without the closing
     program, state = ctx.current_program()
     ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")
 """
 
 from __future__ import annotations
 
-import os
 import random
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import dspy
 
@@ -32,7 +33,6 @@ def configure_dspy(recipe: Recipe) -> None:
     """DSPy settings for small local models: ChatAdapter without the JSON fallback (it doubles the
     calls and never helps a 135M model), and the LM cache kept under $JOINTOPT_HOME."""
     global _cache_setting
-    _quiet_libraries()
     if _cache_setting != recipe.runtime.cache:
         dspy.configure_cache(enable_disk_cache=recipe.runtime.cache, enable_memory_cache=recipe.runtime.cache,
                              disk_cache_dir=str(jointopt_home() / "dspy_cache"))
@@ -55,23 +55,6 @@ def check_recipe(recipe: Recipe) -> None:
     for key, spec in recipe.optimizers.items():
         if isinstance(spec, PromptOptimizer):
             check_optimizer(key, spec)
-
-
-def _quiet_libraries() -> None:
-    """The CLI shows its own progress; per-call warnings of DSPy (a truncated answer is a parse
-    failure, counted in eval.json) and transformers' loading bars would bury it."""
-    import logging
-
-    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
-    logging.getLogger("dspy.teleprompt").setLevel(logging.WARNING)
-    if "transformers" not in sys.modules:  # read when it loads; importing it here costs ~2 s a command
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        return
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 @dataclass
@@ -138,3 +121,17 @@ class Context:
         step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
         step.info[f"{split}_n"] = result.n
         step.info[f"{split}_parse_failures"] = result.parse_failures
+
+
+@contextmanager
+def open_run(recipe_path: Path, overrides: list[str] | None, name: str | None, runs_dir: Path,
+             force: bool = False) -> Iterator[Context]:
+    """The Context of run `name` (default: the recipe's name) for a recipe file and its overrides;
+    closed (the run unlocked) however the block ends."""
+    from .recipe import load_recipe
+
+    ctx = Context.open(load_recipe(recipe_path, overrides or []), runs_dir, name, force)
+    try:
+        yield ctx
+    finally:
+        ctx.close()

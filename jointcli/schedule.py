@@ -1,7 +1,8 @@
 """The schedule: run a strategy such as `p -> w -> p` over a run directory, resumably.
 
     keys = parse_strategy("p -> w -> p", recipe.optimizers)      # ["p", "w", "p"]
-    summary = run_joint(ctx)
+    best = run_joint(ctx)                                         # the best step, scored on test
+    runs = run_joint_seeds(Path("recipes/sst2.yaml"), seeds="0,1,2")   # what `jointopt joint` does
 
 Plan: baseline, then one step per letter, each followed by a dev evaluation (inside the step);
 then the best program by dev score (ties go to the earlier step) and the last one are evaluated
@@ -11,11 +12,22 @@ command again after a crash or Ctrl-C resumes where it stopped.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
 from .errors import InputError
 from .recipe import PromptOptimizer
+from .rundir import RunDir, Step, StepKind
 
-STEP_KIND = {"prompt": "p", "weight": "w"}
+if TYPE_CHECKING:
+    from .context import Context
+
+STEP_KIND = {"prompt": StepKind.PROMPT, "weight": StepKind.WEIGHT}  # optimizer type -> its step's kind
 ZERO_SHOT = ("", "none", "zero-shot")
+# the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
+SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT)
+
+PlanEntry = tuple[str, str | None]  # (step kind, optimizer key); the baseline has no key
 
 
 def parse_strategy(text: str, optimizers: dict) -> list[str]:
@@ -32,25 +44,59 @@ def parse_strategy(text: str, optimizers: dict) -> list[str]:
     return keys
 
 
-def _plan(recipe) -> list[tuple[str, str | None]]:
-    """[(step kind, optimizer key)] including the baseline."""
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]: at least one seed, each once."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+    if not values or len(set(values)) != len(values):
+        raise InputError(f"--seeds: {text!r} must name at least one seed, each once")
+    return values
+
+
+def pick_optimizer(recipe, key: str | None, optimizer_type: str) -> str:
+    """The optimizer key a step uses: `key` (--optimizer) if given, else the recipe's first optimizer
+    of that type ("prompt" or "weight")."""
+    if key is not None:
+        return key
+    for k, spec in recipe.optimizers.items():
+        if spec.type == optimizer_type:
+            return k
+    raise InputError(f"optimizers: the recipe has no {optimizer_type} optimizer")
+
+
+# ---------------------------------------------------------------- plan and progress
+def schedule_plan(recipe) -> list[PlanEntry]:
+    """[(step kind, optimizer key)] of the recipe's strategy, including the baseline."""
     keys = parse_strategy(recipe.schedule.strategy, recipe.optimizers)
-    return [("baseline", None)] + [(STEP_KIND[recipe.optimizers[k].type], k) for k in keys]
+    return [(StepKind.BASELINE, None)] + [(STEP_KIND[recipe.optimizers[k].type], k) for k in keys]
 
 
-def _finished(run) -> list:
-    """Finished steps that count in a schedule (bootstrap and eval steps feed or report on them)."""
-    return [s for s in run.done_steps() if s.kind in ("init", "baseline", "p", "w")]
+def finished_steps(run: RunDir) -> list[Step]:
+    """The run's finished steps that count in a schedule, init included."""
+    return [s for s in run.done_steps() if s.kind in SCHEDULE_KINDS]
 
 
-def _match(run, plan) -> int:
+def plan_progress(run: RunDir, plan: list[PlanEntry]) -> tuple[list[Step], int]:
+    """(the run's finished plan steps: baseline, p and w in order; how many of them match the
+    first entries of `plan`, in kind and optimizer key). All of them match in a run of this plan."""
+    done = [s for s in finished_steps(run) if s.kind != StepKind.INIT]
+    n = 0
+    for step, (kind, key) in zip(done, plan):
+        if step.kind != kind or (key and step.info.get("optimizer") != key):
+            break
+        n += 1
+    return done, n
+
+
+def _resume_position(run: RunDir, plan: list[PlanEntry]) -> int:
     """How many plan entries the run has already done; refuse a run made by another schedule."""
-    done = [s for s in _finished(run) if s.kind != "init"]
-    for i, step in enumerate(done):
-        if i >= len(plan) or step.kind != plan[i][0] or (plan[i][1] and step.info.get("optimizer") != plan[i][1]):
-            made = " -> ".join(s.info.get("optimizer") or s.kind for s in done)
-            raise InputError(f"{run.path}: its finished steps ({made}) do not match schedule.strategy "
-                             f"{run.recipe().schedule.strategy!r}; use another --name")
+    done, n = plan_progress(run, plan)
+    if n < len(done):
+        made = " -> ".join(s.info.get("optimizer") or s.kind for s in done)
+        raise InputError(f"{run.path}: its finished steps ({made}) do not match schedule.strategy "
+                         f"{run.recipe().schedule.strategy!r}; use another --name")
     return len(done)
 
 
@@ -71,29 +117,60 @@ def _stalled(steps: list, patience: int | None) -> bool:
     return all(s.scores.get("dev", float("-inf")) <= before for s in steps[-patience:])
 
 
-def run_joint(ctx) -> dict:
-    """Run (or resume) the recipe's schedule; returns the manifest's summary."""
-    from .steps.run import eval_step, prompt_step, test_eval, weight_step
+# ---------------------------------------------------------------- running
+def run_joint(ctx: Context) -> Step:
+    """Run (or resume) the recipe's schedule in `ctx`'s run; returns the best step by dev score,
+    with its test score. The manifest records it as `best`, and `finished`."""
+    from .steps.kinds import eval_step, prompt_step, test_eval, weight_step
 
-    plan = _plan(ctx.recipe)
-    position = _match(ctx.run, plan)
+    plan = schedule_plan(ctx.recipe)
+    position = _resume_position(ctx.run, plan)
     for kind, key in plan[position:]:
-        scored = [s for s in _finished(ctx.run) if "dev" in s.scores]
+        scored = [s for s in finished_steps(ctx.run) if "dev" in s.scores]
         if _stalled(scored, ctx.recipe.schedule.patience):
             ctx.run.set_manifest_field("stopped_early", True)
             break
-        if kind == "baseline":
+        if kind == StepKind.BASELINE:
             eval_step(ctx, "dev")
         elif isinstance(ctx.recipe.optimizers[key], PromptOptimizer):
             prompt_step(ctx, key)
         else:
             weight_step(ctx, key)
-    scored = [s for s in _finished(ctx.run) if "dev" in s.scores]
+    scored = [s for s in finished_steps(ctx.run) if "dev" in s.scores]
     best, last = best_step(scored), scored[-1]
     ctx.run.set_manifest_field("best", best.folder)
     for step in [best] + ([last] if last.folder != best.folder else []):
         if "test" not in step.scores:
             test_eval(ctx, step)
-    summary = {"best": best.folder, "last": last.folder, "strategy": ctx.recipe.schedule.strategy}
     ctx.run.set_manifest_field("finished", True)
-    return summary
+    return best
+
+
+def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name: str | None = None,
+                    runs_dir: Path = Path("runs"), force: bool = False, seeds: str | None = None,
+                    init_from: Path | None = None,
+                    after: Callable[[RunDir], None] | None = None) -> list[RunDir]:
+    """What `jointopt joint` does: run (or resume) the recipe's schedule as run NAME (default the
+    recipe's name), or once per seed of `seeds` ("0,1,2") as NAME/seed-N; each run starts from
+    `init_from`'s best program if given. `after(run)` is called when each run has finished. Returns
+    the run directories. A bad strategy or seed list fails before any run starts."""
+    from .context import open_run
+    from .recipe import load_recipe
+    from .steps.kinds import init_step
+
+    base = load_recipe(recipe_path, overrides or [])
+    parse_strategy(base.schedule.strategy, base.optimizers)  # bad strategy: exit 2 before any work
+    runs = [(None, name or base.name)]
+    if seeds:
+        runs = [(v, f"{name or base.name}/seed-{v}") for v in parse_seeds(seeds)]
+    done = []
+    for seed, run_name in runs:
+        extra = [f"seed={seed}"] if seed is not None else []
+        with open_run(recipe_path, (overrides or []) + extra, run_name, runs_dir, force) as ctx:
+            if init_from is not None:
+                init_step(ctx, init_from)
+            run_joint(ctx)
+            if after is not None:
+                after(ctx.run)
+            done.append(ctx.run)
+    return done

@@ -1,25 +1,37 @@
 """Sweep: one recipe under several strategies and seeds, into sibling run folders, then compare.
 
     jointopt sweep recipes/sst2.yaml --strategies "p, w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    result = run_sweep(Path("recipes/sst2.yaml"), strategies="p, p -> w", seeds="0,1")
 
 makes runs/<name>/<strategy>/seed-<n> (strategy "p -> w" -> folder "p-w", zero-shot -> "zero-shot").
 Every run resumes like `jointopt joint`. Strategies run shortest first, and a run whose schedule
 begins like a finished sibling's (same seed, same recipe but the strategy) adopts that sibling's
 steps instead of computing them again: `p -> w -> p` starts from `p -> w`'s three folders. The
 result is the same as running it alone (steps are seeded and the LM greedy), minus the wait.
+
+The CLI imports this module when it starts (DEFAULT_STRATEGIES), so the library comes in lazily.
 """
 
 from __future__ import annotations
 
-from .errors import InputError
-from .rundir import RunDir, Step
-from .schedule import ZERO_SHOT, _plan, parse_strategy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .console import console
+from .errors import InputError, StepError
+
+if TYPE_CHECKING:
+    from .compare import Group
+    from .rundir import RunDir, Step
 
 DEFAULT_STRATEGIES = "p, w, p -> w, w -> p, p -> w -> p"
 
 
 def parse_strategies(text: str, optimizers: dict) -> list[str]:
     """'p, p -> w' -> ['p', 'p -> w'], each checked; duplicates refused."""
+    from .schedule import parse_strategy
+
     strategies = [" -> ".join(parse_strategy(part, optimizers)) or "none" for part in text.split(",")]
     if len(set(strategies)) != len(strategies):
         raise InputError(f"--strategies: {text!r} names a strategy twice")
@@ -28,6 +40,8 @@ def parse_strategies(text: str, optimizers: dict) -> list[str]:
 
 def slug(strategy: str) -> str:
     """'p -> w -> p' -> 'p-w-p'; zero-shot -> 'zero-shot'."""
+    from .schedule import ZERO_SHOT
+
     if strategy.strip().lower() in ZERO_SHOT:
         return "zero-shot"
     return "-".join(part.strip() for part in strategy.split("->"))
@@ -40,19 +54,16 @@ def _same_but_schedule(a, b) -> bool:
 
 def adopt_prefix(ctx, donors: list[RunDir]) -> int:
     """Into a run without steps, copy the longest finished prefix of its plan that a donor has."""
+    from .schedule import plan_progress, schedule_plan
+
     if ctx.run.steps():
         return 0
-    plan = _plan(ctx.recipe)
+    plan = schedule_plan(ctx.recipe)
     best: tuple[int, RunDir | None, list[Step]] = (0, None, [])
     for donor in donors:
         if donor.path == ctx.run.path or not _same_but_schedule(donor.recipe(), ctx.recipe):
             continue
-        done = [s for s in donor.done_steps() if s.kind in ("baseline", "p", "w")]
-        n = 0
-        for step, (kind, key) in zip(done, plan):
-            if step.kind != kind or (key and step.info.get("optimizer") != key):
-                break
-            n += 1
+        done, n = plan_progress(donor, plan)
         if n > best[0] and [s.index for s in done[:n]] == list(range(n)):
             best = (n, donor, done[:n])
     n, donor, steps = best
@@ -63,4 +74,55 @@ def adopt_prefix(ctx, donors: list[RunDir]) -> int:
 
 def sibling_runs(root, seed: int) -> list[RunDir]:
     """Finished-or-not runs of one seed under a sweep's folder: <root>/<strategy>/seed-<seed>."""
+    from .rundir import RunDir
+
     return [RunDir(p.parent) for p in sorted(root.glob(f"*/seed-{seed}/manifest.json"))]
+
+
+@dataclass
+class SweepResult:
+    root: Path  # runs/<name>
+    groups: list[Group]  # one per strategy (its seed runs), in the order they ran, for compare
+    failed: list[str]  # "<strategy folder>/seed-<n>" of the runs whose schedule failed
+
+    def failure(self) -> StepError | None:
+        """The error a sweep with failed runs ends with (exit code 1), after its report."""
+        if not self.failed:
+            return None
+        return StepError(f"{len(self.failed)} run(s) failed ({', '.join(self.failed)}); "
+                         "the table shows what they finished")
+
+
+def run_sweep(recipe_path: Path, overrides: list[str] | None = None, name: str | None = None,
+              runs_dir: Path = Path("runs"), force: bool = False, strategies: str = DEFAULT_STRATEGIES,
+              seeds: str | None = None) -> SweepResult:
+    """Run (or resume) the recipe under each strategy ("p, p -> w") and seed ("0,1"; default the
+    recipe's) into runs_dir/NAME (default <recipe name>-sweep). A run whose step fails is reported
+    and the sweep goes on: one strategy failing (e.g. no passing traces) is a result too."""
+    from .compare import load_group
+    from .recipe import load_recipe
+    from .context import open_run
+    from .schedule import parse_seeds, run_joint
+
+    overrides = overrides or []
+    base = load_recipe(recipe_path, overrides)
+    plan = parse_strategies(strategies, base.optimizers)
+    values = parse_seeds(seeds) if seeds else [base.seed]
+    root_name = name or f"{base.name}-sweep"
+    root = runs_dir / root_name
+    failed = []
+    for strategy in plan:
+        for seed in values:
+            extra = [f"schedule.strategy={strategy}", f"seed={seed}"]
+            with open_run(recipe_path, overrides + extra, f"{root_name}/{slug(strategy)}/seed-{seed}",
+                          runs_dir, force) as ctx:
+                console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
+                if adopted := adopt_prefix(ctx, sibling_runs(root, seed)):
+                    console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")
+                try:
+                    run_joint(ctx)
+                except StepError as err:
+                    console.print(f"[red]failed[/]: {ctx.run.path}: {err}", highlight=False, soft_wrap=True)
+                    failed.append(f"{slug(strategy)}/seed-{seed}")
+    groups = [load_group(str(root / slug(s)), runs_dir, label=slug(s)) for s in plan]
+    return SweepResult(root, groups, failed)

@@ -9,6 +9,7 @@ of a CPU with native bf16; the checks of the bf16 path then skip and say why.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,17 @@ requires_native_bf16 = pytest.mark.skipif(
     not cpu_has_native_bf16(),
     reason=f"the bf16 path is checked where bf16 is native (avx512_bf16 or AMX); this CPU has none, "
            f"or {BF16_SWITCH}=0 forces the fp32 path")
+
+
+def tiny(train: int = 6, dev: int = 4, test: int = 4, *extra: str) -> list[str]:
+    """Overrides that make recipes/sst2.yaml run in seconds: a few examples, short answers."""
+    return [f"data.split.train={train}", f"data.split.dev={dev}", f"data.split.test={test}",
+            "models.small.max_tokens=24", *extra]
+
+
+def manifest(run: Path) -> dict:
+    """A run directory's manifest.json, as the file says (not through RunDir)."""
+    return json.loads((run / "manifest.json").read_text())
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):

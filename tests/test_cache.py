@@ -12,11 +12,11 @@ from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.pool import ModelPool
 from jointcli.recipe import load_recipe
 
-from .conftest import RECIPES, cli
+from .conftest import RECIPES, cli, tiny
 
 pytestmark = pytest.mark.model  # every test here runs the embedded model
 
-TINY = ["data.split.train=4", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24"]
+TINY = tiny(train=4)
 
 
 def test_reevaluating_an_unchanged_program_generates_nothing(runs):

@@ -7,6 +7,7 @@ loads once for the whole file; a few run in a subprocess where the process bound
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import dspy
@@ -14,13 +15,9 @@ import pytest
 
 from jointcli.rundir import RunDir
 
-from .conftest import RECIPES, cli, run_cli
+from .conftest import RECIPES, cli, manifest, run_cli, tiny
 
-TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=4", "models.small.max_tokens=24"]
-
-
-def manifest(run: Path) -> dict:
-    return json.loads((run / "manifest.json").read_text())
+TINY = tiny()
 
 
 @pytest.mark.model
@@ -92,7 +89,8 @@ def test_prompt_then_weight_steps_chain_state(runs, capsys):
     assert carried.classify.demos == plain.classify.demos  # prompts carried over from the p step
     assert (w / "adapters" / "classify" / "adapter_config.json").is_file()
     log = [json.loads(line) for line in (w / "train_log.jsonl").read_text().splitlines()]
-    assert log and all("loss" in r for r in log if "loss" in r)
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1))  # every optimizer step, once
+    assert all(r["adapter"] == "classify" and math.isfinite(r["loss"]) for r in log)
     steps = manifest(run)["steps"]
     assert [s["kind"] for s in steps] == ["p", "bootstrap", "w"]
     assert steps[2]["info"]["traces"]["from"].endswith("01-bootstrap/traces.jsonl")

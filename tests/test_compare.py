@@ -12,11 +12,9 @@ from jointcli.recipe import load_recipe
 from jointcli.rundir import RunDir, write_jsonl
 from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
 
-from .conftest import RECIPES, cli
-from .test_cli import manifest
+from .conftest import RECIPES, cli, manifest, tiny
 
-TINY = ["data.split.train=6", "data.split.dev=4", "data.split.test=6", "models.small.max_tokens=24",
-        "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}"]
+TINY = tiny(6, 4, 6, "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}")
 
 
 # ---------------------------------------------------------------- statistics

@@ -15,15 +15,14 @@ from jointcli.errors import InputError
 from jointcli.rundir import Step
 from jointcli.schedule import _stalled, best_step, parse_strategy
 
-from .conftest import RECIPES, ROOT, cli
+from .conftest import RECIPES, ROOT, cli, manifest, tiny
 
 OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
 
 # float32: the same answers in this process and in a child, however requests are batched
-TINY_JOINT = ["data.split.train=4", "data.split.dev=3", "data.split.test=3", "models.small.max_tokens=24",
-              "models.small.dtype=float32", "optimizers.p.optimizer=LabeledFewShot",
-              "optimizers.p.args={k: 1}", "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
-              "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w"]
+TINY_JOINT = tiny(4, 3, 3, "models.small.dtype=float32", "optimizers.p.optimizer=LabeledFewShot",
+                  "optimizers.p.args={k: 1}", "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
+                  "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -63,12 +62,8 @@ def test_early_stopping_counts_steps_without_improvement():
     assert not _stalled(_steps(0.2, 0.5, 0.5), patience=None)
 
 
-def _manifest(run: Path) -> dict:
-    return json.loads((run / "manifest.json").read_text())
-
-
 def _scores(run: Path) -> list:
-    return [(s["kind"], s["scores"]) for s in _manifest(run)["steps"]]
+    return [(s["kind"], s["scores"]) for s in manifest(run)["steps"]]
 
 
 def _start(runs: Path, *extra: str) -> subprocess.Popen:
@@ -90,7 +85,7 @@ def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: flo
     while time.time() < deadline:
         assert proc.poll() is None, (run.parent / "stderr.log").read_text()
         try:
-            steps = _manifest(run)["steps"]
+            steps = manifest(run)["steps"]
         except (OSError, json.JSONDecodeError, KeyError):
             steps = []
         if steps and steps[-1]["kind"] == kind and steps[-1]["status"] == "running":
@@ -105,7 +100,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
     assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "a") == 0
     expected = _scores(tmp_path / "a" / "sst2")
     assert [k for k, _ in expected] == ["baseline", "p", "w"]
-    assert _manifest(tmp_path / "a" / "sst2")["finished"] is True
+    assert manifest(tmp_path / "a" / "sst2")["finished"] is True
 
     run = tmp_path / "b" / "sst2"
     proc = _start(tmp_path / "b")
@@ -113,11 +108,11 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
     time.sleep(1)  # into the weight step: traces, training or its evaluation
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = {s["index"]: s for s in _manifest(run)["steps"] if s["status"] == "done"}
+    before = {s["index"]: s for s in manifest(run)["steps"] if s["status"] == "done"}
     assert [s["kind"] for s in before.values()] == ["baseline", "p"]
 
     assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "b") == 0
-    after = _manifest(run)["steps"]
+    after = manifest(run)["steps"]
     for index, step in before.items():  # finished steps were reused, not re-run
         assert after[index]["started"] == step["started"] and after[index]["ended"] == step["ended"]
     assert _scores(run) == expected
@@ -125,7 +120,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
 
     # resuming a finished run does nothing and succeeds
     assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "b") == 0
-    assert _manifest(run)["steps"] == after
+    assert manifest(run)["steps"] == after
 
 
 @pytest.mark.model
@@ -139,7 +134,7 @@ def test_sigint_stops_cleanly_with_130(tmp_path):
     err = (tmp_path / "stderr.log").read_text()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    steps = _manifest(run)["steps"]
+    steps = manifest(run)["steps"]
     assert steps[0]["status"] == "done"
     assert steps[-1]["status"] == "failed" and steps[-1]["error"] == "interrupted"
 
@@ -151,6 +146,24 @@ def test_failing_step_exits_1_and_keeps_earlier_steps(tmp_path, capsys):
                "--runs-dir", tmp_path) == 1
     err = capsys.readouterr().err
     assert "no passing traces" in err and "Traceback" not in err
-    steps = _manifest(tmp_path / "sst2")["steps"]
+    steps = manifest(tmp_path / "sst2")["steps"]
     assert [(s["kind"], s["status"]) for s in steps] == [("baseline", "done"), ("w", "failed")]
     assert "no passing traces" in steps[-1]["error"]
+
+
+@pytest.mark.model
+def test_init_from_starts_from_another_runs_program_and_resumes(tmp_path):
+    """--init-from copies the source run's program in as step 00-init; the schedule then runs from
+    it (its first evaluation is the baseline), and the same command again changes nothing."""
+    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY_JOINT, "--name", "source", "--runs-dir", tmp_path) == 0
+    warm = ["joint", RECIPES / "sst2.yaml", *TINY_JOINT, "schedule.strategy=p", "--name", "warm",
+            "--init-from", "source", "--runs-dir", tmp_path]
+    assert cli(*warm) == 0
+    run = tmp_path / "warm"
+    steps = manifest(run)["steps"]
+    assert [s["kind"] for s in steps] == ["init", "baseline", "p"]
+    assert steps[0]["info"]["from"] == str(tmp_path / "source")
+    source_program = (tmp_path / "source" / "00-p" / "program.json").read_text()
+    assert (run / "00-init" / "program.json").read_text() == source_program
+    assert cli(*warm) == 0
+    assert manifest(run)["steps"] == steps

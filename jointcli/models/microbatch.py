@@ -25,10 +25,16 @@ A row is (token ids of prompt + completion, index of the first completion token)
 
 from __future__ import annotations
 
+import os
+
 # Rows of a micro-batch whose common token prefix is at least this long compute it once (batch 1) and
 # run their own suffixes against its key/value cache; a shorter prefix is not worth a second pass.
 MIN_SHARED_PREFIX = 32
 SHARE_PREFIX = True  # off: every row runs whole (the plan and the gradient are those of trainer 2)
+
+def _common_len(a: list[int], b: list[int]) -> int:
+    return len(os.path.commonprefix([a, b]))
+
 
 Row = tuple[list[int], int]  # token ids of prompt + completion, index of the first completion token
 
@@ -64,14 +70,6 @@ def micro_batches(lengths: list[int], step: list[int], token_budget: int,
         if rows is not None:
             common, first_start = lengths[i], rows[i][1]
     return out
-
-
-def _common_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _shared_len(common: int, first_start: int, shortest: int, n_rows: int) -> int:

@@ -11,6 +11,7 @@ them too. An entry is reused only for the exact same weights: replacing an adapt
 
 from __future__ import annotations
 
+import os
 from collections import Counter, OrderedDict
 
 import torch
@@ -80,11 +81,7 @@ class PrefixCache:
 
 def common_len(a, b) -> int:
     """Length of the common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return len(os.path.commonprefix([list(a), list(b)]))
 
 
 def cache_with(kv: list | None, repeat: int) -> DynamicCache:

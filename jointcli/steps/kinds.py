@@ -18,10 +18,10 @@ import dspy
 
 from ..console import phase
 from ..errors import InputError, JointoptError, StepError
-from ..program import module_names
+from ..program import build_program, module_names
 from ..recipe import PromptOptimizer, Recipe, WeightOptimizer
-from ..rundir import RunDir, Step, read_jsonl, write_json, write_jsonl
-from ..state import ModuleState, ProgramState, save_state
+from ..rundir import RunDir, Step, StepKind, read_jsonl, write_json, write_jsonl
+from ..state import ModuleState, ProgramState, current_state, save_state
 
 if TYPE_CHECKING:
     from ..data import Splits
@@ -93,7 +93,9 @@ def _optimizer(ctx: StepContext, key: str, kind: type):
 # ---------------------------------------------------------------- eval
 def eval_step(ctx: StepContext, split: str = "dev") -> Step:
     program, _ = ctx.current_program()
-    kind = "baseline" if not ctx.run.done_steps() else "eval"
+    # the first evaluation of a run is its baseline, also after a warm start (init)
+    first = all(s.kind == StepKind.INIT for s in ctx.run.done_steps())
+    kind = StepKind.BASELINE if first else StepKind.EVAL
     return run_step(ctx, kind, lambda step: ctx.record_eval(step, ctx.evaluate(program, split), split))
 
 
@@ -126,7 +128,7 @@ def prompt_step(ctx: StepContext, key: str) -> Step:
         save_state(ctx.run, ctx.run.step_dir(step), optimized, state)
         ctx.record_eval(step, ctx.evaluate(optimized, "dev"), "dev")
 
-    return run_step(ctx, "p", body, {"optimizer": key, "name": spec.optimizer})
+    return run_step(ctx, StepKind.PROMPT, body, {"optimizer": key, "name": spec.optimizer})
 
 
 # ---------------------------------------------------------------- bootstrap
@@ -173,14 +175,14 @@ def bootstrap_step(ctx: StepContext, key: str) -> Step:
 
             raise no_traces_error(counts)
 
-    return run_step(ctx, "bootstrap", body, {"optimizer": key, "source": spec.traces.source})
+    return run_step(ctx, StepKind.BOOTSTRAP, body, {"optimizer": key, "source": spec.traces.source})
 
 
 def fresh_traces(run: RunDir) -> Path | None:
     """traces.jsonl of a bootstrap step made since the program last changed, if any."""
     for step in reversed(run.done_steps()):
         folder = run.step_dir(step)
-        if step.kind == "bootstrap" and (folder / "traces.jsonl").exists():
+        if step.kind == StepKind.BOOTSTRAP and (folder / "traces.jsonl").exists():
             return folder / "traces.jsonl"
         if (folder / "state.json").exists():
             return None
@@ -223,7 +225,7 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
         save_state(ctx.run, folder, tuned, new)
         ctx.record_eval(step, ctx.evaluate(tuned, "dev"), "dev")
 
-    return run_step(ctx, "w", body, {"optimizer": key})
+    return run_step(ctx, StepKind.WEIGHT, body, {"optimizer": key})
 
 
 def _merge_logs(folder: Path, names: list[str]) -> None:
@@ -239,18 +241,13 @@ def _merge_logs(folder: Path, names: list[str]) -> None:
 # ---------------------------------------------------------------- init
 def init_step(ctx: StepContext, source_path: Path) -> Step | None:
     """Copy another run's best program state (prompts and adapters) in as this run's first state."""
-    from ..rundir import RunDir
-    from ..state import current_state
-
-    if any(s.kind == "init" for s in ctx.run.done_steps()):
+    if any(s.kind == StepKind.INIT for s in ctx.run.done_steps()):
         return None
     if ctx.run.done_steps():
         raise InputError(f"--init-from: {ctx.run.path} already has steps; warm starts apply to a new run")
     source = RunDir.existing(source_path)
     best = source.manifest().get("best")
     upto = next((s.index for s in source.done_steps() if s.folder == best), None)
-    from ..program import build_program
-
     state = current_state(source, source.recipe(), build_program(source.recipe()), upto)
     if state.program_file is None and not any(m.adapter for m in state.modules.values()):
         raise InputError(f"--init-from: {source.path} has no optimized program state to start from")
@@ -268,9 +265,9 @@ def init_step(ctx: StepContext, source_path: Path) -> Step | None:
                 shutil.copytree(source.path / ms.adapter, folder / "adapters" / module)
                 adapter = str((folder / "adapters" / module).relative_to(ctx.run.path))
             new.modules[module] = ModuleState(ms.model, adapter)
-        if state.program:
+        if state.program_file:
             shutil.copyfile(source.path / state.program_file, folder / "program.json")
-            new.program = str((folder / "program.json").relative_to(ctx.run.path))
+            new.program_file = str((folder / "program.json").relative_to(ctx.run.path))
         write_json(folder / "state.json", new.to_json())
 
-    return run_step(ctx, "init", body, {"from": str(source.path), "from_step": best})
+    return run_step(ctx, StepKind.INIT, body, {"from": str(source.path), "from_step": best})
