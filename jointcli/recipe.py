@@ -161,9 +161,11 @@ class PromptOptimizer(Strict):
 class TraceSettings(Strict):
     """Where a weight step's training rows come from (the rows themselves: steps.traces.Traces)."""
 
-    source: Literal["program", "teacher", "labels"] = Field(
-        "program", description="program: the current program; teacher: another model; "
-        "labels: the gold labels (single-module programs)")
+    source: Literal["program+labels", "program", "teacher", "labels"] = Field(
+        "program+labels", description="program+labels: the program's passing traces, and for each failed "
+        "example the gold labels inside the current prompt of the modules that output them; program: passing "
+        "traces only (BetterTogether); teacher: another model's passing traces; labels: the gold labels only "
+        "(single-module programs)")
     teacher: str | None = Field(None, description="with source=teacher: a model name")
     threshold: float = Field(1.0, description="keep traces whose metric score is >= threshold")
 

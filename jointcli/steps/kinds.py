@@ -133,7 +133,7 @@ def prompt_step(ctx: StepContext, key: str) -> Step:
 
 # ---------------------------------------------------------------- bootstrap
 def _collect(ctx: StepContext, spec: WeightOptimizer, key: str, step_index: int):
-    from .traces import collect_traces, label_traces
+    from .traces import collect_traces, label_fields, label_traces
     from .weights import weight_modules
 
     program, state = ctx.current_program()
@@ -153,8 +153,9 @@ def _collect(ctx: StepContext, spec: WeightOptimizer, key: str, step_index: int)
             raise InputError(f"optimizers.{key}.traces.teacher: source=teacher needs a model name")
         teacher_state = ProgramState(state.program_file, {m: ModuleState(spec.traces.teacher) for m in state.modules})
         program = ctx.program_for(teacher_state)
+    gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
     return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
-                          ctx.recipe.runtime.num_threads)
+                          ctx.recipe.runtime.num_threads, gold)
 
 
 def _write_traces(folder: Path, traces) -> dict:

@@ -1,12 +1,19 @@
 """Bootstrap: record what each module was asked and answered on the training split, keep what passes.
 
     traces = collect_traces(program, trainset, metric, modules=["classify"], threshold=1.0)
-    traces.rows[0] == {"module": "classify", "example": 3, "score": 1.0, "messages": [...]}
+    traces.rows[0] == {"module": "classify", "example": 3, "score": 1.0, "source": "program",
+                       "messages": [...]}
 
 A row's `messages` are the chat messages DSPy's adapter sends for that module (system, demos,
 user) followed by the assistant's answer in the adapter's format: exactly what a fine-tune on
 the module should teach. Failed predictions (parse failures, errors) are never kept, whatever
 the metric says.
+
+With `gold` (trace source `program+labels`), an example whose trace failed still teaches the
+modules that produce label fields: the module's own current prompt (its demos included) on the
+inputs it was given, answered with the gold labels (its other outputs, such as a chain of
+thought's reasoning, as the program produced them). Such rows have "source": "labels"; modules
+whose outputs are not labels learn from passing traces only.
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ class Traces:
     errors: int = 0
 
     def counts(self) -> dict:
+        """traces.json: examples run and passed, rows per module and per source (program | labels)."""
+        sources: dict[str, int] = {}
+        for row in self.rows:
+            sources[row["source"]] = sources.get(row["source"], 0) + 1
         return {"run": self.run, "passed": self.passed, "rows": len(self.rows),
-                "per_module": self.per_module, "errors": self.errors}
+                "per_module": self.per_module, "per_source": sources, "errors": self.errors}
 
 
 def _adapter() -> dspy.ChatAdapter:
@@ -46,9 +57,21 @@ def _module_of(program: dspy.Module, modules: list[str]) -> dict[int, str]:
     return {id(p): m for m in modules for p in predictors_of(program, m)}
 
 
+def label_fields(program: dspy.Module, modules: list[str], labels: list[str]) -> dict[str, list[str]]:
+    """module -> the label fields it outputs, for the modules that output any."""
+    out = {}
+    for m in modules:
+        fields = [f for p in predictors_of(program, m) for f in p.signature.output_fields if f in labels]
+        if fields:
+            out[m] = fields
+    return out
+
+
 def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, modules: list[str],
-                   threshold: float, num_threads: int = 4) -> Traces:
-    """Run `program` over `trainset` and keep, per module, the calls of examples that pass."""
+                   threshold: float, num_threads: int = 4, gold: dict[str, list[str]] | None = None) -> Traces:
+    """Run `program` over `trainset` and keep, per module, the calls of examples that pass; with
+    `gold` (module -> its label fields: `label_fields`), failed examples teach those modules the
+    gold labels inside their current prompts."""
     owner = _module_of(program, modules)
 
     def one(item):
@@ -57,33 +80,56 @@ def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, m
             try:
                 prediction = program(**example.inputs())
             except Exception:  # a failed prediction teaches nothing; counted as an error
-                return index, None, []
+                return index, None, list(dspy.settings.trace)
             score = float(metric(example, prediction))
             return index, score, list(dspy.settings.trace)
 
     rows, passed, errors = [], 0, 0
     per_module = {m: 0 for m in modules}
     for index, score, calls in parallel_map(one, list(enumerate(trainset)), num_threads, "bootstrapping traces"):
-        if score is None:
-            errors += 1
-            continue
-        if score < threshold:
-            continue
-        passed += 1
-        for predictor, inputs, outputs in calls:
-            module = owner.get(id(predictor))
-            if module is None:
-                continue
-            rows.append({"module": module, "example": index, "score": score,
-                         "messages": _messages(predictor, dict(inputs), outputs.toDict())})
-            per_module[module] += 1
+        errors += score is None
+        if score is not None and score >= threshold:
+            passed += 1
+            for predictor, inputs, outputs in calls:
+                if (module := owner.get(id(predictor))) is not None:
+                    rows.append(_row(module, index, score, "program", predictor, dict(inputs), outputs.toDict()))
+                    per_module[module] += 1
+        elif gold:
+            for row in _gold_rows(program, trainset[index], index, score or 0.0, calls, gold):
+                rows.append(row)
+                per_module[row["module"]] += 1
     return Traces(rows, len(trainset), passed, per_module, errors)
+
+
+def _row(module: str, index: int, score: float, source: str, predictor, inputs: dict, outputs: dict) -> dict:
+    return {"module": module, "example": index, "score": score, "source": source,
+            "messages": _messages(predictor, inputs, outputs)}
+
+
+def _gold_rows(program: dspy.Module, example: dspy.Example, index: int, score: float, calls: list,
+               gold: dict[str, list[str]]) -> list[dict]:
+    """For a failed example: each label module's prompt, on the inputs it was given, with the gold
+    answer. A module that failed to parse left no call: its inputs are then the example's inputs and
+    the outputs of the calls before it (modules read fields by name). A module whose inputs or other
+    outputs are unknown (an earlier module failed) gives no row."""
+    labels = example.labels().toDict()
+    known = {**example.inputs().toDict(), **{k: v for _, _, o in calls for k, v in o.items()}}
+    rows = []
+    for module, fields in gold.items():
+        for predictor in predictors_of(program, module):
+            seen = next(((dict(i), o.toDict()) for p, i, o in calls if p is predictor), None)
+            wanted = list(predictor.signature.input_fields)
+            inputs = seen[0] if seen else {k: known[k] for k in wanted if k in known}
+            outputs = {f: labels[f] if f in fields else (seen[1].get(f) if seen else None)
+                       for f in predictor.signature.output_fields}
+            if set(wanted) <= set(inputs) and all(v is not None for v in outputs.values()):
+                rows.append(_row(module, index, score, "labels", predictor, inputs, outputs))
+    return rows
 
 
 def label_traces(program: dspy.Module, trainset: list[dspy.Example], module: str) -> Traces:
     """Rows from the gold labels: the module's prompt with the right answer (single-module programs)."""
     (predictor,) = predictors_of(program, module)
-    rows = [{"module": module, "example": i, "score": 1.0,
-             "messages": _messages(predictor, example.inputs().toDict(), example.labels().toDict())}
+    rows = [_row(module, i, 1.0, "labels", predictor, example.inputs().toDict(), example.labels().toDict())
             for i, example in enumerate(trainset)]
     return Traces(rows, len(trainset), len(trainset), {module: len(rows)})
