@@ -237,21 +237,37 @@ def _run_path(run: Path, runs_dir: Path) -> Path:
 
 
 def _print_steps(run) -> None:
+    """The steps table; for label-like outputs, what each step answered on dev, the majority-class
+    score of each split, and every warning an evaluation raised (answers.py)."""
+    from rich.console import Console
     from rich.table import Table
 
+    out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 160))
     best = run.manifest().get("best")
+    steps = run.steps()
+    labelled = any("dev_answers" in s.info for s in steps)
     table = Table(title=f"run {run.path}")
-    for col in ("step", "status", "dev", "test", "seconds", "tokens in/out", "note"):
+    columns = ("step", "status", "dev", "test", "seconds", "tokens in/out") + (("dev answers",) if labelled else ())
+    for col in columns + ("note",):
         table.add_column(col, justify="right" if col in ("dev", "test", "seconds") else "left")
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    for s in run.steps():
+    for s in steps:
         note = s.error or (f"{s.info.get('dev_parse_failures')} parse failures"
                            if s.info.get("dev_parse_failures") else "")
         if s.folder == best:
             note = ("best " + note).strip()
+        answers = (", ".join(f"{a} {n}" for a, n in s.info.get("dev_answers", {}).items()),) if labelled else ()
         table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
-                      fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", note)
-    console.print(table)
+                      fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", *answers, note)
+    out.print(table)
+    for split in ("dev", "test"):
+        share = next((s.info[f"{split}_majority"] for s in steps if f"{split}_majority" in s.info), None)
+        if share is not None:
+            console.print(f"majority class on {split}: {share:.3f} (the score of answering one label to everything)")
+    for s in steps:
+        for split in ("dev", "test"):
+            for warning in s.info.get(f"{split}_warnings", []):
+                console.print(f"[yellow]warning[/]: {s.folder} {split}: {warning}", highlight=False, soft_wrap=True)
 
 
 # The libraries whose deprecation notices main() hides (by the module a warning is attributed to):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .answers import answer_summary, answer_warnings
 from .errors import GateError, InputError
 from .metrics import is_binary
 from .rundir import RunDir, Step, StepKind, read_jsonl
@@ -44,6 +45,7 @@ class RunRecord:
     steps: list[Step]
     best: Step | None
     test: dict[int, float] = field(default_factory=dict)  # test example index -> score, best step
+    test_rows: list[dict] = field(default_factory=list, repr=False)  # the best step's test predictions
     error: str | None = None  # why the run stopped, when its last step failed
 
     @classmethod
@@ -64,7 +66,8 @@ class RunRecord:
         # a run that stopped on a failed step has no result: a test score of a step it adopted or
         # reached before the failure would read as the strategy's
         if predictions is not None and predictions.is_file() and record.error is None:
-            record.test = {int(r["index"]): float(r["score"]) for r in read_jsonl(predictions)}
+            record.test_rows = read_jsonl(predictions)
+            record.test = {int(r["index"]): float(r["score"]) for r in record.test_rows}
         return record
 
     @property
@@ -158,6 +161,8 @@ class GroupSummary:
     train_steps: int
     per_run: list[RunSummary]
     errors: list[str]
+    answers: dict[str, int] | None = None  # label-like fields: the best steps' test answers, all seeds
+    warnings: list[str] = field(default_factory=list)  # reasons to distrust the test score (answers.py)
 
 
 @dataclass
@@ -202,12 +207,22 @@ class Gates:
 
 
 @dataclass
+class Majority:
+    """The majority-class row: always answering the most common gold label of the test examples."""
+
+    label: str
+    test: float
+    n: int
+
+
+@dataclass
 class Report:
     metric: dict  # {"name": ..., "field": ...}
     binary: bool
     runs: list[GroupSummary]
     pairs: list[PairSummary]
     pareto: list[Candidate]
+    majority: Majority | None = None  # label-like fields only
     gates: Gates | None = None
 
     def to_json(self) -> dict:
@@ -240,6 +255,7 @@ def _cost(run: RunRecord, step: Step) -> dict:
 def build_report(groups: list[Group]) -> Report:
     check_comparable(groups)
     binary = is_binary(groups[0].runs[0].metric["name"])
+    field_name = groups[0].runs[0].metric["field"]
     runs, matrices = [], {}
     for g in groups:
         n = len(g.runs)
@@ -265,7 +281,22 @@ def build_report(groups: list[Group]) -> Report:
                                 r.best.scores.get("test") if r.best and not r.error else None, r.error)
                      for r in g.runs],
             errors=[f"{r.path.name}: {r.error}" if n > 1 else r.error for r in g.runs if r.error]))
-    return Report(groups[0].runs[0].metric, binary, runs, _pairs(groups, matrices, binary), _pareto(groups))
+        if (summary := answer_summary([row for r in g.runs for row in r.test_rows], field_name)) is not None:
+            runs[-1].answers = summary.answers
+            if matrix is not None:
+                runs[-1].warnings = answer_warnings(summary, list(matrix[1].mean(axis=0)))
+    return Report(groups[0].runs[0].metric, binary, runs, _pairs(groups, matrices, binary), _pareto(groups),
+                  _majority(groups, field_name))
+
+
+def _majority(groups: list[Group], field_name: str) -> Majority | None:
+    """The majority-class score on the test examples of the first run with test predictions
+    (comparable runs share their test split)."""
+    rows = next((r.test_rows for g in groups for r in g.runs if r.test_rows), [])
+    summary = answer_summary(rows, field_name)
+    if summary is None:
+        return None
+    return Majority(summary.majority_label, round(summary.majority_score, 4), len(rows))
 
 
 def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[PairSummary]:

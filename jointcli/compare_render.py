@@ -35,10 +35,17 @@ def print_report(report: Report, console) -> None:
         test = "" if r.test is None else f"{r.test:.3f} [{r.test_low:.3f}, {r.test_high:.3f}]"
         runs.add_row(r.label, r.strategy or "zero-shot", str(len(r.seeds)), f(r.baseline), f(r.best_dev), test,
                      f(r.test_std), ", ".join(r.best_step), f(r.seconds, ".0f"), str(r.tokens), str(r.train_steps))
+    if (m := report.majority) is not None:  # what a program answering one label to everything scores
+        runs.add_row("majority class", f"always {m.label!r}", "", "", "", f"{m.test:.3f}", "", "", "", "", "")
     console.print(runs)
     for r in report.runs:
         for error in r.errors:
             console.print(f"[red]{r.label}[/] did not finish: {error}", highlight=False, soft_wrap=True)
+        if r.answers:
+            console.print(f"{r.label} answers on test: " + ", ".join(f"{a} {n}" for a, n in r.answers.items()),
+                          highlight=False, soft_wrap=True)
+        for warning in r.warnings:
+            console.print(f"[yellow]warning[/]: {r.label}: {warning}", highlight=False, soft_wrap=True)
     if report.pairs:
         pairs = Table(title="pairwise test differences (A - B on the same examples; paired bootstrap"
                             + (", McNemar" if report.binary else "") + ")")

@@ -121,6 +121,10 @@ class Context:
         step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
         step.info[f"{split}_n"] = result.n
         step.info[f"{split}_parse_failures"] = result.parse_failures
+        if result.answers is not None:
+            step.info[f"{split}_answers"] = result.answers.answers
+            step.info[f"{split}_majority"] = result.answers.to_json()["majority_score"]
+        step.info[f"{split}_warnings"] = result.warnings
 
 
 @contextmanager

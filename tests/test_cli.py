@@ -112,6 +112,7 @@ def test_optimizer_names_and_arguments_are_checked(runs, capsys):
 @pytest.mark.model
 def test_zero_passing_traces_is_a_clear_failure(runs, capsys):
     code = cli("bootstrap", RECIPES / "sst2.yaml", *TINY, "optimizers.w.traces.threshold=2.0",
+               "optimizers.w.traces.source=program",
                "--runs-dir", runs)
     err = capsys.readouterr().err
     assert code == 1 and "no passing traces" in err and "traces.source=labels" in err

@@ -152,8 +152,9 @@ def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
 
 @pytest.mark.model
 def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
-    # zero-shot, the tiny model passes no training example: the w step fails (exit 1)
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=w", "--name", "failed",
+    # zero-shot, the tiny model passes no training example: from passing traces only, the w step fails (exit 1)
+    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=w", "optimizers.w.traces.source=program",
+               "--name", "failed",
                "--runs-dir", two_runs) == 1
     capsys.readouterr()
     assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--json") == 0
@@ -166,14 +167,16 @@ def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
 
 # ---------------------------------------------------------------- the same on hand-made run directories (no model)
 def made_run(root: Path, name: str, test_scores: list[float], strategy: str = "none", seed: int = 0,
-             kinds: tuple[str, ...] = ("baseline",)) -> RunDir:
+             kinds: tuple[str, ...] = ("baseline",), answers: list[tuple[str, str]] | None = None) -> RunDir:
     """A finished run directory written with RunDir, as `joint` writes one: every step scored on
-    dev, the last one best and scored on test."""
+    dev, the last one best and scored on test; `answers`: (gold, predicted) sentiment per example."""
     recipe = load_recipe(RECIPES / "sst2.yaml", [f"schedule.strategy={strategy}", f"seed={seed}"])
     run = RunDir.open(root, name, recipe)
     run.set_manifest_field("data_fingerprint", "one-split")
     rows = [{"index": i, "score": s, "tokens_in": 100, "tokens_out": 20, "seconds": 0.5, "cached_calls": 0}
             for i, s in enumerate(test_scores)]
+    for row, (gold, predicted) in zip(rows, answers or []):
+        row.update(gold={"sentiment": gold}, prediction={"sentiment": predicted})
     mean = sum(test_scores) / len(test_scores)
     for kind in kinds:
         step = run.begin(kind)
@@ -188,6 +191,24 @@ def made_run(root: Path, name: str, test_scores: list[float], strategy: str = "n
     run.set_manifest_field("finished", True)
     run.unlock()
     return run
+
+
+def test_compare_shows_the_majority_class_and_warns_of_a_collapsed_program(tmp_path, capsys):
+    gold = ["positive"] * 24 + ["negative"] * 16
+    made_run(tmp_path, "constant", [1.0] * 24 + [0.0] * 16, answers=[(g, "Positive.") for g in gold])
+    made_run(tmp_path, "reader", [1.0] * 36 + [0.0] * 4,
+             answers=[(g, g if i < 36 else "neutral") for i, g in enumerate(gold)])
+    assert cli("compare", "constant", "reader", "--runs-dir", tmp_path, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["majority"] == {"label": "positive", "test": 0.6, "n": 40}
+    constant, reader = report["runs"]
+    assert constant["answers"] == {"positive": 40}
+    assert constant["warnings"][0] == "answers 'positive' to every example it answers"
+    assert "within the 95% interval" in constant["warnings"][1] and "'positive' (0.600)" in constant["warnings"][1]
+    assert reader["warnings"] == [] and reader["answers"] == {"positive": 24, "negative": 12, "neutral": 4}
+    assert cli("compare", "constant", "reader", "--runs-dir", tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "majority class" in err and "always 'positive'" in err and "warning: constant: answers 'positive'" in err
 
 
 def test_gates_on_hand_made_runs(tmp_path, capsys):

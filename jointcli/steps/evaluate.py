@@ -4,7 +4,9 @@
     result.score, result.parse_failures, result.rows[0]
 
 Unlike `dspy.Evaluate`, every example's prediction, score, error, time and tokens are kept: the
-run directory stores them (`predictions.jsonl`) and `compare` pairs runs example by example.
+run directory stores them (`predictions.jsonl`) and `compare` pairs runs example by example. For a
+label-like field, the result also says what the program answered and warns when the score is no
+better than always answering the majority class (answers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from ..answers import AnswerSummary, answer_summary, answer_warnings
 from ..errors import StepError
 from .parallel import parallel_map
 
@@ -32,13 +35,16 @@ class EvalResult:
     tokens_out: int
     cached_calls: int = 0  # LM calls answered from DSPy's cache (their seconds are not inference time)
     rows: list[dict] = field(repr=False, default_factory=list)
+    answers: AnswerSummary | None = None  # label-like fields: what the program answered, the majority class
+    warnings: list[str] = field(default_factory=list)  # reasons to distrust the score (answers.py)
 
     def summary(self) -> dict:
         """eval.json: everything but the per-example rows."""
         return {"score": self.score, "n": self.n, "scores": self.scores,
                 "parse_failures": self.parse_failures, "errors": self.errors,
                 "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                "cached_calls": self.cached_calls}
+                "cached_calls": self.cached_calls,
+                "answers": self.answers.to_json() if self.answers else None, "warnings": self.warnings}
 
 
 class _CallLog:
@@ -101,11 +107,13 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
     if rows and len(errors) == len(rows):
         raise StepError(f"every example failed; first error: {errors[0]['error']}")
     scores = [r["score"] for r in rows]
+    answers = answer_summary(rows, getattr(metric, "field", None))
     return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
                       parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
                       seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
                       tokens_out=sum(r["tokens_out"] for r in rows),
-                      cached_calls=sum(r["cached_calls"] for r in rows), rows=rows)
+                      cached_calls=sum(r["cached_calls"] for r in rows), rows=rows,
+                      answers=answers, warnings=answer_warnings(answers, scores))
 
 
 def _plain(value):

@@ -42,9 +42,10 @@ def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool)
 
 def no_traces_error(counts: dict) -> StepError:
     return StepError(f"no passing traces to fine-tune on ({counts.get('run', 0)} examples run, "
-                     f"{counts.get('passed', 0)} passed the metric); try a teacher "
-                     "(traces.source=teacher with traces.teacher=<model>), the gold labels (traces.source=labels), "
-                     "a lower traces.threshold, or a prompt step first (p -> w)")
+                     f"{counts.get('passed', 0)} passed the metric); try the gold answers for failed examples "
+                     "(traces.source=program+labels, the default) or only them (traces.source=labels), a teacher "
+                     "(traces.source=teacher with traces.teacher=<model>), a lower traces.threshold, "
+                     "or a prompt step first (p -> w)")
 
 
 def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: Path, seed: int) -> dict[str, dict]:
