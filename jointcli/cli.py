@@ -187,7 +187,7 @@ def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
           min_score: MinScoreOpt = None) -> None:
     """Run the recipe under each strategy and seed (resumably), then compare them.
 
-    jointopt sweep recipes/sst2.yaml --strategies "p, w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    jointopt sweep recipes/sst2.yaml --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
     makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
     """
     from .sweep import run_sweep

@@ -1,6 +1,6 @@
 """Sweep: one recipe under several strategies and seeds, into sibling run folders, then compare.
 
-    jointopt sweep recipes/sst2.yaml --strategies "p, w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    jointopt sweep recipes/sst2.yaml --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
     result = run_sweep(Path("recipes/sst2.yaml"), strategies="p, p -> w", seeds="0,1")
 
 makes runs/<name>/<strategy>/seed-<n> (strategy "p -> w" -> folder "p-w", zero-shot -> "zero-shot").
@@ -25,7 +25,9 @@ if TYPE_CHECKING:
     from .compare import Group
     from .rundir import RunDir, Step
 
-DEFAULT_STRATEGIES = "p, w, p -> w, w -> p, p -> w -> p"
+# zero-shot, each kind alone, the same two steps of one kind (the controls: does alternating beat
+# spending the steps on one kind?), then the alternations
+DEFAULT_STRATEGIES = "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p"
 
 
 def parse_strategies(text: str, optimizers: dict) -> list[str]:
