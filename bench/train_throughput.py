@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_throughput.py
     .venv/bin/python bench/train_throughput.py --bf16     # also jointopt in bf16
     .venv/bin/python bench/train_throughput.py --steps 3 --rows 100
+    .venv/bin/python bench/train_throughput.py --shared-prefix-only   # just the shared-prefix ratios
 
 Rows: the DSPy fine-tune rows of the sst2 recipe's program with 4 labeled demos (the first 4 training
 examples), built like `jointopt bootstrap ... traces.source=labels` builds them
@@ -26,6 +27,10 @@ warm-up optimizer step then `--steps` measured ones of 8 rows each:
   in fp32 (its default `bf16=True` is for GPUs). DSPy's default `packing=True` is NOT used by
   default: TRL 1.16 packs into 4096-token padding-free rows whose attention is quadratic in the
   whole pack, far slower here; `--packing` runs it anyway.
+Then the shared prompt prefix against the same trainer without it (`microbatch.SHARE_PREFIX = False`:
+every row runs whole, as the trainer did before), in rows per second: on the same rows with demos
+(target 2.5x), and on rows without demos (short, ~90 tokens: sharing must not make them slower).
+
 Throughput = trained tokens (non-pad prompt + completion tokens) of the measured steps / their
 wall time. A shared prefix counts for every row that uses it: the figure is rows' tokens per second,
 not tokens computed per second (jointopt computes the shared ~370 tokens of a micro-batch once).
@@ -101,11 +106,14 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_jointopt(rows: list[dict], steps: int, out: Path, dtype: str = "auto") -> dict:
+def run_jointopt(rows: list[dict], steps: int, out: Path, dtype: str = "auto", share_prefix: bool = True) -> dict:
+    from jointcli.models import microbatch
     from jointcli.models.embedded import resolve_checkpoint
     from jointcli.models.lora import plan_steps, to_prompt_completion, tokenize_pair, train_lora
     from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
     from transformers import AutoTokenizer
+
+    microbatch.SHARE_PREFIX = share_prefix
 
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
     train = Train(epochs=1, learning_rate=1e-3, batch_size=2, grad_accum=4)  # the shipped sst2 recipe
@@ -120,8 +128,10 @@ def run_jointopt(rows: list[dict], steps: int, out: Path, dtype: str = "auto") -
     tokens = sum(len(data[i][0]) for step in measured for i in step)
     labels = sum(len(data[i][0]) - data[i][1] for step in measured for i in step)
     seconds = lines[-1]["seconds"] - lines[0]["seconds"]
-    return {"trainer": "jointopt" + ("" if dtype == "auto" else f"-{dtype}"), "dtype": result.dtype, "tokens": tokens, "label_tokens": labels,
+    name = "jointopt" + ("" if dtype == "auto" else f"-{dtype}") + ("" if share_prefix else "-unshared")
+    return {"trainer": name, "dtype": result.dtype, "tokens": tokens, "label_tokens": labels,
             "seconds": seconds, "tokens_per_second": tokens / seconds, "steps": len(measured),
+            "rows_per_second": len(measured) * ROWS_PER_STEP / seconds,
             "losses": [round(e["loss"], 4) for e in lines], "peak_rss_mb": _rss_mb(),
             "mean_row_tokens": sum(len(d[0]) for d in data) / len(data)}
 
@@ -210,7 +220,8 @@ def _child(which: str, rows_file: Path, steps: int, packing: bool) -> dict:
     rows = json.loads(rows_file.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         if which.startswith("jointopt"):
-            return run_jointopt(rows, steps, Path(tmp), "bfloat16" if which == "jointopt-bf16" else "auto")
+            return run_jointopt(rows, steps, Path(tmp), "bfloat16" if which == "jointopt-bf16" else "auto",
+                                share_prefix=which != "jointopt-unshared")
         return run_dspy_trl(rows, steps, Path(tmp), packing)
 
 
@@ -238,7 +249,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps of 8 rows, after 1 warm-up")
     parser.add_argument("--packing", action="store_true", help="also run DSPy's packing=True (slow)")
     parser.add_argument("--bf16", action="store_true", help="also run jointopt in bf16 (auto is fp32 on CPU)")
-    parser.add_argument("--child", choices=["jointopt", "jointopt-bf16", "dspy-trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--shared-prefix-only", action="store_true", help="only the shared-prefix ratios")
+    parser.add_argument("--child", choices=["jointopt", "jointopt-bf16", "jointopt-unshared", "dspy-trl"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -260,24 +273,15 @@ def main() -> None:
     peaks = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
     print("matmul peak (2048x2048, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
 
+    if args.shared_prefix_only:
+        shared_prefix_ratios(rows, args.steps)
+        return
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        rows_file = Path(tmp) / "rows.json"
-        rows_file.write_text(json.dumps(used))
-        runs = ([("dspy-trl", False), ("jointopt", False)] + ([("jointopt-bf16", False)] if args.bf16 else [])
-                + ([("dspy-trl", True)] if args.packing else []))
-        for which, packing in runs:
-            cmd = [sys.executable, __file__, "--child", which, "--rows-file", str(rows_file),
-                   "--steps", str(args.steps)] + (["--packing"] if packing else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(line[len("RESULT "):])
-            results[r["trainer"]] = r
-            print(f"{r['trainer']:>18}: {r['tokens_per_second']:7.1f} tokens/s ({r['tokens']} tokens in "
-                  f"{r['seconds']:.1f} s, {r['steps']} steps, {r['dtype']}), peak RSS {r['peak_rss_mb']:.0f} MB, "
-                  f"losses {r['losses']}", flush=True)
+    runs = ([("dspy-trl", False), ("jointopt", False)] + ([("jointopt-bf16", False)] if args.bf16 else [])
+            + ([("dspy-trl", True)] if args.packing else []))
+    for which, packing in runs:
+        r = run_child(which, used, args.steps, packing)
+        results[r["trainer"]] = r
 
     # the machine is shared: the peak measured again after the trainers, the best of both counts
     peaks = {dt: max(v, matmul_peak(dt)) for dt, v in peaks.items()}
@@ -292,6 +296,42 @@ def main() -> None:
               f"of the {r['dtype']} matmul peak")
     ratio = ours["tokens_per_second"] / base["tokens_per_second"]
     print(f"train_throughput: {ratio:.2f}x (target 1.5x)")
+    shared_prefix_ratios(rows, args.steps, shared_with_demos=ours)
+
+
+def run_child(which: str, rows: list[dict], steps: int, packing: bool = False) -> dict:
+    """One trainer in its own process (its own peak RSS) on `rows`; prints and returns its figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "rows.json"
+        rows_file.write_text(json.dumps(rows))
+        cmd = [sys.executable, __file__, "--child", which, "--rows-file", str(rows_file),
+               "--steps", str(steps)] + (["--packing"] if packing else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(line[len("RESULT "):])
+    print(f"{r['trainer']:>18}: {r['tokens_per_second']:7.1f} tokens/s ({r['tokens']} tokens in "
+          f"{r['seconds']:.1f} s, {r['steps']} steps, {r['dtype']}), peak RSS {r['peak_rss_mb']:.0f} MB, "
+          f"losses {r['losses']}", flush=True)
+    return r
+
+
+def shared_prefix_ratios(rows: list[dict], steps: int, shared_with_demos: dict | None = None) -> None:
+    """Rows per second with the shared prefix against without it: rows with demos, then without."""
+    from jointcli.models.device import cpu_kind
+
+    used = rows[:(steps + 1) * ROWS_PER_STEP]
+    short = build_rows(len(used), demos=0)
+    shared = shared_with_demos or run_child("jointopt", used, steps)
+    unshared = run_child("jointopt-unshared", used, steps)
+    short_shared, short_unshared = run_child("jointopt", short, steps), run_child("jointopt-unshared", short, steps)
+    where = f"[cpu {cpu_kind()}; LoRA {shared['dtype']}]"
+    print(f"shared_prefix: {shared['rows_per_second'] / unshared['rows_per_second']:.2f}x rows/s, rows with "
+          f"4 demos ({shared['rows_per_second']:.2f} vs {unshared['rows_per_second']:.2f}) (target 2.5x) {where}")
+    print(f"shared_prefix_short_rows: {short_shared['rows_per_second'] / short_unshared['rows_per_second']:.2f}x "
+          f"rows/s, rows without demos ({short_shared['rows_per_second']:.2f} vs "
+          f"{short_unshared['rows_per_second']:.2f}) (target >= 1.0x) {where}")
 
 
 if __name__ == "__main__":
