@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import dspy
 
 from .data import Splits, load_splits
+from .errors import InputError
 from .metrics import build_metric
 from .models.pool import ModelPool
 from .models.embedded import jointopt_home
@@ -45,16 +46,27 @@ def check_recipe(recipe: Recipe) -> None:
     letters, optimizer names and arguments. Each is checked by the module that owns the list."""
     from .data import check_source
     from .metrics import check_metric_name
-    from .recipe import PromptOptimizer
+    from .models.embedded import check_model_path
+    from .recipe import LocalModel, PromptOptimizer, WeightOptimizer
     from .schedule import parse_strategy
     from .steps.prompts import check_optimizer
 
     check_source(recipe.data.source)
     check_metric_name(recipe.metric.name)
+    for name, model in recipe.models.items():
+        if isinstance(model, LocalModel):
+            try:
+                check_model_path(model.path)
+            except InputError as err:
+                raise InputError(f"models.{name}.path: {err}") from None
     parse_strategy(recipe.schedule.strategy, recipe.optimizers)
+    one_predict = len(recipe.program.modules) == 1 and recipe.program.modules[0].type == "predict"
     for key, spec in recipe.optimizers.items():
         if isinstance(spec, PromptOptimizer):
             check_optimizer(key, spec)
+        if isinstance(spec, WeightOptimizer) and spec.traces.source == "labels" and not one_predict:
+            raise InputError(f"optimizers.{key}.traces.source: labels works for a program of one `predict` "
+                             "module; use program+labels, program or teacher")
 
 
 @dataclass
@@ -74,8 +86,6 @@ class Context:
         manifest = run.manifest()
         if manifest.get("data_fingerprint") not in (None, splits.fingerprint) and not force:
             run.unlock()
-            from .errors import InputError
-
             raise InputError(f"{run.path}: its data splits changed since the run began; "
                              "use another --name, or --force")
         run.set_manifest_field("data_fingerprint", splits.fingerprint)

@@ -225,8 +225,8 @@ class RunDir:
 
         path = self.path / "recipe.yaml"
         try:
-            tree = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise InputError(f"{path}: damaged frozen recipe ({err})") from None
         return validate_recipe(tree, str(path))
 

@@ -90,13 +90,27 @@ def test_program_class_needs_exactly_one_kind(tmp_path):
         load_recipe(_write(tmp_path, tree))
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("data.source=builtin:mnist", "data.source: unknown built-in data set 'builtin:mnist'; choose one of builtin:sst2"),
-    ("metric.name=accuracy", "metric.name: unknown metric 'accuracy'; use one of exact_match"),
+@pytest.mark.parametrize("name, override, expected", [
+    ("sst2", "data.source=builtin:mnist", "data.source: unknown built-in data set 'builtin:mnist'; choose one of builtin:sst2"),
+    ("sst2", "metric.name=accuracy", "metric.name: unknown metric 'accuracy'; use one of exact_match"),
+    ("sst2", "models.small.path=builtin:smollm3", "models.small.path: unknown built-in model 'builtin:smollm3'"),
+    ("sst2", "models.small.path=/no/such/folder", "models.small.path: model path '/no/such/folder': no such folder"),
+    ("sst2", "models.small.path=recipes", "models.small.path: model path 'recipes': not a Hugging Face checkpoint"),
+    ("sst2-pipeline", "optimizers.w.traces.source=labels",
+     "optimizers.w.traces.source: labels works for a program of one `predict` module"),
 ])
-def test_validate_names_unknown_builtins(override, expected):
-    """The lists of built-ins live in data.py and metrics.py; `validate` (check_recipe) asks them."""
-    recipe = load_recipe(RECIPES / "sst2.yaml", [override])  # the form is fine: the recipe loads
+def test_validate_catches_what_a_step_would_find_later(name, override, expected):
+    """Errors that depend only on the recipe are raised by `validate` (check_recipe), before any step:
+    the lists of built-ins live in data.py, metrics.py and models/embedded.py, which check_recipe asks."""
+    recipe = load_recipe(RECIPES / f"{name}.yaml", [override])  # the form is fine: the recipe loads
     with pytest.raises(InputError) as info:
         check_recipe(recipe)
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_a_recipe_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes((RECIPES / "sst2.yaml").read_text().replace("SST-2", "SST-2 caf\u00e9").encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.yaml: not UTF-8 text \(invalid") as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)

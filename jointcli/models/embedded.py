@@ -32,18 +32,26 @@ def jointopt_home() -> Path:
     return Path(os.environ.get("JOINTOPT_HOME") or "~/.cache/jointopt").expanduser()
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A folder that transformers can load with from_pretrained, for a recipe's `models.*.path`."""
-    if path == EMBEDDED_MODEL:
-        return _embedded_checkpoint()
-    if path.startswith("builtin:"):
+def check_model_path(path: str) -> None:
+    """A recipe's `models.*.path` names the built-in model or a checkpoint folder (`validate` runs
+    this; nothing is loaded or converted)."""
+    if path.startswith("builtin:") and path != EMBEDDED_MODEL:
         raise InputError(f"unknown built-in model {path!r}; the only one is {EMBEDDED_MODEL}")
+    if path == EMBEDDED_MODEL:
+        return
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise InputError(f"model path {path!r}: no such folder")
     if not (folder / "config.json").is_file():
         raise InputError(f"model path {path!r}: not a Hugging Face checkpoint (no config.json in it)")
-    return folder.resolve()
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A folder that transformers can load with from_pretrained, for a recipe's `models.*.path`."""
+    check_model_path(path)
+    if path == EMBEDDED_MODEL:
+        return _embedded_checkpoint()
+    return Path(path).expanduser().resolve()
 
 
 def _embedded_gguf() -> Path:

@@ -143,10 +143,7 @@ def _collect(ctx: StepContext, spec: WeightOptimizer, key: str, step_index: int)
     if not trainset:
         raise InputError("data.split.train: 0 examples; a weight step needs training examples")
     source = spec.traces.source
-    if source == "labels":
-        if len(names) != 1 or not ctx.recipe.program.modules or ctx.recipe.program.modules[0].type != "predict":
-            raise InputError(f"optimizers.{key}.traces.source: labels works for a program of one `predict` module; "
-                             "use program or teacher")
+    if source == "labels":  # one `predict` module: checked with the recipe (context.check_recipe)
         return label_traces(program, trainset, names[0])
     if source == "teacher":
         if not spec.traces.teacher:
