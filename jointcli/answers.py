@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .metrics import normalize_exact
-from .stats import bootstrap_ci
 
 MAX_LABELS = 10
 NO_ANSWER = "<none>"  # a parse failure or an error: no value for the field
@@ -56,9 +55,16 @@ def _answer(row: dict, field: str) -> str:
     return NO_ANSWER if value is None else normalize_exact(value) or NO_ANSWER
 
 
+def format_answers(answers: dict[str, int]) -> str:
+    """{"positive": 46, "<none>": 4} -> 'positive 46, <none> 4' (tables and logs)."""
+    return ", ".join(f"{answer} {n}" for answer, n in answers.items())
+
+
 def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[str]:
     """One line per reason to distrust the score: the program collapsed to one answer, or its 95%
     interval holds the majority-class score."""
+    from .stats import bootstrap_ci  # numpy: not for `status`, which only formats answers
+
     if summary is None or not scores:
         return []
     warnings = []

@@ -242,6 +242,8 @@ def _print_steps(run) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .answers import format_answers
+
     out = console if console.is_terminal else Console(file=console.file, width=max(console.width, 160))
     best = run.manifest().get("best")
     steps = run.steps()
@@ -256,7 +258,7 @@ def _print_steps(run) -> None:
                            if s.info.get("dev_parse_failures") else "")
         if s.folder == best:
             note = ("best " + note).strip()
-        answers = (", ".join(f"{a} {n}" for a, n in s.info.get("dev_answers", {}).items()),) if labelled else ()
+        answers = (format_answers(s.info.get("dev_answers", {})),) if labelled else ()
         table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
                       fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", *answers, note)
     out.print(table)

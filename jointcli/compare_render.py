@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .answers import format_answers
 from .compare import Group, Report
 from .errors import InputError
 
@@ -42,8 +43,7 @@ def print_report(report: Report, console) -> None:
         for error in r.errors:
             console.print(f"[red]{r.label}[/] did not finish: {error}", highlight=False, soft_wrap=True)
         if r.answers:
-            console.print(f"{r.label} answers on test: " + ", ".join(f"{a} {n}" for a, n in r.answers.items()),
-                          highlight=False, soft_wrap=True)
+            console.print(f"{r.label} answers on test: {format_answers(r.answers)}", highlight=False, soft_wrap=True)
         for warning in r.warnings:
             console.print(f"[yellow]warning[/]: {r.label}: {warning}", highlight=False, soft_wrap=True)
     if report.pairs:

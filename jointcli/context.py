@@ -131,9 +131,10 @@ class Context:
         step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
         step.info[f"{split}_n"] = result.n
         step.info[f"{split}_parse_failures"] = result.parse_failures
-        if result.answers is not None:
-            step.info[f"{split}_answers"] = result.answers.answers
-            step.info[f"{split}_majority"] = result.answers.to_json()["majority_score"]
+        if result.answer_summary is not None:
+            summary = result.answer_summary.to_json()
+            step.info[f"{split}_answers"] = summary["answers"]
+            step.info[f"{split}_majority"] = summary["majority_score"]
         step.info[f"{split}_warnings"] = result.warnings
 
 

@@ -35,7 +35,7 @@ class EvalResult:
     tokens_out: int
     cached_calls: int = 0  # LM calls answered from DSPy's cache (their seconds are not inference time)
     rows: list[dict] = field(repr=False, default_factory=list)
-    answers: AnswerSummary | None = None  # label-like fields: what the program answered, the majority class
+    answer_summary: AnswerSummary | None = None  # label-like fields: what the program answered, the majority class
     warnings: list[str] = field(default_factory=list)  # reasons to distrust the score (answers.py)
 
     def summary(self) -> dict:
@@ -44,7 +44,8 @@ class EvalResult:
                 "parse_failures": self.parse_failures, "errors": self.errors,
                 "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
                 "cached_calls": self.cached_calls,
-                "answers": self.answers.to_json() if self.answers else None, "warnings": self.warnings}
+                "answers": self.answer_summary.to_json() if self.answer_summary else None,
+                "warnings": self.warnings}
 
 
 class _CallLog:
@@ -107,13 +108,13 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
     if rows and len(errors) == len(rows):
         raise StepError(f"every example failed; first error: {errors[0]['error']}")
     scores = [r["score"] for r in rows]
-    answers = answer_summary(rows, getattr(metric, "field", None))
+    summary = answer_summary(rows, getattr(metric, "field", None))
     return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
                       parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
                       seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
                       tokens_out=sum(r["tokens_out"] for r in rows),
                       cached_calls=sum(r["cached_calls"] for r in rows), rows=rows,
-                      answers=answers, warnings=answer_warnings(answers, scores))
+                      answer_summary=summary, warnings=answer_warnings(summary, scores))
 
 
 def _plain(value):

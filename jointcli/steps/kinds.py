@@ -58,7 +58,7 @@ class StepContext(Protocol):
         """Write the evaluation into the step's folder and its manifest entry."""
 
 
-def run_step(ctx: StepContext, kind: str, body: Callable[[Step], None], info: dict | None = None) -> Step:
+def run_step(ctx: StepContext, kind: StepKind, body: Callable[[Step], None], info: dict | None = None) -> Step:
     """Begin a step, run `body(step)`; the manifest records success, failure or interruption."""
     step = ctx.run.begin(kind)
     step.info.update(info or {})

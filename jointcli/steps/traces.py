@@ -18,6 +18,7 @@ whose outputs are not labels learn from passing traces only.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import dspy
@@ -36,11 +37,8 @@ class Traces:
 
     def counts(self) -> dict:
         """traces.json: examples run and passed, rows per module and per source (program | labels)."""
-        sources: dict[str, int] = {}
-        for row in self.rows:
-            sources[row["source"]] = sources.get(row["source"], 0) + 1
-        return {"run": self.run, "passed": self.passed, "rows": len(self.rows),
-                "per_module": self.per_module, "per_source": sources, "errors": self.errors}
+        return {"run": self.run, "passed": self.passed, "rows": len(self.rows), "per_module": self.per_module,
+                "per_source": dict(Counter(row["source"] for row in self.rows)), "errors": self.errors}
 
 
 def _adapter() -> dspy.ChatAdapter:
