@@ -48,10 +48,27 @@ def _recipe(path: Path, overrides: list[str] | None):
     return load_recipe(path, overrides or [])
 
 
+def _one_step(step, kind: str, recipe: Path, overrides: list[str] | None, name: str | None, runs_dir: Path,
+              force: bool, optimizer: str | None) -> None:
+    """A step command: its optimizer (--optimizer, or the recipe's first of `kind`) checked before the
+    run directory opens (bad input leaves no run behind), `step(ctx, key)`, then the run's table."""
+    from .checks import step_optimizer
+    from .context import open_run
+    from .recipe import PromptOptimizer, WeightOptimizer
+    from .schedule import pick_optimizer
+
+    r = _recipe(recipe, overrides)
+    key = pick_optimizer(r, optimizer, kind)
+    step_optimizer(r, key, PromptOptimizer if kind == "prompt" else WeightOptimizer)
+    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
+        step(ctx, key)
+        _print_steps(ctx.run)
+
+
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check a recipe (and its overrides) without running anything."""
-    from .context import check_recipe
+    from .checks import check_recipe
 
     r = _recipe(recipe, overrides)
     check_recipe(r)
@@ -91,13 +108,9 @@ def optimize_prompts(recipe: RecipeArg, overrides: Overrides = None, name: NameO
 
     jointopt optimize-prompts recipes/sst2.yaml optimizers.p.optimizer=LabeledFewShot
     """
-    from .context import open_run
-    from .schedule import pick_optimizer
     from .steps.kinds import prompt_step
 
-    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
-        prompt_step(ctx, pick_optimizer(ctx.recipe, optimizer, "prompt"))
-        _print_steps(ctx.run)
+    _one_step(prompt_step, "prompt", recipe, overrides, name, runs_dir, force, optimizer)
 
 
 @app.command()
@@ -107,13 +120,9 @@ def bootstrap(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = No
 
     jointopt bootstrap recipes/sst2.yaml optimizers.w.traces.source=labels
     """
-    from .context import open_run
-    from .schedule import pick_optimizer
     from .steps.kinds import bootstrap_step
 
-    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
-        bootstrap_step(ctx, pick_optimizer(ctx.recipe, optimizer, "weight"))
-        _print_steps(ctx.run)
+    _one_step(bootstrap_step, "weight", recipe, overrides, name, runs_dir, force, optimizer)
 
 
 @app.command()
@@ -125,13 +134,9 @@ def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = Non
 
     jointopt finetune recipes/sst2.yaml optimizers.w.train.epochs=1
     """
-    from .context import open_run
-    from .schedule import pick_optimizer
     from .steps.kinds import weight_step
 
-    with open_run(recipe, overrides, name, runs_dir, force) as ctx:
-        weight_step(ctx, pick_optimizer(ctx.recipe, optimizer, "weight"), traces)
-        _print_steps(ctx.run)
+    _one_step(lambda ctx, key: weight_step(ctx, key, traces), "weight", recipe, overrides, name, runs_dir, force, optimizer)
 
 
 @app.command()
@@ -172,8 +177,9 @@ def compare(runs: Annotated[list[str], typer.Argument(help="run names (under the
     jointopt compare seq joint
     jointopt compare seq joint --require "joint > seq" --min-score 0.8 --plot compare.png
     """
-    from .compare import load_group
+    from .compare import check_gate_syntax, load_group
 
+    check_gate_syntax(require or [], min_score or [])
     _report([load_group(r, runs_dir) for r in runs], as_json, plot, require or [], min_score or [])
 
 
@@ -190,8 +196,10 @@ def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     jointopt sweep recipes/sst2.yaml --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
     makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
     """
+    from .compare import check_gate_syntax
     from .sweep import run_sweep
 
+    check_gate_syntax(require or [], min_score or [])  # before the sweep runs, not after
     result = run_sweep(recipe, overrides, name, runs_dir, force, strategies=strategies, seeds=seeds)
     if error := result.failure():  # the report shows what the failed runs finished; no gates then
         _report(result.groups, as_json, plot, [], [])
@@ -221,14 +229,43 @@ def _report(groups, as_json: bool, plot: Path | None, require: list[str], min_sc
 def status(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
            runs_dir: RunsOpt = Path("runs"),
            as_json: Annotated[bool, typer.Option("--json", help="print JSON to stdout")] = False) -> None:
-    """Show the steps of a run: kind, status, scores, time, tokens."""
+    """Show the steps of a run: kind, status, scores, time, tokens; what is damaged (then exit code 2)."""
     from .rundir import RunDir
 
-    rd = RunDir.existing(_run_path(run, runs_dir))
+    path = _run_path(run, runs_dir)
+    try:
+        rd = RunDir.existing(path)
+    except InputError:
+        _print_folders(path)  # what the disk still has, when the manifest cannot say
+        raise
+    damage = rd.damage()
     if as_json:
-        print(json.dumps(rd.manifest(), indent=2))
+        print(json.dumps({**rd.manifest(), **({"damaged": damage} if damage else {})}, indent=2))
     else:
-        _print_steps(rd)
+        running = _running_step(rd)
+        notes = {folder: "damaged" for folder in damage} | ({running[0]: running[1]} if running else {})
+        _print_steps(rd, notes)
+        if running:
+            console.print(" ".join(running), highlight=False, soft_wrap=True)
+    if damage:
+        raise rd.damage_error(damage)
+
+
+def _print_folders(path: Path) -> None:
+    folders = sorted(p.name for p in path.glob("[0-9][0-9]*-*") if p.is_dir()) if path.is_dir() else []
+    if folders:
+        console.print(f"step folders in {path}: {', '.join(folders)}", highlight=False)
+
+
+def _running_step(run) -> tuple[str, str, str] | None:
+    """When the last step says `running`: its folder, whether a process still runs it, and why we think so."""
+    steps = run.steps()
+    if not steps or steps[-1].status != "running":
+        return None
+    holder = run.holder()
+    if holder:
+        return steps[-1].folder, "in progress", f"(run.lock is held by {holder})"
+    return steps[-1].folder, "interrupted", "(no process holds run.lock); the same command resumes it"
 
 
 def _run_path(run: Path, runs_dir: Path) -> Path:
@@ -236,9 +273,10 @@ def _run_path(run: Path, runs_dir: Path) -> Path:
     return run if run.exists() or run.is_absolute() else runs_dir / run
 
 
-def _print_steps(run) -> None:
-    """The steps table; for label-like outputs, what each step answered on dev, the majority-class
-    score of each split, and every warning an evaluation raised (answers.py)."""
+def _print_steps(run, notes: dict[str, str] | None = None) -> None:
+    """The steps table (`notes`: more to say of some steps, by folder); for label-like outputs, what
+    each step answered on dev, the majority-class score of each split, and every warning an
+    evaluation raised (answers.py)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -258,6 +296,7 @@ def _print_steps(run) -> None:
                            if s.info.get("dev_parse_failures") else "")
         if s.folder == best:
             note = ("best " + note).strip()
+        note = "; ".join(n for n in (note, (notes or {}).get(s.folder)) if n)
         answers = (format_answers(s.info.get("dev_answers", {})),) if labelled else ()
         table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
                       fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", *answers, note)
@@ -283,6 +322,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _app() -> int | None:
+    """The command; a full disk or a read-only file system, wherever met, is bad input (rundir.disk_error).
+    Writes into a run directory say so themselves, permissions included."""
+    try:
+        return app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
+    except OSError as err:
+        from .rundir import WRITE_ERRNOS, disk_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise disk_error(err) from err
+
+
 def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
     from .models.device import set_process_defaults
@@ -301,7 +353,7 @@ def main() -> None:
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=LIBRARIES_NOTICES)
     try:
-        code = app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
+        code = _app()
         if isinstance(code, int) and code:
             if code == 130:
                 console.print("interrupted")

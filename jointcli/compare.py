@@ -27,7 +27,7 @@ from .rundir import RunDir, Step, StepKind, read_jsonl
 from .schedule import best_step
 from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_front
 
-GATE = re.compile(r"^\s*(\S+)\s*(>=|>)\s*(\S+)\s*$")
+GATE = re.compile(r"^\s*([^\s<>=]+)\s*(>=|>)\s*([^\s<>=]+)\s*$")  # run names hold no '<', '>' or '='
 # the steps whose program compare scores and counts (bootstrap steps only record traces)
 PROGRAM_KINDS = (StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.INIT, StepKind.EVAL)
 
@@ -355,16 +355,44 @@ def _rounded(values):
 
 
 # ---------------------------------------------------------------- gates
+def parse_require(gate: str) -> tuple[str, str, str]:
+    """'A > B' -> ('A', '>', 'B'): A significantly better than B; 'A >= B': A not significantly worse."""
+    m = GATE.match(gate)
+    if not m:
+        raise InputError(f"--require {gate!r}: write it as 'A > B' or 'A >= B' with run names")
+    a, op, b = m.groups()
+    if a == b:
+        raise InputError(f"--require {gate!r}: compares {a!r} with itself")
+    return a, op, b
+
+
+def parse_min_score(gate: str) -> tuple[str, float]:
+    """'0.8' -> ('', 0.8): every run's test score; 'NAME=0.8' -> ('NAME', 0.8): one run's."""
+    name, _, value = gate.rpartition("=")
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise InputError(f"--min-score {gate!r}: write a number, or NAME=number") from None
+    if not 0.0 <= threshold <= 1.0:  # NaN too
+        raise InputError(f"--min-score {gate!r}: a test score is between 0 and 1")
+    return name, threshold
+
+
+def check_gate_syntax(require: list[str], min_score: list[str]) -> None:
+    """The gates' form, before any run is read (or, for a sweep, run)."""
+    for gate in require:
+        parse_require(gate)
+    for gate in min_score:
+        parse_min_score(gate)
+
+
 def check_gates(report: Report, require: list[str], min_score: list[str]) -> Gates:
     """The gates and one line per failed one. `require`: "A > B" (A significantly better) or
     "A >= B" (A not significantly worse). `min_score`: "0.8" (every run's test score) or "NAME=0.8"."""
     failures = []
     by_label = {r.label: r for r in report.runs}
     for gate in require:
-        m = GATE.match(gate)
-        if not m:
-            raise InputError(f"--require {gate!r}: write it as 'A > B' or 'A >= B' with run names")
-        a, op, b = m.groups()
+        a, op, b = parse_require(gate)
         for name in (a, b):
             if name not in by_label:
                 raise InputError(f"--require {gate!r}: no run named {name!r} (runs: {', '.join(by_label)})")
@@ -380,11 +408,7 @@ def check_gates(report: Report, require: list[str], min_score: list[str]) -> Gat
             verdict = "significantly worse" if worse else "not significantly better"
             failures.append(f"{gate}: {a} - {b} = {delta:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}")
     for gate in min_score:
-        name, _, value = gate.rpartition("=")
-        try:
-            threshold = float(value)
-        except ValueError:
-            raise InputError(f"--min-score {gate!r}: write a number, or NAME=number") from None
+        name, threshold = parse_min_score(gate)
         if name and name not in by_label:
             raise InputError(f"--min-score {gate!r}: no run named {name!r} (runs: {', '.join(by_label)})")
         for r in report.runs:

@@ -1,5 +1,13 @@
 """All human output goes through one rich console on stderr; stdout carries results (--json).
 
+Libraries print to stdout too (DSPy's BootstrapFewShot: "Bootstrapped 4 full traces...", a user's
+metric). `prints_to_stderr()` sends all that to stderr while a run is open (context.open_run holds
+it), and a command prints its result after the block:
+
+    with prints_to_stderr():
+        report = work()
+    print(json.dumps(report))
+
 Long phases report progress with `phase(...)`: a rich bar in a terminal; in a log or a pipe (CI,
 `tee`), where a bar shows nothing, a plain line every LOG_EVERY_S seconds and one at the end:
 
@@ -15,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -100,6 +108,14 @@ def phase(label: str, total: int | None, every: float | None = None) -> Iterator
         return
     with _LogLines(label, total, LOG_EVERY_S if every is None else every) as lines:
         yield lines.advance
+
+
+@contextmanager
+def prints_to_stderr() -> Iterator[None]:
+    """Whatever writes to sys.stdout inside the block (from any thread) goes to stderr, with the
+    rest of the human output: stdout is left to what a command promises (--json)."""
+    with redirect_stdout(sys.stderr):
+        yield
 
 
 def quiet_libraries() -> None:

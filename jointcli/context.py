@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import dspy
 
+from .checks import check_recipe
 from .data import Splits, load_splits
 from .errors import InputError
 from .metrics import build_metric
@@ -41,34 +42,6 @@ def configure_dspy(recipe: Recipe) -> None:
     dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """What pydantic cannot check alone: the built-in data set and metric names, the strategy's
-    letters, optimizer names and arguments. Each is checked by the module that owns the list."""
-    from .data import check_source
-    from .metrics import check_metric_name
-    from .models.embedded import check_model_path
-    from .recipe import LocalModel, PromptOptimizer, WeightOptimizer
-    from .schedule import parse_strategy
-    from .steps.prompts import check_optimizer
-
-    check_source(recipe.data.source)
-    check_metric_name(recipe.metric.name)
-    for name, model in recipe.models.items():
-        if isinstance(model, LocalModel):
-            try:
-                check_model_path(model.path)
-            except InputError as err:
-                raise InputError(f"models.{name}.path: {err}") from None
-    parse_strategy(recipe.schedule.strategy, recipe.optimizers)
-    one_predict = len(recipe.program.modules) == 1 and recipe.program.modules[0].type == "predict"
-    for key, spec in recipe.optimizers.items():
-        if isinstance(spec, PromptOptimizer):
-            check_optimizer(key, spec)
-        if isinstance(spec, WeightOptimizer) and spec.traces.source == "labels" and not one_predict:
-            raise InputError(f"optimizers.{key}.traces.source: labels works for a program of one `predict` "
-                             "module; use program+labels, program or teacher")
-
-
 @dataclass
 class Context:
     recipe: Recipe
@@ -79,7 +52,9 @@ class Context:
 
     @classmethod
     def open(cls, recipe: Recipe, runs_root: Path, name: str | None = None, force: bool = False) -> "Context":
-        check_recipe(recipe)  # bad input fails before a run directory is made
+        # bad input fails before a run directory is made; what steps need is checked by what runs them
+        # (run_joint: the strategy's; a step command: its --optimizer's), so `eval` takes any strategy
+        check_recipe(recipe, steps=())
         splits = load_splits(recipe.data)
         metric = build_metric(recipe.metric, recipe.label_field)
         run = RunDir.open(runs_root, name or recipe.name, recipe, force=force)
@@ -143,10 +118,12 @@ def open_run(recipe_path: Path, overrides: list[str] | None, name: str | None, r
              force: bool = False) -> Iterator[Context]:
     """The Context of run `name` (default: the recipe's name) for a recipe file and its overrides;
     closed (the run unlocked) however the block ends."""
+    from .console import prints_to_stderr
     from .recipe import load_recipe
 
-    ctx = Context.open(load_recipe(recipe_path, overrides or []), runs_dir, name, force)
-    try:
-        yield ctx
-    finally:
-        ctx.close()
+    with prints_to_stderr():  # what libraries and user code print while the run works is log, not result
+        ctx = Context.open(load_recipe(recipe_path, overrides or []), runs_dir, name, force)
+        try:
+            yield ctx
+        finally:
+            ctx.close()

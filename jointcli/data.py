@@ -146,6 +146,9 @@ def _read_csv(path: Path) -> list[dict]:
             if header is None:
                 return []
             header = [h.strip() for h in header]
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise InputError(f"{path}: line 1: the header names {', '.join(map(repr, twice))} more than once")
             for row in reader:
                 if not row:  # blank line
                     continue
@@ -187,17 +190,36 @@ def load_rows(source: str) -> list[dict]:
 
 # ---------------------------------------------------------------- splits
 def _check_fields(source: str, rows: list[dict], fields: list[str]) -> None:
+    """Every row has every field the recipe names, with a value (neither null nor blank)."""
     if not rows:
         raise InputError(f"{source}: no rows")
     available = list(rows[0])
     for name in fields:
         if name not in rows[0]:
             raise InputError(f"{source}: field {name!r} missing (fields are: {', '.join(available)})")
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, 1):
         for name in fields:
             if name not in row:
-                raise InputError(f"{source}: row {i + 1} has no field {name!r} (its fields are: "
+                raise InputError(f"{source}: row {i} has no field {name!r} (its fields are: "
                                  f"{', '.join(row)})")
+            if row[name] is None or (isinstance(row[name], str) and not row[name].strip()):
+                raise InputError(f"{source}: row {i}: field {name!r} is empty")
+
+
+def _check_duplicates(source: str, rows: list[dict], inputs: list[str], labels: list[str]) -> None:
+    """No two rows of a data file with the same inputs: the same example twice can land in both
+    train and test (a score that reads the answer), and different labels contradict each other."""
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows, 1):
+        key = json.dumps([row[f] for f in inputs], default=str)
+        if key not in first:
+            first[key] = i
+            continue
+        j = first[key]
+        if all(rows[j - 1][f] == row[f] for f in labels):
+            raise InputError(f"{source}: rows {j} and {i} are the same example (it could land in both train "
+                             "and test); remove one")
+        raise InputError(f"{source}: rows {j} and {i} have the same inputs but different labels; keep one")
 
 
 def load_splits(data: recipe.Data) -> Splits:
@@ -205,6 +227,8 @@ def load_splits(data: recipe.Data) -> Splits:
     rows = load_rows(data.source)
     fields = list(dict.fromkeys([*data.inputs, *data.labels]))
     _check_fields(data.source, rows, fields)
+    if not data.source.startswith("builtin:"):  # built-ins are taken as published (Iris has a flower twice)
+        _check_duplicates(data.source, rows, data.inputs, data.labels)
     s = data.split
     wanted = s.train + s.dev + s.test
     if wanted > len(rows):

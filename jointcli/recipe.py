@@ -9,9 +9,12 @@ values are parsed as YAML scalars (`16` is an int, `true` a bool, `[a, b]` a lis
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,7 +28,8 @@ _FIELDS = re.compile(r"^\s*([\w\s,:\[\]\.]+?)\s*->\s*([\w\s,:\[\]\.]+?)\s*$")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # nan and inf are never meant (a threshold of nan keeps no trace)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data
@@ -33,7 +37,7 @@ class Split(Strict):
     train: int = Field(120, ge=0, description="training examples (optimizers, traces)")
     dev: int = Field(50, ge=1, description="examples that score each step")
     test: int = Field(100, ge=1, description="held-out examples, scored at the end")
-    seed: int = Field(0, description="shuffle seed of the split; independent of the run seed "
+    seed: int = Field(0, ge=0, description="shuffle seed of the split; independent of the run seed "
                       "so that runs with different seeds share their test examples")
 
 
@@ -56,7 +60,16 @@ class Data(Strict):
     def _non_empty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("must name at least one field")
+        if len(set(v)) < len(v):
+            raise ValueError(f"names a field twice: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _inputs_are_not_labels(self) -> "Data":
+        both = [f for f in self.labels if f in self.inputs]
+        if both:
+            raise ValueError(f"{both} are both inputs and labels: the program would be given the answer")
+        return self
 
 
 # ---------------------------------------------------------------- metric
@@ -176,6 +189,13 @@ class Lora(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str] | str) -> list[str] | str:
+        if not v:
+            raise ValueError("must name at least one module, or be all-linear")
+        return v
+
 
 class Train(Strict):
     epochs: float = Field(2.0, gt=0)
@@ -215,7 +235,7 @@ class Runtime(Strict):
 # ---------------------------------------------------------------- the recipe
 class Recipe(Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     data: Data
     metric: Metric = Metric()
     program: Program
@@ -227,17 +247,18 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _references(self) -> "Recipe":
         for m in self.program.modules:
-            if m.model not in self.models:
-                raise ValueError(f"program.modules.{m.name}.model: unknown model {m.model!r}; "
-                                 f"models are {', '.join(self.models) or 'none'}")
+            self._model_ref(f"program.modules.{m.name}.model", m.model)
         for pred, model in self.program.models.items():
-            if model not in self.models:
-                raise ValueError(f"program.models.{pred}: unknown model {model!r}")
-        if self.program.default_model and self.program.default_model not in self.models:
-            raise ValueError(f"program.default_model: unknown model {self.program.default_model!r}")
+            self._model_ref(f"program.models.{pred}", model)
+        self._model_ref("program.default_model", self.program.default_model)
         self._check_dataflow()
         self._check_optimizers()
         return self
+
+    def _model_ref(self, where: str, name: str | None) -> None:
+        if name is not None and name not in self.models:
+            raise ValueError(f"{where}: unknown model {name!r}; models are {', '.join(self.models) or 'none'}"
+                             f"{did_you_mean(name, self.models)}")
 
     def _check_dataflow(self) -> None:
         if not self.program.modules:
@@ -257,22 +278,115 @@ class Recipe(Strict):
             raise ValueError(f"metric.field: {self.metric.field!r} is not one of data.labels")
 
     def _check_optimizers(self) -> None:
-        names = {m.name for m in self.program.modules}
+        # which modules an optimizer names is checks.py's (a `class` program's are known once imported)
         for key, opt in self.optimizers.items():
             if not re.fullmatch(r"[A-Za-z]\w*", key):
                 raise ValueError(f"optimizers.{key}: names must be letters/words usable in a strategy")
-            if opt.modules != "all" and names:
-                unknown = [m for m in opt.modules if m not in names]
-                if unknown:
-                    raise ValueError(f"optimizers.{key}.modules: unknown modules {unknown}")
-            for ref in (getattr(opt, "reflection_model", None),
-                        getattr(getattr(opt, "traces", None), "teacher", None)):
-                if ref and ref not in self.models:
-                    raise ValueError(f"optimizers.{key}: unknown model {ref!r}")
+            if key.lower() == "none":
+                raise ValueError(f"optimizers.{key}: the name means zero-shot in a strategy; choose another")
+            if isinstance(opt, PromptOptimizer):
+                self._model_ref(f"optimizers.{key}.reflection_model", opt.reflection_model)
+            else:
+                self._model_ref(f"optimizers.{key}.traces.teacher", opt.traces.teacher)
 
     @property
     def label_field(self) -> str:
         return self.metric.field or self.data.labels[0]
+
+
+# ---------------------------------------------------------------- one-line errors
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """'; did you mean 'args'?' for the choice closest to a mistyped `word` (case aside), else ''."""
+    by_lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lower(), by_lower, n=1, cutoff=0.6)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def _members(tp: Any) -> list:
+    """The alternatives of a type: its members for a Union (None aside), else the type itself."""
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, types.UnionType):
+        return [m for arg in get_args(tp) if arg is not type(None) for m in _members(arg)]
+    return [tp]
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _below(tp: Any, key: str) -> Any:
+    """The type one key below `tp`: a section's field, a list's item, a mapping's value; None if unknown."""
+    if _is_section(tp):
+        return next((f.annotation for name, f in tp.model_fields.items() if key in (name, f.alias)), None)
+    if get_origin(tp) in (list, dict):
+        return get_args(tp)[-1]
+    return None
+
+
+def _tag(tp: Any) -> str | None:
+    """The `type` value that selects a section in a union (PromptOptimizer: 'prompt')."""
+    field = tp.model_fields.get("type") if _is_section(tp) else None
+    return get_args(field.annotation)[0] if field and get_origin(field.annotation) is Literal else None
+
+
+def _recipe_keys(loc: tuple) -> tuple[list[str], list[str]]:
+    """(the recipe key path of a pydantic error location, without the union alternatives pydantic
+    names in it, like 'prompt' or 'list[str]'; the keys the section holding its last key may have)."""
+    tp: Any = Recipe
+    path, keys = [], []
+    for part in (str(p) for p in loc if not str(p).startswith(("function-", "tagged-union"))):
+        options = _members(tp)
+        if len(options) > 1:  # the part names the alternative pydantic tried, not a key
+            tp = next((m for m in options if _tag(m) == part), None)
+            continue
+        keys = [f.alias or name for name, f in options[0].model_fields.items()] if _is_section(options[0]) else []
+        path.append(part)
+        tp = _below(options[0], part)
+    return path, keys
+
+
+def _problems(err: ValidationError) -> dict[str, list[str]]:
+    """Recipe key path -> what is wrong there; a union's alternatives report at the same key."""
+    problems: dict[str, list[str]] = {}
+    for e in err.errors():
+        path, keys = _recipe_keys(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + did_you_mean(path[-1], keys)
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # models.*.type, optimizers.*.type
+            path.append("type")
+            msg = _tag_message(e["ctx"]) if e["type"] == "union_tag_invalid" else "Field required"
+        problems.setdefault(".".join(path), []).append(msg)
+    return problems
+
+
+def _tag_message(ctx: dict) -> str:
+    tags = [t.strip(" '") for t in ctx["expected_tags"].split(",")]
+    return f"{ctx['tag']!r} is not one of {ctx['expected_tags']}{did_you_mean(ctx['tag'], tags)}"
+
+
+def _one_of(messages: list[str]) -> str:
+    """'Input should be a valid list' + "Input should be 'all'" -> "Input should be a valid list or 'all'"."""
+    lead = "Input should be "
+    if len(messages) > 1 and all(m.startswith(lead) for m in messages):
+        return lead + " or ".join(m.removeprefix(lead) for m in messages)
+    return "; ".join(messages)
+
+
+def _override_of(loc: str, overrides: dict[str, str]) -> str:
+    """' (override a.b=1)' when an override set `loc`, a section above it or a key below it."""
+    for key, text in overrides.items():
+        if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")):
+            return f" (override {text})"
+    return ""
+
+
+def _format_error(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
+    lines = [f"{loc}: {_one_of(msgs)}{_override_of(loc, overrides)}" if loc else _one_of(msgs)
+             for loc, msgs in _problems(err).items()]
+    more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
+    return f"{source}: {lines[0]}{more}"
 
 
 # ---------------------------------------------------------------- loading
@@ -287,50 +401,61 @@ def parse_overrides(items: list[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # 'sentence: str -> label' is a string; a section or list needs {...} or [...]
         out.append((key.split("."), value))
     return out
 
 
-def apply_override(tree: dict, path: list[str], value: Any, text: str) -> None:
-    """Set `path` in the raw YAML tree. Lists are indexed by number or by an item's `name`."""
+def apply_override(tree: dict, path: list[str], value: Any, text: str) -> list[str]:
+    """Set `path` in the raw YAML tree. Lists are indexed by number or by an item's `name`. Returns
+    the path with list items as indexes (`program.modules.0.model`), as validation errors name it."""
     node: Any = tree
+    resolved = []
     for i, part in enumerate(path):
         last = i == len(path) - 1
         if isinstance(node, list):
             idx = _list_index(node, part, text)
+            resolved.append(str(idx))
             if last:
                 node[idx] = value
-                return
             node = node[idx]
         elif isinstance(node, dict):
+            resolved.append(part)
             if last:
                 node[part] = value
-                return
             node = node.setdefault(part, {})
         else:
             raise InputError(f"override {text}: {'.'.join(path[:i])} is a value, not a section")
+    return resolved
 
 
 def _list_index(items: list, part: str, text: str) -> int:
     if part.isdigit() and int(part) < len(items):
         return int(part)
-    for idx, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == part:
-            return idx
-    raise InputError(f"override {text}: no list item {part!r}")
+    names = [str(item["name"]) for item in items if isinstance(item, dict) and "name" in item]
+    if part in names:
+        return names.index(part)
+    if not items:
+        raise InputError(f"override {text}: no list item {part!r}; the list is empty")
+    by_name = f", or by name: {', '.join(names)}" if names else ""
+    raise InputError(f"override {text}: no list item {part!r}; its items are 0 to {len(items) - 1}{by_name}")
 
 
-def _format_error(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union")))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        origin = next((f" (override {t})" for k, t in overrides.items() if loc.startswith(k)), "")
-        problems.append(f"{loc}: {msg}{origin}" if loc else msg)
-    more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
-    return f"{source}: {problems[0]}{more}"
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML
+    would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports an unhashable key itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def validate_recipe(tree: Any, source: str = "recipe", overrides: dict[str, str] | None = None) -> Recipe:
@@ -342,27 +467,32 @@ def validate_recipe(tree: Any, source: str = "recipe", overrides: dict[str, str]
         raise InputError(_format_error(source, err, overrides or {})) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; every problem is an InputError of one line."""
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
         raise InputError(f"{path}: no such recipe file")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise InputError(f"{path}:{where} malformed YAML: {getattr(err, 'problem', err)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem is an InputError of one line."""
+    path = Path(path)
+    tree = _read_yaml(path)
     if not isinstance(tree, dict):
         raise InputError(f"{path}: the recipe must be a YAML mapping of keys to values")
     texts = {}
     try:
         for keys, value in parse_overrides(overrides or []):
             text = f"{'.'.join(keys)}={value}"
-            apply_override(tree, keys, value, text)
-            texts[".".join(keys)] = text
+            texts[".".join(apply_override(tree, keys, value, text))] = text
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
     return validate_recipe(tree, str(path), texts)

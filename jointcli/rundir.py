@@ -9,20 +9,24 @@
       02-w/                traces.jsonl, adapters/<module>/, train_log.jsonl, ...
 
 Every file is written to a temporary name in the same folder, flushed, then renamed over its
-target, so a killed process leaves either the old file or the new one, never half of one. A
-step's entry says `done` only after all its files are in place: a resume trusts `done` steps
-and starts any other step over.
+target, so a killed process leaves either the old file or the new one, never half of one; the next
+writer removes the temporaries it left (`remove_temporaries`). A step's entry says `done` only after
+all its files are in place: a resume trusts `done` steps whose files are still there (`damage`)
+and starts any other step over. A full disk or an unwritable folder is bad input (`disk_errors`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
+from .failpoints import failpoint
 from .recipe import Recipe, recipe_to_yaml, validate_recipe
 
 MANIFEST_VERSION = 1
@@ -45,20 +50,56 @@ def _umask() -> int:
     return mask
 
 
+# What to do when the file system refuses a write, by errno: the user's to fix, like bad input
+_DISK_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free some space and run the same command again (it resumes)",
+    errno.EDQUOT: "disk quota exceeded; free some space and run the same command again (it resumes)",
+    errno.EROFS: "read-only file system; use another --runs-dir",
+    errno.EACCES: "permission denied; fix the folder's permissions or use another --runs-dir",
+    errno.EPERM: "operation not permitted; fix the folder's permissions or use another --runs-dir",
+    errno.ENOTDIR: "part of the path is a file, not a folder; use another --runs-dir",
+}
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # met by writes only, wherever they are
+
+
+def disk_error(err: OSError, path: Path | str | None = None) -> InputError | None:
+    """The one-line InputError for a full disk or an unwritable folder; None for other OSErrors."""
+    advice = _DISK_ADVICE.get(err.errno)
+    if advice is None:
+        return None
+    where = path or err.filename
+    return InputError(f"{where}: cannot write: {advice}" if where else f"cannot write: {advice}")
+
+
+@contextmanager
+def disk_errors(path: Path):
+    """Turn a full disk or an unwritable folder, while writing `path`, into a one-line InputError."""
+    try:
+        yield
+    except OSError as err:
+        mapped = disk_error(err, path)
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` so that readers see the old content or the new, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; these are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; these are ordinary files
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            failpoint(f"write/{path.name}")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -73,14 +114,16 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 def atomic_target(path: Path):
     """Yield a temporary path (same folder, same suffix) that becomes `path` only on success;
     for writers that take a path, like `program.save` or `save_pretrained`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        yield tmp
-        if tmp.is_dir():
-            replace_dir(tmp, path)
-        else:
-            os.replace(tmp, path)
+        with disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            failpoint(f"write/{path.name}")
+            if tmp.is_dir():
+                replace_dir(tmp, path)
+            else:
+                os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -111,15 +154,17 @@ def staged_dir(dst: Path):
     """Yield a new empty folder next to `dst` (`.NAME.tmp-*`, ordinary permissions) to fill; on
     success it replaces `dst` (`replace_dir`), on failure it is removed. For writers of a whole
     folder that may be killed midway (an adapter, a converted model)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the folder is an ordinary one
-    try:
-        yield tmp
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_errors(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the folder is an ordinary one
+        try:
+            yield tmp
+            failpoint(f"write/{dst.name}")
+            replace_dir(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def remove_stale_staged(dst: Path) -> None:
@@ -127,6 +172,21 @@ def remove_stale_staged(dst: Path) -> None:
     that keeps every other writer of `dst` out."""
     for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+# What the writers above leave when killed: write_atomic's `.NAME.*.tmp`, atomic_target's
+# `.tmp-PID-NAME`, staged_dir's `.NAME.tmp-*` and replace_dir's `.NAME.old-*`
+TEMPORARIES = (".*.tmp", ".tmp-*", ".*.tmp-*", ".*.old-*")
+
+
+def remove_temporaries(folder: Path, recursive: bool = True) -> None:
+    """Remove what killed writers left in `folder`; only while holding the lock of its run."""
+    for pattern in TEMPORARIES:
+        for stale in list(folder.rglob(pattern) if recursive else folder.glob(pattern)):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> Any:
@@ -178,6 +238,30 @@ class Step:
         return f"{self.index:02d}-{self.kind}"
 
 
+STATUSES = ("running", "done", "failed")
+STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT)  # the steps that save a program state
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter, as lora.py saves it
+LOCK_GRACE_S = 0.5  # lock() retries this long: the holder may be letting go (a process ending, a status look)
+
+
+def eval_files(split: str) -> tuple[str, str]:
+    """What an evaluation on `split` writes into its step's folder (Context.record_eval)."""
+    suffix = "" if split == "dev" else f"-{split}"
+    return f"eval{suffix}.json", f"predictions{suffix}.jsonl"
+
+
+def _parse_step(entry: Any) -> Step:
+    step = Step(**entry)  # TypeError: not a mapping of Step's fields
+    if not isinstance(step.index, int) or step.kind not in {k.value for k in StepKind} or step.status not in STATUSES:
+        raise ValueError(f"{entry!r:.100}")
+    return step
+
+
+def _damaged_manifest(path: Path, why: str) -> InputError:
+    return InputError(f"{path}: damaged or unreadable ({why}); the step folders cannot rebuild it: restore it "
+                      "from a copy, or start the run again under another --name")
+
+
 class RunDir:
     """A run directory: frozen recipe, manifest, step folders and a lock."""
 
@@ -188,32 +272,42 @@ class RunDir:
     # ------------------------------------------------------------ opening
     @classmethod
     def open(cls, root: Path, name: str, recipe: Recipe, force: bool = False) -> "RunDir":
-        """Create `root/name` for `recipe`, or reopen it if it was made by the same recipe."""
+        """Create `root/name` for `recipe`, or reopen it if it was made by the same recipe and its
+        finished steps are whole; `force` accepts a changed recipe and redoes damaged steps."""
         run = cls(Path(root) / name)
         if run.path.exists() and not run.path.is_dir():
             raise InputError(f"{run.path}: exists and is not a run directory")
-        run.path.mkdir(parents=True, exist_ok=True)
+        with disk_errors(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
         run.lock()
-        frozen = run.path / "recipe.yaml"
-        if frozen.exists():
-            old = run.recipe()
-            if recipe_digest(old) != recipe_digest(recipe):
-                if not force:
-                    run.unlock()
-                    raise InputError(f"{run.path}: made by a different recipe ({_first_difference(old, recipe)}); "
-                                     "use another --name, or --force to continue it with the new recipe")
-                shutil.copy2(frozen, run.path / f"recipe.{len(run.steps())}.yaml")  # keep the old one
-                write_atomic(frozen, recipe_to_yaml(recipe))
-        else:
-            write_atomic(frozen, recipe_to_yaml(recipe))
-        if not (run.path / "manifest.json").exists():
-            write_json(run.path / "manifest.json", {"version": MANIFEST_VERSION, "name": name,
-                                                    "created": now(), "steps": []})
-        run.steps()  # fail early on a damaged manifest
+        try:
+            run._freeze_recipe(recipe, force)
+            if not (run.path / "manifest.json").exists():
+                write_json(run.path / "manifest.json", {"version": MANIFEST_VERSION, "name": name,
+                                                        "created": now(), "steps": []})
+            run._remove_leftovers()  # also fails early on a damaged manifest
+            run._check_damage(force)
+        except BaseException:
+            run.unlock()
+            raise
         return run
+
+    def _freeze_recipe(self, recipe: Recipe, force: bool) -> None:
+        frozen = self.path / "recipe.yaml"
+        if frozen.exists():
+            old = self.recipe()
+            if recipe_digest(old) == recipe_digest(recipe):
+                return
+            if not force:
+                raise InputError(f"{self.path}: made by a different recipe ({_first_difference(old, recipe)}); "
+                                 "use another --name, or --force to continue it with the new recipe")
+            with disk_errors(self.path):
+                shutil.copy2(frozen, self.path / f"recipe.{len(self.steps())}.yaml")  # keep the old one
+        write_atomic(frozen, recipe_to_yaml(recipe))
 
     @classmethod
     def existing(cls, path: Path) -> "RunDir":
+        """A run directory to read (status, compare, --init-from); its manifest must be readable."""
         run = cls(Path(path))
         if not (run.path / "manifest.json").is_file() or not (run.path / "recipe.yaml").is_file():
             raise InputError(f"{run.path}: not a run directory (no manifest.json and recipe.yaml)")
@@ -230,19 +324,89 @@ class RunDir:
             raise InputError(f"{path}: damaged frozen recipe ({err})") from None
         return validate_recipe(tree, str(path))
 
+    def _remove_leftovers(self) -> None:
+        """The temporaries of killed writers, in the run's folder and its steps' (we hold the lock)."""
+        remove_temporaries(self.path, recursive=False)
+        for folder in {s.folder for s in self.steps()}:
+            if (self.path / folder).is_dir():
+                remove_temporaries(self.path / folder)
+
+    # ------------------------------------------------------------ damage
+    def damage(self) -> dict[str, str]:
+        """Finished steps whose files are gone (deleted, or a partial copy): folder -> what is missing.
+        `done` is trusted only with the files: the evaluations behind its scores, a bootstrap's
+        traces, and the program state of init, p and w steps with the program and adapters it names."""
+        found = {}
+        for step in self.done_steps():
+            problem = self._missing(step)
+            if problem:
+                found[step.folder] = problem
+        return found
+
+    def _missing(self, step: Step) -> str | None:
+        folder = self.step_dir(step)
+        needed = [folder / name for split in step.scores for name in eval_files(split)]
+        if step.kind == StepKind.BOOTSTRAP:
+            needed.append(folder / "traces.jsonl")
+        if step.kind in STATE_KINDS:
+            needed.append(folder / "state.json")
+        for path in needed:
+            if not path.is_file():
+                return f"{path.relative_to(self.path)} is missing"
+        return self._missing_from_state(folder / "state.json") if step.kind in STATE_KINDS else None
+
+    def _missing_from_state(self, path: Path) -> str | None:
+        """What a program state (state.py) names, its program.json and each adapter's files, and is not there."""
+        try:
+            data = json.loads(path.read_text())
+            files = [data["program"]] if data.get("program") else []
+            files += [f"{m['adapter']}/{name}" for m in data["modules"].values() if m.get("adapter")
+                      for name in ADAPTER_FILES]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{path.relative_to(self.path)} is damaged ({type(err).__name__})"
+        return next((f"{f} is missing" for f in files if not (self.path / f).is_file()), None)
+
+    def damage_error(self, damage: dict[str, str]) -> InputError:
+        folder, problem = next(iter(damage.items()))
+        more = f" (and {len(damage) - 1} more damaged step(s))" if len(damage) > 1 else ""
+        return InputError(f"{self.path}: step {folder} is done but {problem}{more}; run the command again with "
+                          f"--force to redo {folder} and the steps after it, or use another --name")
+
+    def _check_damage(self, force: bool) -> None:
+        """Refuse a run with damaged finished steps; with `force`, mark the first of them and every
+        step after it (they were built on it) failed, so that they are redone."""
+        damage = self.damage()
+        if not damage:
+            return
+        if not force:
+            raise self.damage_error(damage)
+        steps = self.steps()
+        first = next(s for s in steps if s.folder in damage)
+        for s in steps:
+            if s.status == "done" and s.index >= first.index:
+                s.status = "failed"
+                s.error = f"damaged: {damage.get(s.folder) or 'built on ' + first.folder}; redone (--force)"
+        self._save_steps(steps)
+
     # ------------------------------------------------------------ lock
     def lock(self) -> None:
-        """Hold `run.lock` (an flock, released by the kernel if the process dies)."""
+        """Hold `run.lock`, an flock: the kernel releases it when its holder dies, however it dies. So
+        a lock left by a dead process is simply taken, a live holder's never, and of processes that
+        race for a free lock exactly one gets it; no pid file is judged stale, nothing is deleted."""
         path = self.path / "run.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        with disk_errors(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _flock(fd, fcntl.LOCK_EX, LOCK_GRACE_S):
+            holder = _holder(fd)
             os.close(fd)
-            raise InputError(f"{self.path}: in use by {holder}; wait for it or stop it") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} since {now()}".encode())
+            raise InputError(f"{self.path}: in use by {holder}; wait for it or stop it")
+        try:
+            with disk_errors(path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} since {now()}".encode())
+        except BaseException:
+            os.close(fd)  # releases the lock
+            raise
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -251,19 +415,33 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def holder(self) -> str | None:
+        """Who holds run.lock now ("pid N since T"), or None when no live process does."""
+        try:
+            fd = os.open(self.path / "run.lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return None if _flock(fd, fcntl.LOCK_SH, 0) else _holder(fd)  # closing lets go of our look
+        finally:
+            os.close(fd)
+
     # ------------------------------------------------------------ manifest
     def manifest(self) -> dict:
-        data = read_json(self.path / "manifest.json")
+        path = self.path / "manifest.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise _damaged_manifest(path, f"{type(err).__name__}: {err}") from None
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
-            raise InputError(f"{self.path / 'manifest.json'}: damaged (no list of steps)")
+            raise _damaged_manifest(path, "no list of steps")
         return data
 
     def steps(self) -> list[Step]:
         try:
-            return [Step(**s) for s in self.manifest()["steps"]]
-        except TypeError as err:
-            raise InputError(f"{self.path / 'manifest.json'}: damaged step entry ({err})") from None
-
+            return [_parse_step(s) for s in self.manifest()["steps"]]
+        except (TypeError, ValueError) as err:
+            raise _damaged_manifest(self.path / "manifest.json", f"a step entry: {err}") from None
     def _save_steps(self, steps: list[Step]) -> None:
         data = self.manifest()
         data["steps"] = [s.__dict__ for s in steps]
@@ -285,12 +463,14 @@ class RunDir:
         # contents only for a fine-tune's own checkpoints, which the trainer validates.
         for stale in {s.folder for s in self.steps()} - {s.folder for s in steps} - {step.folder}:
             shutil.rmtree(self.path / stale, ignore_errors=True)
-        self.step_dir(step).mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.step_dir(step)):
+            self.step_dir(step).mkdir(parents=True, exist_ok=True)
         self._save_steps(steps + [step])
         return step
 
     def finish(self, step: Step, seconds: float) -> None:
         step.status, step.ended, step.seconds = "done", now(), round(seconds, 3)
+        failpoint(f"finish/{step.kind}")
         self._replace(step)
 
     def fail(self, step: Step, error: str, seconds: float) -> None:
@@ -316,6 +496,41 @@ class RunDir:
             shutil.copytree(donor.step_dir(step), self.step_dir(step))
         self._save_steps([Step(**{**s.__dict__, "info": {**s.info, "adopted_from": str(donor.path)}})
                           for s in steps])
+
+
+
+
+def _flock(fd: int, mode: int, grace: float) -> bool:
+    """Take an flock without blocking, retrying for `grace` seconds; False if another still holds it."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _holder(fd: int) -> str:
+    """The holder as run.lock names it; when that pid is not running here, a process it started (or
+    one on another machine sharing the folder) holds the lock, and the message says so."""
+    text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    pid = re.match(r"pid (\d+)", text)
+    if pid and not _running(int(pid[1])):
+        return f"{text} (not running here: a process it started, or one on another machine, holds the lock)"
+    return text or "another process"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _first_difference(a: Recipe, b: Recipe) -> str:

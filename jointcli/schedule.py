@@ -16,42 +16,47 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import InputError
-from .recipe import PromptOptimizer
+from .recipe import PromptOptimizer, did_you_mean
 from .rundir import RunDir, Step, StepKind
 
 if TYPE_CHECKING:
     from .context import Context
 
 STEP_KIND = {"prompt": StepKind.PROMPT, "weight": StepKind.WEIGHT}  # optimizer type -> its step's kind
-ZERO_SHOT = ("", "none", "zero-shot")
+ZERO_SHOT = ("none", "zero-shot")  # an empty strategy is an error: a value lost on its way, not a choice
 # the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
 SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT)
 
 PlanEntry = tuple[str, str | None]  # (step kind, optimizer key); the baseline has no key
 
 
-def parse_strategy(text: str, optimizers: dict) -> list[str]:
-    """'p -> w -> p' -> ['p', 'w', 'p']; each letter must be a key of `optimizers`."""
+def parse_strategy(text: str, optimizers: dict, where: str = "schedule.strategy") -> list[str]:
+    """'p -> w -> p' -> ['p', 'w', 'p']; each letter must be a key of `optimizers`. `where` names the
+    strategy's origin in errors (a sweep's --strategies)."""
     if text.strip().lower() in ZERO_SHOT:
         return []
+    if not text.strip():
+        raise InputError(f"{where}: empty; write steps like 'p -> w -> p', or 'none' for zero-shot")
     keys = [part.strip() for part in text.split("->")]
     for key in keys:
         if not key:
-            raise InputError(f"schedule.strategy: {text!r} has an empty step; write steps like 'p -> w -> p'")
+            raise InputError(f"{where}: {text!r} has an empty step; write steps like 'p -> w -> p'")
         if key not in optimizers:
-            raise InputError(f"schedule.strategy: unknown step {key!r} in {text!r}; "
-                             f"steps are the keys of optimizers: {', '.join(optimizers) or 'none'}")
+            raise InputError(f"{where}: unknown step {key!r} in {text!r}; steps are the keys of "
+                             f"optimizers: {', '.join(optimizers) or 'none'}{did_you_mean(key, optimizers)}")
     return keys
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]: at least one seed, each once."""
+    """'0,1,2' -> [0, 1, 2]: at least one seed, each once, none negative (as the recipe's `seed`)."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
     if not values or len(set(values)) != len(values):
         raise InputError(f"--seeds: {text!r} must name at least one seed, each once")
+    if min(values) < 0:
+        raise InputError(f"--seeds: {text!r}: seeds are integers from 0")
     return values
 
 
@@ -121,9 +126,11 @@ def _stalled(steps: list, patience: int | None) -> bool:
 def run_joint(ctx: Context) -> Step:
     """Run (or resume) the recipe's schedule in `ctx`'s run; returns the best step by dev score,
     with its test score. The manifest records it as `best`, and `finished`."""
+    from .checks import check_steps
     from .steps.kinds import eval_step, prompt_step, test_eval, weight_step
 
     plan = schedule_plan(ctx.recipe)
+    check_steps(ctx.recipe, [key for _, key in plan if key])  # before any step (a sweep comes here directly)
     position = _resume_position(ctx.run, plan)
     for kind, key in plan[position:]:
         scored = [s for s in finished_steps(ctx.run) if "dev" in s.scores]
@@ -154,15 +161,19 @@ def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name:
     recipe's name), or once per seed of `seeds` ("0,1,2") as NAME/seed-N; each run starts from
     `init_from`'s best program if given. `after(run)` is called when each run has finished. Returns
     the run directories. A bad strategy or seed list fails before any run starts."""
+    from .checks import about, check_recipe
     from .context import open_run
     from .recipe import load_recipe
     from .steps.kinds import init_step
 
     base = load_recipe(recipe_path, overrides or [])
-    parse_strategy(base.schedule.strategy, base.optimizers)  # bad strategy: exit 2 before any work
+    check_recipe(base)  # the strategy's steps included: exit 2 before any run directory is made
     runs = [(None, name or base.name)]
     if seeds:
         runs = [(v, f"{name or base.name}/seed-{v}") for v in parse_seeds(seeds)]
+    if init_from is not None:
+        with about("--init-from"):  # not a run: exit 2 before any run directory is made
+            RunDir.existing(init_from)
     done = []
     for seed, run_name in runs:
         extra = [f"seed={seed}"] if seed is not None else []

@@ -22,7 +22,7 @@ import dspy
 from .errors import InputError
 from .program import build_program, model_of, module_names, predictors_of
 from .recipe import Recipe
-from .rundir import RunDir, atomic_target, read_json, write_json
+from .rundir import STATE_KINDS, RunDir, atomic_target, read_json, write_json
 
 
 @dataclass
@@ -52,12 +52,14 @@ class ProgramState:
 
 
 def current_state(run: RunDir, recipe: Recipe, program: dspy.Module, upto: int | None = None) -> ProgramState:
-    """The state of the latest finished step (up to index `upto`) that saved one, else the recipe's own."""
+    """The state of the latest finished step (up to index `upto`) that saved one, else the recipe's own.
+    A finished init, p or w step without its state.json is an error, never skipped: the state
+    before it is not this run's program."""
     for step in reversed(run.done_steps()):
         if upto is not None and step.index > upto:
             continue
         path = run.step_dir(step) / "state.json"
-        if path.exists():
+        if step.kind in STATE_KINDS:
             return ProgramState.from_json(read_json(path), path)
     return ProgramState.initial(recipe, program)
 

@@ -34,7 +34,8 @@ def parse_strategies(text: str, optimizers: dict) -> list[str]:
     """'p, p -> w' -> ['p', 'p -> w'], each checked; duplicates refused."""
     from .schedule import parse_strategy
 
-    strategies = [" -> ".join(parse_strategy(part, optimizers)) or "none" for part in text.split(",")]
+    strategies = [" -> ".join(parse_strategy(part, optimizers, where="--strategies")) or "none"
+                  for part in text.split(",")]
     if len(set(strategies)) != len(strategies):
         raise InputError(f"--strategies: {text!r} names a strategy twice")
     return sorted(strategies, key=lambda s: 0 if s == "none" else s.count("->") + 1)  # prefixes first
@@ -104,11 +105,13 @@ def run_sweep(recipe_path: Path, overrides: list[str] | None = None, name: str |
     from .compare import load_group
     from .recipe import load_recipe
     from .context import open_run
-    from .schedule import parse_seeds, run_joint
+    from .checks import check_recipe
+    from .schedule import parse_seeds, parse_strategy, run_joint
 
     overrides = overrides or []
     base = load_recipe(recipe_path, overrides)
     plan = parse_strategies(strategies, base.optimizers)
+    check_recipe(base, steps={key for strategy in plan for key in parse_strategy(strategy, base.optimizers)})
     values = parse_seeds(seeds) if seeds else [base.seed]
     root_name = name or f"{base.name}-sweep"
     root = runs_dir / root_name

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from jointcli.errors import InputError
+from jointcli.failpoints import VARIABLE
 from jointcli.rundir import Step
 from jointcli.schedule import _stalled, best_step, parse_strategy
 
-from .conftest import RECIPES, ROOT, cli, manifest, tiny
+from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 
 OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
 
@@ -94,33 +95,56 @@ def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"no running {kind} step within {timeout}s")
 
 
+# The moments the chain kills `joint` at (jointcli/failpoints.py), in the order a run reaches them, with
+# the kinds of the steps finished by then. Only two fall inside the weight step: a kill there costs
+# its training again.
+KILLS = [
+    ("write/predictions.jsonl", []),                  # the baseline evaluation: its results being written
+    ("finish/p", ["baseline"]),                        # the prompt step's files written, the manifest not yet `done`
+    ("write/traces.jsonl", ["baseline", "p"]),         # the weight step's bootstrap
+    ("train-step:2", ["baseline", "p"]),               # its training, midway
+    ("write/eval-test.json", ["baseline", "p", "w"]),  # the best step's test evaluation, into a done folder
+]
+
+
 @pytest.mark.model
-def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
-    """Only the killed run needs a process of its own; the straight run and the resumes run here."""
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "a") == 0
+def test_sigkill_at_each_moment_then_resume_equals_uninterrupted(tmp_path, capsys):
+    """A chain of processes, each resuming the last and killed (SIGKILL) at the next moment; the
+    straight run and the final resume run here. The result is the straight run's, no finished step is
+    redone, and no temporary file is left."""
+    joint = ["joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir"]
+    assert cli(*joint, tmp_path / "a") == 0
     expected = _scores(tmp_path / "a" / "sst2")
     assert [k for k, _ in expected] == ["baseline", "p", "w"]
     assert manifest(tmp_path / "a" / "sst2")["finished"] is True
 
-    run = tmp_path / "b" / "sst2"
-    proc = _start(tmp_path / "b")
-    _wait_for_running(run, "w", proc)
-    time.sleep(1)  # into the weight step: traces, training or its evaluation
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = {s["index"]: s for s in manifest(run)["steps"] if s["status"] == "done"}
-    assert [s["kind"] for s in before.values()] == ["baseline", "p"]
+    run, finished = tmp_path / "b" / "sst2", {}
+    for point, kinds in KILLS:
+        result = run_cli(*map(str, joint), str(tmp_path / "b"), env={VARIABLE: point})
+        assert result.returncode == -signal.SIGKILL, f"{point}: {result.stderr[-3000:]}"
+        done = {s["index"]: s for s in manifest(run)["steps"] if s["status"] == "done"}
+        assert [s["kind"] for s in done.values()] == kinds, point
+        _assert_reused(finished, done)
+        finished.update(done)
+        if manifest(run)["steps"][-1]["status"] == "running":
+            assert cli("status", run) == 0
+            assert "interrupted (no process holds run.lock)" in capsys.readouterr().err
 
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "b") == 0
+    assert cli(*joint, tmp_path / "b") == 0
     after = manifest(run)["steps"]
-    for index, step in before.items():  # finished steps were reused, not re-run
-        assert after[index]["started"] == step["started"] and after[index]["ended"] == step["ended"]
+    _assert_reused(finished, {s["index"]: s for s in after})
     assert _scores(run) == expected
-    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*")) and not list(run.rglob(".*.tmp-*"))
 
     # resuming a finished run does nothing and succeeds
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "--runs-dir", tmp_path / "b") == 0
+    assert cli(*joint, tmp_path / "b") == 0
     assert manifest(run)["steps"] == after
+
+
+def _assert_reused(finished: dict, now: dict) -> None:
+    """Every step finished before is still there, as it was: reused, not run again."""
+    for index, step in finished.items():
+        assert (now[index]["started"], now[index]["ended"]) == (step["started"], step["ended"]), step["kind"]
 
 
 @pytest.mark.model

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from jointcli.errors import InputError
-from jointcli.context import check_recipe
-from jointcli.recipe import load_recipe, recipe_to_yaml
+from jointcli.checks import check_recipe
+from jointcli.recipe import did_you_mean, load_recipe, recipe_to_yaml
 
 from .conftest import RECIPES
 
@@ -17,6 +17,7 @@ from .conftest import RECIPES
 @pytest.mark.parametrize("name", ["sst2", "iris", "sst2-pipeline"])
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
+    check_recipe(recipe)
     assert recipe.name == name
     assert recipe.models and recipe.program.modules
     assert set(recipe.schedule.strategy.replace("->", " ").split()) <= set(recipe.optimizers)
@@ -58,7 +59,6 @@ def _base() -> dict:
     (lambda t: t["models"]["small"].update(type="vllm"), [], "models.small"),
     (lambda t: t["models"].update(big={"type": "litellm", "model": "openai/x", "api_key_env": "sk-abc123-xyz"}),
      [], "NAME of an environment variable"),
-    (lambda t: t["optimizers"]["w"].update(modules=["nope"]), [], "unknown modules ['nope']"),
     (lambda t: None, ["data.split.train=abc"], "override data.split.train=abc"),
     (lambda t: None, ["data.nosuch.key=1"], "data.nosuch: unknown key"),
     (lambda t: None, ["program.modules.other.model=small"], "no list item 'other'"),
@@ -98,14 +98,42 @@ def test_program_class_needs_exactly_one_kind(tmp_path):
     ("sst2", "models.small.path=recipes", "models.small.path: model path 'recipes': not a Hugging Face checkpoint"),
     ("sst2-pipeline", "optimizers.w.traces.source=labels",
      "optimizers.w.traces.source: labels works for a program of one `predict` module"),
+    ("sst2", "optimizers.w.modules=[nope]", "optimizers.w.modules: unknown modules ['nope']; the program has classify"),
 ])
 def test_validate_catches_what_a_step_would_find_later(name, override, expected):
-    """Errors that depend only on the recipe are raised by `validate` (check_recipe), before any step:
-    the lists of built-ins live in data.py, metrics.py and models/embedded.py, which check_recipe asks."""
+    """Errors that depend only on the recipe are raised by `validate` (checks.check_recipe), before any
+    step: the lists of built-ins live in data.py, metrics.py and models/embedded.py, which it asks.
+    tests/test_bad_inputs.py runs many more through the command line."""
     recipe = load_recipe(RECIPES / f"{name}.yaml", [override])  # the form is fine: the recipe loads
     with pytest.raises(InputError) as info:
         check_recipe(recipe)
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optimizers.p.optimizer=MIPROv2", "optimizers.p.compile_args={num_trials: 2, minibatch: false}",
+     "optimizers.p.args={auto: null, num_candidates: 3, init_temperature: 1, verbose: true, teacher_settings: {}}"],
+    ["optimizers.p.optimizer=GEPA", "optimizers.p.reflection_model=small",
+     "optimizers.p.args={max_metric_calls: 50, candidate_selection_strategy: current_best}"],
+    ["optimizers.p.optimizer=SIMBA", "optimizers.p.args={bsize: 4, temperature_for_sampling: 0.5}"],
+    ["optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}", "optimizers.p.compile_args={sample: false}"],
+])
+def test_optimizer_arguments_of_the_right_type_pass(overrides):
+    """The type rule (checks.py: annotation, else default) accepts what the optimizers take: null where
+    the annotation allows it, an integer for a number, a literal of the annotation's."""
+    check_recipe(load_recipe(RECIPES / "sst2.yaml", overrides))
+
+
+def test_did_you_mean_ignores_case_and_stays_quiet_when_nothing_is_close():
+    assert did_you_mean("miprov2", ["BootstrapFewShot", "MIPROv2"]) == "; did you mean 'MIPROv2'?"
+    assert did_you_mean("zzz", ["args", "modules"]) == ""
+
+
+def test_an_override_value_is_a_section_or_list_only_in_braces_or_brackets():
+    recipe = load_recipe(RECIPES / "sst2.yaml", ["program.modules.classify.instructions=Answer: positive or negative",
+                                                "program.modules.classify.signature=sentence: str -> sentiment"])
+    assert recipe.program.modules[0].instructions == "Answer: positive or negative"
+    assert recipe.program.modules[0].signature == "sentence: str -> sentiment"
 
 
 def test_a_recipe_that_is_not_utf8_is_a_one_line_error(tmp_path):

@@ -129,3 +129,6 @@ def set_process_defaults() -> None:
     # reach for the Hugging Face hub, even from a library that jointopt does not call directly.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # LiteLLM fetches its model price list from GitHub on first use (a 5 s timeout offline, and a
+    # warning): its packaged copy is enough.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -57,6 +57,7 @@ from typing import Any
 
 from ..console import phase
 from ..errors import StepError
+from ..failpoints import failpoint
 from ..recipe import Lora, Train
 from ..rundir import remove_stale_staged, staged_dir, write_atomic
 from . import microbatch
@@ -417,6 +418,7 @@ def _train_loop(session: _Session, data: _Data, plan: _Plan, logger: _JsonlLog, 
             if (index + 1) % SAVE_STEPS == 0 and index + 1 < n_steps:
                 _save_checkpoint(plan.work, index + 1, session, session.tokens_before + tokens)
             session.step = index + 1
+            failpoint("train-step")
     return tokens, time.perf_counter() - start
 
 
@@ -518,7 +520,7 @@ def _load_checkpoint(session: _Session, path: Path, device: str) -> None:
     """Restore a save_checkpoint into the session: it resumes after the checkpoint's step."""
     import torch
 
-    state = torch.load(path, map_location=device, weights_only=False)
+    state = torch.load(path, map_location=device, weights_only=True)
     with torch.no_grad():
         for name, p in zip(session.names, session.params):
             p.copy_(state["adapter"][name])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import dspy
 
+from ..checks import step_optimizer
 from ..console import phase
 from ..errors import InputError, JointoptError, StepError
 from ..program import build_program, module_names
@@ -79,17 +80,6 @@ def run_step(ctx: StepContext, kind: StepKind, body: Callable[[Step], None], inf
     return step
 
 
-def _optimizer(ctx: StepContext, key: str, kind: type):
-    spec = ctx.recipe.optimizers.get(key)
-    if spec is None:
-        raise InputError(f"optimizers.{key}: no such optimizer in the recipe "
-                         f"(it has {', '.join(ctx.recipe.optimizers) or 'none'})")
-    if not isinstance(spec, kind):
-        wanted = "prompt" if kind is PromptOptimizer else "weight"
-        raise InputError(f"optimizers.{key}: is a {spec.type} optimizer; this command needs a {wanted} one")
-    return spec
-
-
 # ---------------------------------------------------------------- eval
 def eval_step(ctx: StepContext, split: str = "dev") -> Step:
     program, _ = ctx.current_program()
@@ -111,7 +101,7 @@ def test_eval(ctx: StepContext, step: Step) -> None:
 def prompt_step(ctx: StepContext, key: str) -> Step:
     from .prompts import make_optimizer, optimize_prompts
 
-    spec: PromptOptimizer = _optimizer(ctx, key, PromptOptimizer)
+    spec: PromptOptimizer = step_optimizer(ctx.recipe, key, PromptOptimizer)
 
     def body(step: Step) -> None:
         program, state = ctx.current_program()
@@ -132,27 +122,23 @@ def prompt_step(ctx: StepContext, key: str) -> Step:
 
 
 # ---------------------------------------------------------------- bootstrap
-def _collect(ctx: StepContext, spec: WeightOptimizer, key: str, step_index: int):
+def _collect(ctx: StepContext, spec: WeightOptimizer, step_index: int):
     from .traces import collect_traces, label_fields, label_traces
     from .weights import weight_modules
 
     program, state = ctx.current_program()
     names = module_names(ctx.recipe, program)
-    modules = weight_modules(ctx.recipe, spec, names, state.modules, key)
-    trainset = ctx.trainset(step_index)
-    if not trainset:
-        raise InputError("data.split.train: 0 examples; a weight step needs training examples")
+    modules = weight_modules(ctx.recipe, spec, names, state.modules)
+    trainset = ctx.trainset(step_index)  # not empty, and a teacher named: checked with the recipe (checks.py)
     source = spec.traces.source
-    if source == "labels":  # one `predict` module: checked with the recipe (context.check_recipe)
+    if source == "labels":  # one `predict` module: checked with the recipe too
         return label_traces(program, trainset, names[0])
     if source == "teacher":
-        if not spec.traces.teacher:
-            raise InputError(f"optimizers.{key}.traces.teacher: source=teacher needs a model name")
         teacher_state = ProgramState(state.program_file, {m: ModuleState(spec.traces.teacher) for m in state.modules})
         program = ctx.program_for(teacher_state)
     gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
     return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
-                          ctx.recipe.runtime.num_threads, gold)
+                          ctx.recipe.runtime.num_threads, gold, source="teacher" if source == "teacher" else "program")
 
 
 def _write_traces(folder: Path, traces) -> dict:
@@ -163,10 +149,10 @@ def _write_traces(folder: Path, traces) -> dict:
 
 
 def bootstrap_step(ctx: StepContext, key: str) -> Step:
-    spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
+    spec: WeightOptimizer = step_optimizer(ctx.recipe, key, WeightOptimizer)
 
     def body(step: Step) -> None:
-        counts = _write_traces(ctx.run.step_dir(step), _collect(ctx, spec, key, step.index))
+        counts = _write_traces(ctx.run.step_dir(step), _collect(ctx, spec, step.index))
         step.info["traces"] = counts
         if not counts["rows"]:
             from .weights import no_traces_error
@@ -191,7 +177,7 @@ def fresh_traces(run: RunDir) -> Path | None:
 def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> Step:
     from .weights import group_rows, no_traces_error, train_adapters, weight_modules
 
-    spec: WeightOptimizer = _optimizer(ctx, key, WeightOptimizer)
+    spec: WeightOptimizer = step_optimizer(ctx.recipe, key, WeightOptimizer)
     if traces_path is not None and not Path(traces_path).is_file():
         raise InputError(f"--traces: {traces_path} is not a file")
 
@@ -203,11 +189,11 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
             counts = {"rows": len(rows), "from": str(source)}
             shutil.copyfile(source, folder / "traces.jsonl")
         else:
-            traces = _collect(ctx, spec, key, step.index)
+            traces = _collect(ctx, spec, step.index)
             rows, counts = traces.rows, _write_traces(folder, traces)
         step.info["traces"] = counts
         program, state = ctx.current_program()
-        modules = weight_modules(ctx.recipe, spec, module_names(ctx.recipe, program), state.modules, key)
+        modules = weight_modules(ctx.recipe, spec, module_names(ctx.recipe, program), state.modules)
         groups = group_rows(rows, modules, state.modules, shared=spec.adapters == "shared")
         if not groups:
             raise no_traces_error(counts)

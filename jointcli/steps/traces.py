@@ -36,7 +36,7 @@ class Traces:
     errors: int = 0
 
     def counts(self) -> dict:
-        """traces.json: examples run and passed, rows per module and per source (program | labels)."""
+        """traces.json: examples run and passed, rows per module and per source (program, teacher or labels)."""
         return {"run": self.run, "passed": self.passed, "rows": len(self.rows), "per_module": self.per_module,
                 "per_source": dict(Counter(row["source"] for row in self.rows)), "errors": self.errors}
 
@@ -66,10 +66,12 @@ def label_fields(program: dspy.Module, modules: list[str], labels: list[str]) ->
 
 
 def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, modules: list[str],
-                   threshold: float, num_threads: int = 4, gold: dict[str, list[str]] | None = None) -> Traces:
-    """Run `program` over `trainset` and keep, per module, the calls of examples that pass; with
-    `gold` (module -> its label fields: `label_fields`), failed examples teach those modules the
-    gold labels inside their current prompts."""
+                   threshold: float, num_threads: int = 4, gold: dict[str, list[str]] | None = None,
+                   source: str = "program") -> Traces:
+    """Run `program` over `trainset` and keep, per module, the calls of examples that pass (rows of
+    `source`: "program", or "teacher" when `program` runs on a teacher model); with `gold` (module ->
+    its label fields: `label_fields`), failed examples teach those modules the gold labels inside
+    their current prompts."""
     owner = _module_of(program, modules)
 
     def one(item):
@@ -90,7 +92,7 @@ def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, m
             passed += 1
             for predictor, inputs, outputs in calls:
                 if (module := owner.get(id(predictor))) is not None:
-                    rows.append(_row(module, index, score, "program", predictor, dict(inputs), outputs.toDict()))
+                    rows.append(_row(module, index, score, source, predictor, dict(inputs), outputs.toDict()))
                     per_module[module] += 1
         elif gold:
             for row in _gold_rows(program, trainset[index], index, score or 0.0, calls, gold):

@@ -10,20 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from ..errors import InputError, StepError
+from ..errors import StepError
 from ..recipe import LocalModel, Recipe, WeightOptimizer
 
 
-def weight_modules(recipe: Recipe, spec: WeightOptimizer, all_modules: list[str], states: dict, key: str) -> list[str]:
-    """The modules this weight step fine-tunes; each must run on a local model."""
+def weight_modules(recipe: Recipe, spec: WeightOptimizer, all_modules: list[str], states: dict) -> list[str]:
+    """The modules this weight step fine-tunes: those it names (or all) that run on a local model;
+    checks.py made sure with the recipe that there is one, and that each one it names is local."""
     chosen = all_modules if spec.modules == "all" else list(spec.modules)
-    local = [m for m in chosen if isinstance(recipe.models[states[m].model], LocalModel)]
-    if spec.modules != "all" and len(local) < len(chosen):
-        remote = sorted(set(chosen) - set(local))
-        raise InputError(f"optimizers.{key}.modules: {remote} run on LiteLLM models, which jointopt cannot fine-tune")
-    if not local:
-        raise InputError(f"optimizers.{key}: no module runs on a local model; nothing to fine-tune")
-    return local
+    return [m for m in chosen if isinstance(recipe.models[states[m].model], LocalModel)]
 
 
 def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool) -> dict[str, tuple[str, list[dict]]]:
