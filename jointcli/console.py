@@ -19,11 +19,13 @@ Long phases report progress with `phase(...)`: a rich bar in a terminal; in a lo
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
 from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -116,6 +118,42 @@ def prints_to_stderr() -> Iterator[None]:
     rest of the human output: stdout is left to what a command promises (--json)."""
     with redirect_stdout(sys.stderr):
         yield
+
+
+class _StepLog(logging.FileHandler):
+    """DSPy's log records of one step, into a file of the step folder, counted; the first kept."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)  # no file when nothing is logged
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.count, self.first = 0, ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.first = self.first or record.getMessage().strip().splitlines()[0][:200]
+        super().emit(record)
+
+
+@contextmanager
+def step_log(path: Path) -> Iterator[None]:
+    """While a step runs, DSPy's per-example messages (an answer it could not parse, an example its
+    optimizer failed on: dozens of multi-line records) go to `path`, and the console gets one line:
+    how many, the first, and where the rest are."""
+    dspy_logger = logging.getLogger("dspy")
+    handler, saved = _StepLog(path), dspy_logger.handlers[:]
+    for h in saved:
+        dspy_logger.removeHandler(h)
+    dspy_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        dspy_logger.removeHandler(handler)
+        handler.close()
+        for h in saved:
+            dspy_logger.addHandler(h)
+        if handler.count:
+            console.print(f"{handler.count} message(s) from DSPy in {path.parent.name}/{path.name}; the first: "
+                          f"{handler.first}", highlight=False, soft_wrap=True)
 
 
 def quiet_libraries() -> None:

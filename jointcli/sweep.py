@@ -101,7 +101,7 @@ def run_sweep(recipe_path: Path, overrides: list[str] | None = None, name: str |
               seeds: str | None = None) -> SweepResult:
     """Run (or resume) the recipe under each strategy ("p, p -> w") and seed ("0,1"; default the
     recipe's) into runs_dir/NAME (default <recipe name>-sweep). A run whose step fails is reported
-    and the sweep goes on: one strategy failing (e.g. no passing traces) is a result too."""
+    and the sweep goes on: one strategy failing (e.g. no traces to train on) is a result too."""
     from .compare import load_group
     from .recipe import load_recipe
     from .context import open_run

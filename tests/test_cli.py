@@ -115,9 +115,10 @@ def test_zero_passing_traces_is_a_clear_failure(runs, capsys):
                "optimizers.w.traces.source=program",
                "--runs-dir", runs)
     err = capsys.readouterr().err
-    assert code == 1 and "no passing traces" in err and "traces.source=labels" in err
+    assert code == 1 and "no traces to fine-tune on" in err
+    assert "traces.source=program+labels" in err and "prompt step first" in err  # hints that apply here
     step = manifest(runs / "sst2")["steps"][-1]
-    assert step["status"] == "failed" and "no passing traces" in step["error"]
+    assert step["status"] == "failed" and "no traces to fine-tune on" in step["error"]
 
 
 def test_lock_names_the_holder(runs, capsys):

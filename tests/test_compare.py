@@ -160,7 +160,7 @@ def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
     assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     failed = report["runs"][1]
-    assert failed["test"] is None and "no passing traces" in failed["errors"][0]
+    assert failed["test"] is None and "no traces to fine-tune on" in failed["errors"][0]
     assert report["pairs"] == []  # nothing to pair with a run that has no result
     assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--min-score", "failed=0") == 3
 

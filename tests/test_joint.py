@@ -169,10 +169,10 @@ def test_failing_step_exits_1_and_keeps_earlier_steps(tmp_path, capsys):
                "optimizers.w.traces.source=program", "optimizers.w.traces.threshold=2.0",
                "--runs-dir", tmp_path) == 1
     err = capsys.readouterr().err
-    assert "no passing traces" in err and "Traceback" not in err
+    assert "no traces to fine-tune on" in err and "Traceback" not in err
     steps = manifest(tmp_path / "sst2")["steps"]
     assert [(s["kind"], s["status"]) for s in steps] == [("baseline", "done"), ("w", "failed")]
-    assert "no passing traces" in steps[-1]["error"]
+    assert "no traces to fine-tune on" in steps[-1]["error"]
 
 
 @pytest.mark.model

@@ -12,8 +12,6 @@ import yaml
 
 from .conftest import RECIPES, cli, manifest, tiny
 
-pytestmark = pytest.mark.model
-
 PROMPTED = tiny(4, 2, 2, "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}")
 
 
@@ -27,6 +25,7 @@ def _answers(rows: list[dict]) -> dict[str, str]:
     return {r["messages"][-2]["content"]: r["messages"][-1]["content"] for r in rows}
 
 
+@pytest.mark.model
 def test_failed_examples_get_the_gold_answer_inside_the_current_prompt(runs):
     # a prompt step first: the module's current prompt carries two demos
     assert cli("optimize-prompts", RECIPES / "sst2.yaml", *PROMPTED, "--runs-dir", runs) == 0
@@ -59,6 +58,7 @@ def test_failed_examples_get_the_gold_answer_inside_the_current_prompt(runs):
             assert row["source"] == "program" and row["score"] >= 1.0
 
 
+@pytest.mark.model
 def test_modules_that_output_no_label_learn_from_passing_traces_only(runs, tmp_path):
     """A two-module program whose first module outputs the label and whose second explains it:
     the first is taught every example (its own passing answer or the gold one), the second only
@@ -81,3 +81,26 @@ def test_modules_that_output_no_label_learn_from_passing_traces_only(runs, tmp_p
     assert len(classify) == 6  # every example: the program's passing answer or the gold one
     assert {r["source"] for r in explain} <= {"program"} and len(explain) == counts["passed"]
     assert counts["per_source"].get("labels", 0) == 6 - counts["passed"]
+
+
+TALLY = {"summarize": {"ran": 6, "parsed": 0, "passed": 0}, "classify": {"ran": 0, "parsed": 0, "passed": 0}}
+
+
+@pytest.mark.parametrize("modules, source, prompted, says, not_says", [
+    # a pipeline whose first module never parses: name it, whatever the hints would be
+    (TALLY, "program+labels", True, ["module 'summarize' answered none of its 6", "failures.jsonl"],
+     ["prompt step first"]),
+    # one module: the hints that apply to the run as it is
+    ({"classify": {"ran": 6, "parsed": 0, "passed": 0}}, "program", False,
+     ["traces.source=program+labels", "a prompt step first"], ["summarize"]),
+    ({"classify": {"ran": 6, "parsed": 6, "passed": 0}}, "program+labels", True,
+     ["a teacher", "a lower traces.threshold"], ["program+labels", "prompt step first"]),
+])
+def test_no_traces_error_names_the_blocking_module_and_only_hints_that_apply(modules, source, prompted, says,
+                                                                             not_says):
+    from jointcli.recipe import load_recipe
+    from jointcli.steps.weights import no_traces_error
+
+    spec = load_recipe(RECIPES / "sst2.yaml", [f"optimizers.w.traces.source={source}"]).optimizers["w"]
+    message = str(no_traces_error({"run": 6, "passed": 0, "modules": modules}, spec, prompted))
+    assert all(s in message for s in says) and not any(s in message for s in not_says), message

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import dspy
 
 from ..checks import step_optimizer
-from ..console import phase
+from ..console import console, phase, step_log
 from ..errors import InputError, JointoptError, StepError
 from ..program import build_program, module_names
 from ..recipe import PromptOptimizer, Recipe, WeightOptimizer
@@ -65,7 +66,8 @@ def run_step(ctx: StepContext, kind: StepKind, body: Callable[[Step], None], inf
     step.info.update(info or {})
     start = time.perf_counter()
     try:
-        body(step)
+        with step_log(ctx.run.step_dir(step) / "dspy.log"):
+            body(step)
     except KeyboardInterrupt:
         ctx.run.fail(step, "interrupted", time.perf_counter() - start)
         raise
@@ -92,7 +94,8 @@ def eval_step(ctx: StepContext, split: str = "dev") -> Step:
 def test_eval(ctx: StepContext, step: Step) -> None:
     """Score a finished step's program on the test split, into that step's folder."""
     program, _ = ctx.current_program(upto=step.index)
-    result = ctx.evaluate(program, "test")
+    with step_log(ctx.run.step_dir(step) / "dspy-test.log"):
+        result = ctx.evaluate(program, "test")
     ctx.record_eval(step, result, "test")
     ctx.run.update(step)
 
@@ -138,13 +141,23 @@ def _collect(ctx: StepContext, spec: WeightOptimizer, step_index: int):
         program = ctx.program_for(teacher_state)
     gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
     return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
-                          ctx.recipe.runtime.num_threads, gold, source="teacher" if source == "teacher" else "program")
+                          ctx.recipe.runtime.num_threads, gold, source="teacher" if source == "teacher" else "program",
+                          all_modules=names)
 
 
 def _write_traces(folder: Path, traces) -> dict:
+    """traces.jsonl, traces.json (counts) and, when examples failed to run, failures.jsonl: the errors
+    go to the file, the console gets one line."""
     write_jsonl(folder / "traces.jsonl", traces.rows)
     counts = traces.counts()
     write_json(folder / "traces.json", counts)
+    if traces.failures:
+        write_jsonl(folder / "failures.jsonl", traces.failures)
+        where = Counter(f["module"] for f in traces.failures)
+        first = traces.failures[0]["error"].splitlines()[0][:160]
+        console.print(f"{len(traces.failures)} of {traces.run} examples failed to run (in "
+                      f"{', '.join(f'{m}: {n}' for m, n in where.most_common())}), e.g. {first}; all in "
+                      f"{folder.name}/failures.jsonl", highlight=False, soft_wrap=True)
     return counts
 
 
@@ -157,9 +170,14 @@ def bootstrap_step(ctx: StepContext, key: str) -> Step:
         if not counts["rows"]:
             from .weights import no_traces_error
 
-            raise no_traces_error(counts)
+            raise no_traces_error(counts, spec, _prompted(ctx.run))
 
     return run_step(ctx, StepKind.BOOTSTRAP, body, {"optimizer": key, "source": spec.traces.source})
+
+
+def _prompted(run: RunDir) -> bool:
+    """Whether the run's program has been through a prompt step (or started from another run's)."""
+    return any(s.kind in (StepKind.PROMPT, StepKind.INIT) for s in run.done_steps())
 
 
 def fresh_traces(run: RunDir) -> Path | None:
@@ -196,7 +214,7 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
         modules = weight_modules(ctx.recipe, spec, module_names(ctx.recipe, program), state.modules)
         groups = group_rows(rows, modules, state.modules, shared=spec.adapters == "shared")
         if not groups:
-            raise no_traces_error(counts)
+            raise no_traces_error(counts, spec, _prompted(ctx.run))
         step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index)
         _merge_logs(folder, list(groups))
         new = ProgramState(state.program_file, dict(state.modules))

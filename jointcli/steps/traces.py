@@ -32,13 +32,19 @@ class Traces:
     rows: list[dict]
     run: int  # examples run
     passed: int  # examples whose score reached the threshold
-    per_module: dict[str, int] = field(default_factory=dict)
-    errors: int = 0
+    per_module: dict[str, int] = field(default_factory=dict)  # rows
+    errors: int = 0  # examples the program failed to run (an answer no adapter could parse, ...)
+    # module -> examples it ran on, answered in a form that parsed, and that then passed the metric:
+    # in a pipeline, the module that runs but never parses blocks every module after it
+    modules: dict[str, dict[str, int]] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)  # {"example", "module", "error"} of those examples
 
     def counts(self) -> dict:
-        """traces.json: examples run and passed, rows per module and per source (program, teacher or labels)."""
+        """traces.json: examples run and passed, rows per module and per source (program, teacher or
+        labels), and each module's ran/parsed/passed."""
         return {"run": self.run, "passed": self.passed, "rows": len(self.rows), "per_module": self.per_module,
-                "per_source": dict(Counter(row["source"] for row in self.rows)), "errors": self.errors}
+                "per_source": dict(Counter(row["source"] for row in self.rows)), "errors": self.errors,
+                "modules": self.modules}
 
 
 def _adapter() -> dspy.ChatAdapter:
@@ -67,27 +73,33 @@ def label_fields(program: dspy.Module, modules: list[str], labels: list[str]) ->
 
 def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, modules: list[str],
                    threshold: float, num_threads: int = 4, gold: dict[str, list[str]] | None = None,
-                   source: str = "program") -> Traces:
+                   source: str = "program", all_modules: list[str] | None = None) -> Traces:
     """Run `program` over `trainset` and keep, per module, the calls of examples that pass (rows of
     `source`: "program", or "teacher" when `program` runs on a teacher model); with `gold` (module ->
     its label fields: `label_fields`), failed examples teach those modules the gold labels inside
-    their current prompts."""
+    their current prompts. `all_modules` (in the order they run; default `modules`) are counted:
+    ran, parsed, passed."""
     owner = _module_of(program, modules)
+    tally = _ModuleTally(program, all_modules or modules)
 
     def one(item):
         index, example = item
         with dspy.context(trace=[]):
             try:
                 prediction = program(**example.inputs())
-            except Exception:  # a failed prediction teaches nothing; counted as an error
-                return index, None, list(dspy.settings.trace)
+            except Exception as err:  # a failed prediction teaches nothing; counted, and kept for the user
+                return index, None, list(dspy.settings.trace), f"{type(err).__name__}: {err}"
             score = float(metric(example, prediction))
-            return index, score, list(dspy.settings.trace)
+            return index, score, list(dspy.settings.trace), None
 
-    rows, passed, errors = [], 0, 0
+    rows, passed, errors, failures = [], 0, 0, []
     per_module = {m: 0 for m in modules}
-    for index, score, calls in parallel_map(one, list(enumerate(trainset)), num_threads, "bootstrapping traces"):
+    for index, score, calls, error in parallel_map(one, list(enumerate(trainset)), num_threads,
+                                                   "bootstrapping traces"):
         errors += score is None
+        failed_in = tally.add(calls, passed=score is not None and score >= threshold, failed=error is not None)
+        if error is not None:
+            failures.append({"example": index, "module": failed_in, "error": error[:2000]})
         if score is not None and score >= threshold:
             passed += 1
             for predictor, inputs, outputs in calls:
@@ -98,7 +110,36 @@ def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, m
             for row in _gold_rows(program, trainset[index], index, score or 0.0, calls, gold):
                 rows.append(row)
                 per_module[row["module"]] += 1
-    return Traces(rows, len(trainset), passed, per_module, errors)
+    return Traces(rows, len(trainset), passed, per_module, errors, tally.counts, failures)
+
+
+class _ModuleTally:
+    """Per module: examples it ran on, answered parsably, and that passed. A module that raised left
+    no call in the trace: the failed one is the first module, in running order, without a call."""
+
+    def __init__(self, program: dspy.Module, order: list[str]):
+        self.order, self.owner = order, _module_of(program, order)
+        self.counts = {m: {"ran": 0, "parsed": 0, "passed": 0} for m in order}
+
+    def add(self, calls: list, passed: bool, failed: bool) -> str | None:
+        """Count one example; returns the module it failed in, if it failed."""
+        answered = {self.owner[id(p)] for p, _, _ in calls if id(p) in self.owner}
+        failed_in = next((m for m in self.order if m not in answered), None) if failed else None
+        for m in self.order:
+            if m in answered:
+                self.counts[m]["ran"] += 1
+                self.counts[m]["parsed"] += 1
+                self.counts[m]["passed"] += passed
+            elif m == failed_in:
+                self.counts[m]["ran"] += 1
+        return failed_in
+
+
+def blocking_module(counts: dict) -> str | None:
+    """The first module, of a pipeline's, that ran but never answered in a form that parsed, so that
+    the modules after it never ran (from traces.json's "modules")."""
+    modules = list(counts.get("modules", {}).items())
+    return next((m for m, c in modules[:-1] if c["ran"] and not c["parsed"]), None)
 
 
 def _row(module: str, index: int, score: float, source: str, predictor, inputs: dict, outputs: dict) -> dict:

@@ -35,12 +35,27 @@ def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool)
     return {name: (model_of[name], group) for name, group in groups.items()}
 
 
-def no_traces_error(counts: dict) -> StepError:
-    return StepError(f"no passing traces to fine-tune on ({counts.get('run', 0)} examples run, "
-                     f"{counts.get('passed', 0)} passed the metric); try the gold answers for failed examples "
-                     "(traces.source=program+labels, the default) or only them (traces.source=labels), a teacher "
-                     "(traces.source=teacher with traces.teacher=<model>), a lower traces.threshold, "
-                     "or a prompt step first (p -> w)")
+def no_traces_error(counts: dict, spec: WeightOptimizer, prompted: bool) -> StepError:
+    """No rows to train on, with the hints that apply to this run as it is."""
+    from .traces import blocking_module
+
+    what = f"{counts.get('run', 0)} examples run, {counts.get('passed', 0)} passed the metric"
+    if blocked := blocking_module(counts):
+        ran = counts["modules"][blocked]["ran"]
+        return StepError(f"no traces to fine-tune on ({what}): module {blocked!r} answered none of its {ran} "
+                         "examples in a form DSPy could parse, so the modules after it never ran (its answers: "
+                         "failures.jsonl in the step folder); give it a larger model, a prompt it can follow, "
+                         "or a teacher for the traces (traces.source=teacher)")
+    source, hints = spec.traces.source, []
+    if source != "program+labels":
+        hints.append("the gold answers for failed examples (traces.source=program+labels)")
+    if source != "teacher":
+        hints.append("a teacher (traces.source=teacher with traces.teacher=<model>)")
+    if spec.traces.threshold > 0 and not counts.get("passed"):
+        hints.append("a lower traces.threshold")
+    if not prompted:
+        hints.append("a prompt step first (p -> w)")
+    return StepError(f"no traces to fine-tune on ({what}); try {', or '.join(hints) or 'more training examples'}")
 
 
 def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: Path, seed: int) -> dict[str, dict]:
