@@ -306,9 +306,23 @@ def _print_steps(run, notes: dict[str, str] | None = None) -> None:
         if share is not None:
             console.print(f"majority class on {split}: {share:.3f} (the score of answering one label to everything)")
     for s in steps:
+        if line := _traces_line(s.info.get("traces", {})):
+            console.print(f"{s.folder} traces: {line}", highlight=False, soft_wrap=True)
+    for s in steps:
         for split in ("dev", "test"):
             for warning in s.info.get(f"{split}_warnings", []):
                 console.print(f"[yellow]warning[/]: {s.folder} {split}: {warning}", highlight=False, soft_wrap=True)
+
+
+def _traces_line(counts: dict) -> str:
+    """A bootstrap's counts in one line: per module ran/parsed/passed (which module blocks a
+    pipeline), then the rows per source."""
+    if "modules" not in counts:
+        return ""
+    modules = "; ".join(f"{m} ran {c['ran']}, parsed {c['parsed']}, passed {c['passed']}"
+                        for m, c in counts["modules"].items())
+    sources = ", ".join(f"{k} {v}" for k, v in counts.get("per_source", {}).items()) or "none"
+    return f"{counts['run']} examples; {modules}; rows: {sources}"
 
 
 # The libraries whose deprecation notices main() hides (by the module a warning is attributed to):
