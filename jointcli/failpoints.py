@@ -9,6 +9,7 @@ The value is NAME (killed the first time NAME is reached) or NAME:N (the Nth tim
     finish/KIND   a step of KIND (baseline, p, w, ...) has written all its files; the manifest does
                   not say `done` yet
     train-step    a LoRA optimizer step has just been taken
+    example       an example of an evaluation or a bootstrap is done (example:2: the second)
 
 Unset, as it is outside tests, a failpoint costs one environment lookup. tests/test_joint.py uses it.
 """

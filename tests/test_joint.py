@@ -99,7 +99,7 @@ def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: flo
 # the kinds of the steps finished by then. Only two fall inside the weight step: a kill there costs
 # its training again.
 KILLS = [
-    ("write/predictions.jsonl", []),                  # the baseline evaluation: its results being written
+    ("example:2", []),                                 # the baseline evaluation, midway
     ("finish/p", ["baseline"]),                        # the prompt step's files written, the manifest not yet `done`
     ("write/traces.jsonl", ["baseline", "p"]),         # the weight step's bootstrap
     ("train-step:2", ["baseline", "p"]),               # its training, midway

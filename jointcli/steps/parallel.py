@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 from dspy.dsp.utils.settings import thread_local_overrides
 
 from ..console import phase
+from ..failpoints import failpoint
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,6 +42,7 @@ def parallel_map(fn: Callable[[T], R], items: list[T], num_threads: int, label: 
             for future in futures:
                 results.append(future.result())
                 tick()
+                failpoint("example")  # tests: killed in the middle of an evaluation or a bootstrap
             return results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
