@@ -8,9 +8,10 @@ command runs them before it opens a run directory (Context.open), so bad input f
 recipe.py's schema checks the form of each key and the references between them. This module checks
 what the form cannot show: names that must exist (built-in data sets, metrics and models, each
 list's owner says which; DSPy prompt optimizers, with their arguments' names and types), the
-program a `class` names, the data file against the recipe's fields, and what each step of the
-strategy needs. Steps keep only the checks that need what a run finds (no passing traces, a run
-that already has steps). Every message starts with the recipe key (or flag) it is about.
+program a `class` names, what a module with `adapter: text` must be (`predict`, one output), the
+data file against the recipe's fields, and what each step of the strategy needs. Steps keep only
+the checks that need what a run finds (no passing traces, a run that already has steps). Every
+message starts with the recipe key (or flag) it is about.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def program_models(recipe: Recipe) -> dict[str, str]:
     from .program import build_program, model_of, module_names
 
     _check_signatures(recipe)
+    _check_text_modules(recipe)
     program = build_program(recipe)  # imports and makes a `class` program: its errors are InputErrors
     names = module_names(recipe, program)
     if recipe.program.class_:
@@ -114,6 +116,19 @@ def _check_signatures(recipe: Recipe) -> None:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(f"program.modules.{m.name}.signature: DSPy cannot use {m.signature!r}: {reason}") \
                 from None
+
+
+def _check_text_modules(recipe: Recipe) -> None:
+    """`adapter: text` reads the whole answer as the module's one output: no reasoning before it, and
+    no second field to split it into."""
+    for m in (m for m in recipe.program.modules if m.adapter == "text"):
+        where, outputs = f"program.modules.{m.name}.adapter", m.fields()[1]
+        if m.type != "predict":
+            raise InputError(f"{where}: text works for a `predict` module; a {m.type} module answers its "
+                             "reasoning first (use adapter: chat)")
+        if len(outputs) != 1:
+            raise InputError(f"{where}: text needs exactly one output field, the whole answer; {m.name} has "
+                             f"{len(outputs)} ({', '.join(outputs)})")
 
 
 def _check_class_program(recipe: Recipe, program: Any, names: list[str]) -> None:

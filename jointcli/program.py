@@ -2,7 +2,9 @@
 
 A recipe's `program.modules` become a `Pipeline`: modules run in order, each reading the data
 inputs and the outputs of earlier modules. `program.class` imports a user's own dspy.Module
-instead; its predictors are then the "modules" of the recipe.
+instead; its predictors are then the "modules" of the recipe. A recipe module runs under DSPy's
+ChatAdapter, or with `adapter: text` under the plain-chat TextAdapter (text_adapter.py); a
+`class` program's predictors always run under the ChatAdapter.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import dspy
 from .errors import InputError
 from .imports import import_ref
 from .recipe import Module, Recipe
+from .text_adapter import TextAdapter
+
+_TEXT_ADAPTER = TextAdapter()
 
 
 class Pipeline(dspy.Module):
@@ -23,17 +28,29 @@ class Pipeline(dspy.Module):
         for spec in self._specs:
             signature = dspy.Signature(spec.signature, spec.instructions)
             kind = dspy.ChainOfThought if spec.type == "chain_of_thought" else dspy.Predict
-            setattr(self, spec.name, kind(signature))
+            module = kind(signature)
+            module.jointopt_adapter = spec.adapter  # for module_adapter; optimizers' copies keep it
+            setattr(self, spec.name, module)
 
     def forward(self, **inputs):
         values = dict(inputs)
         produced = {}
         for spec in self._specs:
             wanted, _ = spec.fields()
-            prediction = getattr(self, spec.name)(**{k: values[k] for k in wanted})
+            module = getattr(self, spec.name)
+            with dspy.context(adapter=module_adapter(module)):
+                prediction = module(**{k: values[k] for k in wanted})
             for key, value in prediction.items():
                 values[key] = produced[key] = value
         return dspy.Prediction(**produced)
+
+
+def module_adapter(module: dspy.Module) -> dspy.Adapter:
+    """The adapter a module (or its predictor) runs under, and formats its fine-tune rows with:
+    the TextAdapter for a recipe module with `adapter: text`, else the process's (ChatAdapter)."""
+    if getattr(module, "jointopt_adapter", "chat") == "text":
+        return _TEXT_ADAPTER
+    return dspy.settings.adapter or dspy.ChatAdapter()
 
 
 def build_program(recipe: Recipe) -> dspy.Module:

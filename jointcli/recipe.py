@@ -126,6 +126,11 @@ class Module(Strict):
     type: Literal["predict", "chain_of_thought"] = "predict"
     instructions: str | None = None
     model: str = Field(description="name of an entry under `models`")
+    adapter: Literal["chat", "text"] = Field(
+        "chat", description="how the module talks to its model: chat = DSPy's ChatAdapter ([[ ## field ## ]] "
+        "markers); text = plain chat, the instructions and `Field: value` lines in, the whole answer out as the "
+        "one output field (a `predict` module with one free-text output, on a model too small to follow the "
+        "markers); its demos and fine-tune rows are in the same plain format")
 
     @field_validator("signature")
     @classmethod

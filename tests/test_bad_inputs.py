@@ -122,6 +122,12 @@ CASES = [
     case("signature-unknown-type", "error: program.modules.classify.signature: DSPy cannot use 'sentence: foo -> "
          "sentiment': Unknown name: foo", "validate", SST2,
          "program.modules.classify.signature=sentence: foo -> sentiment"),
+    case("text-adapter-two-outputs", "error: program.modules.summarize.adapter: text needs exactly one output field, "
+         "the whole answer; summarize has 2 (opinion, mood)", "validate", "{pipeline}",
+         "program.modules.summarize.signature=sentence -> opinion, mood"),
+    case("text-adapter-chain-of-thought", "error: program.modules.summarize.adapter: text works for a `predict` "
+         "module; a chain_of_thought module answers its reasoning first", "validate", "{pipeline}",
+         "program.modules.summarize.type=chain_of_thought"),
     case("not-a-number", "optimizers.w.traces.threshold: Input should be a finite number", "validate", SST2,
          "optimizers.w.traces.threshold=nan"),
     case("input-twice", "data.inputs: names a field twice: ['sentence', 'sentence']", "validate", SST2,

@@ -4,10 +4,11 @@
     traces.rows[0] == {"module": "classify", "example": 3, "score": 1.0, "source": "program",
                        "messages": [...]}
 
-A row's `messages` are the chat messages DSPy's adapter sends for that module (system, demos,
-user) followed by the assistant's answer in the adapter's format: exactly what a fine-tune on
-the module should teach. Failed predictions (parse failures, errors) are never kept, whatever
-the metric says.
+A row's `messages` are the chat messages the module's adapter sends (system, demos, user)
+followed by the assistant's answer in that adapter's format: exactly what a fine-tune on the
+module should teach. The adapter is DSPy's ChatAdapter, or for a recipe module with `adapter: text`
+the plain TextAdapter (no system message, no field markers). Failed predictions (parse failures,
+errors) are never kept, whatever the metric says.
 
 With `gold` (trace source `program+labels`), an example whose trace failed still teaches the
 modules that produce label fields: the module's own current prompt (its demos included) on the
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import dspy
 
 from .parallel import parallel_map
-from ..program import predictors_of
+from ..program import module_adapter, predictors_of
 
 
 @dataclass
@@ -47,13 +48,9 @@ class Traces:
                 "modules": self.modules}
 
 
-def _adapter() -> dspy.ChatAdapter:
-    return dspy.settings.adapter or dspy.ChatAdapter()
-
-
 def _messages(predictor: dspy.Predict, inputs: dict, outputs: dict) -> list[dict]:
-    data = _adapter().format_finetune_data(signature=predictor.signature, demos=predictor.demos,
-                                           inputs=inputs, outputs=outputs)
+    data = module_adapter(predictor).format_finetune_data(signature=predictor.signature, demos=predictor.demos,
+                                                          inputs=inputs, outputs=outputs)
     return data["messages"]
 
 
