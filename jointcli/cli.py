@@ -4,6 +4,7 @@
     jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
     jointopt status runs/quick
     jointopt compare seq joint --require "joint > seq"
+    jointopt export quick --format merged --out exported/quick
 
 Exit codes, for every command: 0 success; 1 a step failed; 2 invalid input (recipe, flags, data,
 run directory); 3 a compare gate failed; 130 interrupted. Set JOINTOPT_DEBUG=1 to see tracebacks.
@@ -74,6 +75,31 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     check_recipe(r)
     console.print(f"[green]ok[/]: {recipe} ({r.name}: {len(r.program.modules) or 'class'} module(s), "
                   f"{len(r.models)} model(s), strategy {r.schedule.strategy!r})")
+
+
+@app.command()
+def plan(recipe: RecipeArg, overrides: Overrides = None,
+         probe: Annotated[Optional[bool], typer.Option("--probe/--no-probe", help="time a few generations and a "
+                                                       "LoRA step here (default: when every module is local)")]
+         = None,
+         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON to stdout")] = False) -> None:
+    """What each step of the schedule will cost: LM calls, tokens, LoRA parameters, memory, seconds.
+
+    jointopt plan recipes/sst2.yaml
+    jointopt plan recipes/sst2.yaml schedule.strategy="w -> p" --no-probe --json
+    """
+    from .checks import check_recipe
+    from .console import prints_to_stderr
+    from .plan import build_plan, print_plan
+
+    r = _recipe(recipe, overrides)
+    check_recipe(r)
+    with prints_to_stderr():
+        result = build_plan(r, probe)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_plan(result, console)
 
 
 @app.command()
@@ -273,6 +299,29 @@ def _run_path(run: Path, runs_dir: Path) -> Path:
     return run if run.exists() or run.is_absolute() else runs_dir / run
 
 
+@app.command()
+def export(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
+           out: Annotated[Path, typer.Option("--out", help="folder to write; replaced only with --force if it "
+                                             "exists and is not empty", show_default=False)],
+           runs_dir: RunsOpt = Path("runs"),
+           step: Annotated[str, typer.Option(help="best (by dev score), or a step's index or folder, e.g. 02-w")]
+           = "best",
+           format_: Annotated[str, typer.Option("--format", help="peft: the LoRA adapters as they are; merged: "
+                                                "a full checkpoint per fine-tuned module")] = "peft",
+           force: Annotated[bool, typer.Option("--force", help="replace --out if it is not empty")] = False) -> None:
+    """Write a step's program, recipe and weights to a folder, with a README that says how to serve them.
+
+    jointopt export sst2 --out exported/sst2
+    jointopt export runs/sst2 --step 02-w --format merged --out exported/sst2-merged
+    """
+    from .export import export_step
+
+    manifest = export_step(_run_path(run, runs_dir), step, format_, out, force)
+    modules = ", ".join(f"{m}: {v['weights']}" for m, v in manifest["modules"].items())
+    console.print(f"exported {manifest['step']} of {manifest['run']} to {out} ({manifest['format']}; {modules}); "
+                  f"how to serve it: {out / 'README.md'}", highlight=False, soft_wrap=True)
+
+
 def _print_steps(run, notes: dict[str, str] | None = None) -> None:
     """The steps table (`notes`: more to say of some steps, by folder); for label-like outputs, what
     each step answered on dev, the majority-class score of each split, and every warning an
@@ -322,7 +371,7 @@ def _traces_line(counts: dict) -> str:
     modules = "; ".join(f"{m} ran {c['ran']}, parsed {c['parsed']}, passed {c['passed']}"
                         for m, c in counts["modules"].items())
     sources = ", ".join(f"{k} {v}" for k, v in counts.get("per_source", {}).items()) or "none"
-    return f"{counts['run']} examples; {modules}; rows: {sources}"
+    return "; ".join(part for part in (f"{counts['run']} examples", modules, f"rows: {sources}") if part)
 
 
 # The libraries whose deprecation notices main() hides (by the module a warning is attributed to):

@@ -106,6 +106,9 @@ class LiteLLMModel(Strict):
     api_key_env: str | None = Field(None, description="NAME of the environment variable holding the key")
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    timeout: float | None = Field(None, gt=0, description="seconds to wait for one answer (default: the client's)")
+    num_retries: int = Field(3, ge=0, description="retries of a call that failed for a passing reason (no "
+                             "connection, timeout, HTTP 429 or 5xx), 1, 2, 4, ... s apart: DSPy's default")
 
     @field_validator("api_key_env")
     @classmethod
@@ -210,6 +213,8 @@ class Train(Strict):
     max_length: int = Field(1024, ge=16, description="tokens per training row; longer rows are left out (counted)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (models/device.py)")
+    processes: int = Field(1, ge=1, description="data-parallel training processes (one per GPU on CUDA); each "
+                           "optimizer step's rows are shared out and the gradients summed (models/data_parallel.py)")
 
 
 class WeightOptimizer(Strict):

@@ -13,7 +13,9 @@ queue in batches:
 - Shared prefix. The batch's longest common token prefix comes from prefix_cache.PrefixCache (computed
   once, or taken from its LRU); only each row's own suffix is fed in batch (left-padded, with a 2-D
   attention mask and explicit position ids, so padding sits between prefix and suffix and no row
-  sees another's tokens).
+  sees another's tokens). transformers measures a sliding window in cache slots, which those pads
+  shift: hybrid full/sliding-window models (Gemma 2/3) get per-layer-type masks built from the real
+  positions instead, and other window patterns batch only rows of one prompt length (attention_layout).
 - Decoding. A plain greedy loop over model forward + DynamicCache. Each row stops at its own end
   (eos, its stop strings checked after every token, its max_tokens): its caller gets the answer
   at once and the row leaves the batch, so short answers never wait for long ones.
@@ -91,8 +93,9 @@ class BatchDecoder:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self._tok_lock = tokenizer_lock  # shared with the callers, who tokenize in their threads
         self.select_weights = select_weights
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = _eos_ids(model, tokenizer)
         self._cache_kw = cache_keyword(model)
+        self._layout = attention_layout(model.config)  # how rows may be padded (sliding-window models)
         self.max_batch = MAX_BATCH
         self.batch_window_s = 0.004  # wait after the first job for others that arrive together
         self.max_wait_s = 0.05  # ... and up to this long while fewer than the last batch have come
@@ -227,9 +230,11 @@ class BatchDecoder:
         # chunks of rows with similar suffix lengths (less padding), within the batch and prefill budgets
         jobs = sorted(jobs, key=lambda j: len(j.prompt))
         chunk: list[Job] = []
+        unpadded = self._layout is UNPADDED  # rows of one prompt length only: no pads at all
         for job in jobs:
             width = len(job.prompt) - prefix_len  # the longest suffix so far (sorted)
-            if chunk and (len(chunk) >= self.max_batch or (len(chunk) + 1) * width > PREFILL_TOKENS):
+            if chunk and (len(chunk) >= self.max_batch or (len(chunk) + 1) * width > PREFILL_TOKENS
+                          or (unpadded and len(job.prompt) != len(chunk[-1].prompt))):
                 self._decode(chunk, prefix_len, prefix)
                 chunk = []
             chunk.append(job)
@@ -254,8 +259,11 @@ class BatchDecoder:
             mask[i, prefix_len + width - len(suffix):] = 1
             positions[i, width - len(suffix):] = torch.arange(prefix_len, prefix_len + len(suffix))
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        # the position of every cached key (pads: masked out, any value); only the masks of
+        # sliding-window models are built from it
+        keys = torch.cat([torch.arange(prefix_len, device=self.device).expand(n, -1), positions], dim=1)
         cache = cache_with(prefix, repeat=n)
-        logits = self._forward(ids, cache, mask, positions)
+        logits = self._forward(ids, cache, self._mask(mask, keys, positions), positions)
         next_pos = positions[:, -1:] + 1
         active = list(jobs)
         while True:
@@ -266,11 +274,21 @@ class BatchDecoder:
             if len(keep) < len(active):  # finished rows leave the batch: no more compute for them
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
-                mask, next_pos = mask[index], next_pos[index]
+                mask, next_pos, keys = mask[index], next_pos[index], keys[index]
                 active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache, mask, next_pos)
+            keys = torch.cat([keys, next_pos], dim=1)
+            logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache,
+                                   self._mask(mask, keys, next_pos), next_pos)
             next_pos = next_pos + 1
+
+    def _mask(self, mask, keys, queries):
+        """The attention mask of a forward pass: the 2-D padding mask (transformers builds the causal
+        mask from it), or for a hybrid sliding-window model one 4-D mask per layer type built from
+        the tokens' real positions (see attention_layout)."""
+        if not isinstance(self._layout, SlidingLayout):
+            return mask
+        return self._layout.masks(mask, keys, queries, self.model.dtype)
 
     def _forward(self, ids, cache, mask=None, positions=None) -> torch.Tensor:
         """One forward pass that extends `cache`; the logits of the last position, one row per sequence.
@@ -311,8 +329,10 @@ class BatchDecoder:
         if job.stops:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self, job.stops, len(job.prompt))])
         ids = torch.tensor([job.prompt], device=self.device)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(self.eos_ids, default=None)  # none: generate would warn
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new,
-                             pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                             pad_token_id=pad, **kwargs)
         job.new = out[0, len(job.prompt):].tolist()
         self._respond(job)
 
@@ -331,7 +351,60 @@ class BatchDecoder:
         return text, "stop" if ended or len(new) < max_new else "length"
 
 
-def _eos_ids(model) -> set[int]:
+def _eos_ids(model, tokenizer) -> set[int]:
+    """The ids that end an answer: the checkpoint's generation_config (Llama 3, Gemma and Qwen list their
+    end-of-turn tokens there) and its tokenizer's eos token."""
     eos = model.generation_config.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
+
+
+# ---------------------------------------------------------------- sliding-window attention
+UNPADDED = "unpadded"  # attention_layout: batch only rows of one prompt length (no padding at all)
+
+
+@dataclass(frozen=True)
+class SlidingLayout:
+    """A hybrid model whose layers attend fully or within a sliding window (Gemma 2/3, Qwen2 with
+    use_sliding_window): transformers measures the window in cache slots, which the pads between the
+    shared prefix and a row's suffix would shift, so the decoder gives each layer type a 4-D mask
+    built from the tokens' real positions instead (the models take a {layer type: mask} mapping)."""
+
+    window: int
+    layer_types: tuple[str, ...]
+
+    def masks(self, padding, keys, queries, dtype) -> dict:
+        """{layer type: additive mask [rows, 1, queries, keys]}. padding: [rows, keys] 1 for real tokens;
+        keys, queries: their positions; the queries are the last slots of the cache."""
+        import torch
+
+        distance = queries[:, :, None] - keys[:, None, :]  # [rows, queries, keys]
+        allowed = padding.bool()[:, None, :] & (distance >= 0)
+        own = torch.zeros(distance.shape[1:], dtype=torch.bool, device=distance.device)
+        q = own.shape[0]
+        own[torch.arange(q), own.shape[1] - q + torch.arange(q)] = True  # a pad query sees itself: no empty row
+        out = {}
+        for kind in self.layer_types:
+            ok = allowed & (distance < self.window) if kind == "sliding_attention" else allowed
+            out[kind] = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(
+                ~(ok | own), torch.finfo(dtype).min)[:, None]
+        return out
+
+
+def attention_layout(config):
+    """How the decoder may pad a batch for this model: None (causal attention over every earlier
+    token: a 2-D padding mask is enough), a SlidingLayout (full and sliding-window layers: masks of
+    its own), or UNPADDED (any other attention pattern, e.g. a sliding window on every layer without
+    layer types, or chunked attention: rows are batched only with rows of the same prompt length, where
+    a cache slot is a position and transformers' own masks are right)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = tuple(dict.fromkeys(getattr(text, "layer_types", None) or ()))
+    if not types:
+        return UNPADDED if window else None
+    if set(types) <= {"full_attention"}:
+        return None
+    if window and set(types) <= {"full_attention", "sliding_attention"}:
+        return SlidingLayout(int(window), types)
+    return UNPADDED
 

@@ -14,6 +14,7 @@ at once.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def jointopt_home() -> Path:
 
 
 def check_model_path(path: str) -> None:
-    """A recipe's `models.*.path` names the built-in model or a checkpoint folder (`validate` runs
-    this; nothing is loaded or converted)."""
+    """A recipe's `models.*.path` names the built-in model or a checkpoint folder: one with a config.json
+    that names its model_type (`validate` runs this; nothing is loaded or converted, transformers is not
+    imported). Whether transformers can load it as a causal LM, and its tokenizer's chat template, are
+    checked when the model loads (load_causal_lm, load_tokenizer)."""
     if path.startswith("builtin:") and path != EMBEDDED_MODEL:
         raise InputError(f"unknown built-in model {path!r}; the only one is {EMBEDDED_MODEL}")
     if path == EMBEDDED_MODEL:
@@ -44,6 +47,12 @@ def check_model_path(path: str) -> None:
         raise InputError(f"model path {path!r}: no such folder")
     if not (folder / "config.json").is_file():
         raise InputError(f"model path {path!r}: not a Hugging Face checkpoint (no config.json in it)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"model path {path!r}: its config.json cannot be read as JSON ({err})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise InputError(f"model path {path!r}: not a Hugging Face checkpoint (its config.json names no model_type)")
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -52,6 +61,39 @@ def resolve_checkpoint(path: str) -> Path:
     if path == EMBEDDED_MODEL:
         return _embedded_checkpoint()
     return Path(path).expanduser().resolve()
+
+
+def load_tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizer, with the chat template that jointopt applies to every prompt and
+    training row; InputError (one line) when it has none (a base model) or cannot be read."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"model {checkpoint}: transformers cannot read its tokenizer "
+                         f"({_first_line(err)})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"model {checkpoint}: its tokenizer has no chat template (a base model?); jointopt "
+                         "sends chat messages, so use an instruct/chat checkpoint or add a chat_template.jinja")
+    return tokenizer
+
+
+def load_causal_lm(checkpoint: Path, dtype):
+    """AutoModelForCausalLM.from_pretrained of a local folder (never the hub); InputError (one line) for a
+    folder transformers cannot load as a causal LM (an encoder, an unknown model_type, missing weights)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"model {checkpoint}: transformers cannot load it as a causal LM "
+                         f"({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _embedded_gguf() -> Path:

@@ -11,6 +11,10 @@ tokenize their prompt in their own thread and hand the job to a BatchDecoder (ba
 one worker thread that owns the model, decodes concurrent greedy requests as one batch and shares
 their prompt prefix (prefix_cache.py).
 
+The checkpoint is the embedded model or any local Hugging Face folder that AutoModelForCausalLM loads
+(tested: Llama, SmolLM, Qwen2, Qwen3, Gemma 2 and 3 text); its tokenizer's chat template makes the
+prompts, and its generation_config's eos ids (with the tokenizer's eos) end the answers.
+
 Weights are chosen by the request's model id (the rule: model_id.py): an id with "@<name>" runs the
 registered PEFT adapter <name>, any other id the base weights (adapters disabled). All adapters live
 on one PeftModel that wraps the one base model: adding one costs its LoRA matrices, never a copy of
@@ -36,12 +40,11 @@ from dspy.lm15 import (
     response_to_events,
 )
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from ..errors import InputError
 from .batch_decoder import BatchDecoder, Job
+from .chat import chat_ids
 from .device import limit_torch_threads, resolve_device, resolve_dtype
-from .embedded import resolve_checkpoint
+from .embedded import load_causal_lm, load_tokenizer, resolve_checkpoint
 from .model_id import check_adapter_name, split_model_id
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; build_lm always passes the recipe's
@@ -63,11 +66,12 @@ class LocalEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         if self.device == "cpu":
             limit_torch_threads()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(self.checkpoint, dtype=self.dtype, local_files_only=True)
+        self.tokenizer = load_tokenizer(self.checkpoint)  # its chat template makes every prompt
+        model = load_causal_lm(self.checkpoint, self.dtype)
         self.model = model.to(self.device).eval()
         self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self.weights_id = _weights_fingerprint(self.checkpoint, self.dtype)
+        self.weights_id = _weights_fingerprint(self.checkpoint, self.dtype,
+                                               prompt_files=not self.source.startswith("builtin:"))
         self.adapters: dict[str, str] = {}  # name -> adapter folder
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
         self._peft = None  # the PeftModel wrapping self.model, once an adapter is added
@@ -170,7 +174,7 @@ class LocalEngine:
         return self.decoder.submit(Job(request, prompt, max_new, tuple(config.stop or ())))
 
     def _prompt_ids(self, request) -> list[int]:
-        """The tokenizer's chat template applied to request.system + request.messages."""
+        """The checkpoint's chat template applied to request.system + request.messages (chat.py)."""
         if request.tools:
             raise UnsupportedFeatureError("the local engine does not support tools", feature="tools")
         messages = []
@@ -183,8 +187,7 @@ class LocalEngine:
                                               f"{', '.join(p.type for p in m.parts)} parts")
             messages.append({"role": _ROLES[m.role], "content": m.text})
         with self._tok_lock:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return chat_ids(self.tokenizer, messages, add_generation_prompt=True)
 
 
 class AsyncLocalEngine:
@@ -226,11 +229,19 @@ def _system_text(system) -> str:
     return "".join(p.text for p in system)
 
 
-def _weights_fingerprint(checkpoint: Path, dtype: torch.dtype) -> str:
+# What makes a folder's prompts and ends its answers, besides the weights: the chat template and eos ids
+_PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                 "special_tokens_map.json", "generation_config.json")
+
+
+def _weights_fingerprint(checkpoint: Path, dtype: torch.dtype, prompt_files: bool = False) -> str:
     """Identity of the weights as loaded (files by path, size and mtime; dtype): part of DSPy's cache
-    key through build_lm, so a changed checkpoint or dtype never returns another model's answers."""
+    key through build_lm, so a changed checkpoint or dtype never returns another model's answers.
+    prompt_files: the tokenizer, chat template and generation config count too (a user's folder, whose
+    template may be edited; the embedded model's identity stays what it was)."""
     parts = [str(checkpoint), str(dtype)]
-    for f in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")):
+    files = [checkpoint / name for name in _PROMPT_FILES if (checkpoint / name).is_file()] if prompt_files else []
+    for f in sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("*.bin")) + files:
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

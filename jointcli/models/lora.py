@@ -61,6 +61,7 @@ from ..failpoints import failpoint
 from ..recipe import Lora, Train
 from ..rundir import remove_stale_staged, staged_dir, write_atomic
 from . import microbatch
+from .data_parallel import Ranks, launch
 from .microbatch import (Row, collate, collate_shared, completion_nll, micro_batches, shared_completion_nll,
                          shared_prefix)
 from .hashing import fingerprint
@@ -92,6 +93,7 @@ class TrainResult:
     dtype: str
     dropped_rows: int = 0  # rows longer than train.max_length, left out
     resumed_from_step: int | None = None
+    processes: int = 1  # data-parallel training processes (models/data_parallel.py)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -123,12 +125,12 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
 def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], int]:
     """(input ids of prompt + completion, index of the first completion token), as TRL tokenizes a
     conversational prompt/completion row: the completion starts where the tokenized prompt (with the
-    generation prompt) and the tokenized prompt + completion diverge."""
-    def ids(enc):
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    generation prompt) and the tokenized prompt + completion diverge. The checkpoint's chat template
+    is applied as the engine applies it to prompts (chat.py)."""
+    from .chat import chat_ids
 
-    prompt = ids(tokenizer.apply_chat_template(pair["prompt"], add_generation_prompt=True, tokenize=True))
-    full = ids(tokenizer.apply_chat_template(pair["prompt"] + pair["completion"], tokenize=True))
+    prompt = chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
+    full = chat_ids(tokenizer, pair["prompt"] + pair["completion"], add_generation_prompt=False)
     start = 0
     for a, b in zip(prompt, full):
         if a != b:
@@ -147,6 +149,12 @@ def _autocast(device: str, dtype: str):
 
 
 @contextmanager
+def _silent():
+    """phase()'s stand-in in the processes other than 0: their progress is process 0's."""
+    yield lambda n=1, note="": None
+
+
+@contextmanager
 def _threads(n: int):
     import torch
 
@@ -162,11 +170,12 @@ def _threads(n: int):
 def _resume_fingerprint(checkpoint: Path, pairs: list[dict], lora: Lora, train: Train, seed: int, device: str,
                         dtype: str, init_adapter: Path | None = None, token_budget: int = 0) -> str:
     """What a work folder's checkpoints were trained on and with: a run resumes them only when it
-    computes the same (base checkpoint, starting adapter, rows, settings, micro-batch plan)."""
+    computes the same (base checkpoint, starting adapter, rows, settings, micro-batch plan); the
+    number of data-parallel processes does not change what is computed."""
     share = microbatch.SHARE_PREFIX
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
-                "train": train.model_dump(mode="json"), "seed": seed, "device": device, "dtype": dtype,
-                "token_budget": token_budget, "trainer": 3 if share else 2,
+                "train": train.model_dump(mode="json", exclude={"processes"}), "seed": seed, "device": device,
+                "dtype": dtype, "token_budget": token_budget, "trainer": 3 if share else 2,
                 "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0}
     files = [Path(init_adapter) / name for name in ADAPTER_FILES] if init_adapter is not None else []
     return fingerprint(settings, pairs, files)
@@ -229,11 +238,11 @@ def load_for_training(checkpoint: Path, lora: Lora, device: str, dtype: str, see
     import torch
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+
+    from .embedded import load_causal_lm
 
     transformers.set_seed(seed)  # before the LoRA A matrices are initialized
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, local_files_only=True)
+    model = load_causal_lm(checkpoint, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     model.config.use_cache = False
     if device == "cuda":
         model.to("cuda")
@@ -286,6 +295,7 @@ class _Plan:
     device: str
     dtype: str  # resolved: float32 or bfloat16
     work: Path  # the work folder of checkpoints
+    ranks: Ranks = Ranks()  # this process among the data-parallel training processes
 
 
 @dataclass
@@ -303,40 +313,61 @@ class _Session:
 
 def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
                   log_path: Path | None, device: str, resume: bool, dtype: str,
-                  init_adapter: Path | None = None, token_budget: int = 0) -> TrainResult:
-    """train_lora, holding the lock of out_dir: the steps of a training session, in order."""
+                  init_adapter: Path | None = None, token_budget: int = 0, ranks: Ranks = Ranks()) -> TrainResult:
+    """train_lora, holding the lock of out_dir: the steps of a training session, in order. With
+    train.processes > 1 it starts that many processes, each of which runs this with its `ranks`."""
     from .device import resolve_device, resolve_train_dtype
 
     device = resolve_device(device)
     dtype = resolve_train_dtype(dtype, device)
     token_budget = token_budget or TOKEN_BUDGET[device][dtype]
-    remove_stale_staged(out_dir)  # adapter folders half-written by a killed run; we hold the lock
+    if ranks.main:
+        remove_stale_staged(out_dir)  # adapter folders half-written by a killed run; we hold the lock
+    if train.processes > 1 and ranks.count == 1:
+        return _train_in_processes(checkpoint, pairs, out_dir, lora, train, seed, log_path, device, resume,
+                                   dtype, init_adapter, token_budget)
     data = _prepare_data(checkpoint, pairs, train.max_length)
     if init_adapter is not None and not is_adapter_dir(init_adapter):
         raise StepError(f"{init_adapter}: not a PEFT adapter folder (needs {' and '.join(ADAPTER_FILES)})")
     work = out_dir.parent / f".{out_dir.name}.work"
     key = _resume_fingerprint(checkpoint, data.pairs, lora, train, seed, device, dtype, init_adapter, token_budget)
-    last = _open_work_dir(work, resume, key)
-    plan = _training_plan(data, train, seed, token_budget, device, dtype, work)
+    last = _open_work_dir(work, resume, key) if ranks.main else None
+    ranks.barrier()  # process 0 has checked (or started over) the work folder
+    if not ranks.main:
+        last = _last_checkpoint(work)
+    plan = _training_plan(data, train, seed, token_budget, device, dtype, work, ranks)
     model = load_for_training(checkpoint, lora, device, dtype, seed, init_adapter)
     session = _setup_optimizer(model, train.learning_rate, device)
     if last is not None:
         _load_checkpoint(session, last, device)
-    logger = _JsonlLog(log_path, session.resumed_from_step)
+    logger = _JsonlLog(log_path if ranks.main else None, session.resumed_from_step)
     with _training_errors(session, plan, train.max_length):
         tokens, seconds = _train_loop(session, data, plan, logger, f"LoRA training {out_dir.name}")
     result = _train_result(out_dir, data, plan, session, tokens, seconds, logger.last_loss)
-    _save_adapter(session.model, result, out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    if ranks.main:
+        _save_adapter(session.model, result, out_dir)
+        shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _train_in_processes(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
+                        log_path: Path | None, device: str, resume: bool, dtype: str, init_adapter: Path | None,
+                        token_budget: int) -> TrainResult:
+    """_train_locked in train.processes processes (models/data_parallel.py); process 0's result."""
+    job = {"checkpoint": str(checkpoint), "pairs": pairs, "out_dir": str(out_dir), "lora": lora.model_dump(),
+           "train": train.model_dump(), "seed": seed, "log_path": str(log_path) if log_path else None,
+           "device": device, "resume": resume, "dtype": dtype,
+           "init_adapter": str(init_adapter) if init_adapter else None, "token_budget": token_budget}
+    result = launch(train.processes, device, out_dir, job)
+    return TrainResult(**{**result, "adapter_dir": Path(result["adapter_dir"])})
 
 
 def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int) -> _Data:
     """Tokenize the prompt/completion rows with the checkpoint's tokenizer and drop those longer than
     max_length tokens; StepError when none is left."""
-    from transformers import AutoTokenizer
+    from .embedded import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    tokenizer = load_tokenizer(checkpoint)  # its chat template formats the rows, as the engine's prompts
     encoded = [tokenize_pair(tokenizer, p) for p in pairs]
     keep = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length]
     if not keep:
@@ -344,7 +375,7 @@ def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int) -> _Data
                         f"{max_length} tokens (shortest {min(len(ids) for ids, _ in encoded)}); "
                         "raise train.max_length")
     rows = [encoded[i] for i in keep]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked out
     return _Data(pairs=[pairs[i] for i in keep], rows=rows, lengths=[len(ids) for ids, _ in rows],
                  dropped=len(pairs) - len(keep), pad_id=pad_id)
 
@@ -368,11 +399,11 @@ def _open_work_dir(work: Path, resume: bool, key: str) -> Path | None:
 
 
 def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, device: str, dtype: str,
-                   work: Path) -> _Plan:
+                   work: Path, ranks: Ranks) -> _Plan:
     rows_per_step = train.batch_size * train.grad_accum
     return _Plan(steps=plan_steps(len(data.rows), rows_per_step, train.epochs, seed),
                  per_epoch=math.ceil(len(data.rows) / rows_per_step), learning_rate=train.learning_rate,
-                 token_budget=token_budget, device=device, dtype=dtype, work=work)
+                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks)
 
 
 def _setup_optimizer(model, learning_rate: float, device: str) -> _Session:
@@ -407,15 +438,16 @@ def _train_loop(session: _Session, data: _Data, plan: _Plan, logger: _JsonlLog, 
         torch.cuda.reset_peak_memory_stats()
     n_steps, tokens = len(plan.steps), 0
     start = time.perf_counter()
-    with _threads(cpu_budget()) if plan.device == "cpu" else nullcontext(), \
-            phase(label, n_steps - session.step) as tick:
+    threads = max(1, cpu_budget() // plan.ranks.count)
+    with _threads(threads) if plan.device == "cpu" else nullcontext(), \
+            phase(label, n_steps - session.step) if plan.ranks.main else _silent() as tick:
         for index in range(session.step, n_steps):
             lr = plan.learning_rate * (n_steps - index) / n_steps  # linear decay to 0
             loss, grad_norm, step_tokens = _train_step(session, data, plan.steps[index], lr, plan)
             tokens += step_tokens
             logger.log(index + 1, (index + 1) / plan.per_epoch, loss, lr, grad_norm)
             tick(note=f"loss {loss:.3f}")
-            if (index + 1) % SAVE_STEPS == 0 and index + 1 < n_steps:
+            if (index + 1) % SAVE_STEPS == 0 and index + 1 < n_steps and plan.ranks.main:
                 _save_checkpoint(plan.work, index + 1, session, session.tokens_before + tokens)
             session.step = index + 1
             failpoint("train-step")
@@ -431,9 +463,10 @@ def _train_step(session: _Session, data: _Data, step: list[int], lr: float, plan
         group["lr"] = lr
     n_labels = sum(data.lengths[i] - data.rows[i][1] for i in step)  # completion tokens (label count)
     total, tokens = 0.0, 0
-    for micro in micro_batches(data.lengths, step, plan.token_budget, data.rows):
+    for micro in micro_batches(data.lengths, plan.ranks.share(step), plan.token_budget, data.rows):
         total += _backward(session.model, [data.rows[i] for i in micro], n_labels, data.pad_id, plan)
         tokens += sum(data.lengths[i] for i in micro)
+    total, tokens = plan.ranks.sum_step(session.params, total, tokens)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(session.params, 1.0))
     session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
@@ -488,6 +521,7 @@ def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, to
         dtype=plan.dtype,
         dropped_rows=data.dropped,
         resumed_from_step=session.resumed_from_step,
+        processes=plan.ranks.count,
     )
 
 

@@ -95,7 +95,7 @@ def collate(rows: list[Row], pad_id: int, device: str = "cpu"):
     import torch
 
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), 0 if pad_id is None else pad_id, dtype=torch.long)  # masked out
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, (ids, start) in enumerate(rows):
@@ -171,9 +171,13 @@ def _base_and_body(model):
 def _label_nll(base, hidden, labels):
     """Summed cross-entropy of the labeled tokens, each predicted by the hidden state before it (only
     those positions go through the LM head), and their count."""
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
     keep = targets != -100
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(base.config.get_text_config(decoder=True), "final_logit_softcapping", None)
+    if cap:  # Gemma 2 (and Gemma 3 checkpoints that set it): the model's forward caps its logits so
+        logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())

@@ -3,8 +3,9 @@
     result = evaluate(program, splits.dev, metric, num_threads=4)
     result.score, result.parse_failures, result.rows[0]
 
-Unlike `dspy.Evaluate`, every example's prediction, score, error, time and tokens are kept: the
-run directory stores them (`predictions.jsonl`) and `compare` pairs runs example by example. For a
+Unlike `dspy.Evaluate`, every example's prediction, score, error, time and tokens (per model too,
+with their cost where DSPy knows a price) are kept: the run directory stores them
+(`predictions.jsonl`) and `compare` pairs runs example by example. For a
 label-like field, the result also says what the program answered and warns when the score is no
 better than always answering the majority class (answers.py).
 """
@@ -37,13 +38,20 @@ class EvalResult:
     rows: list[dict] = field(repr=False, default_factory=list)
     answer_summary: AnswerSummary | None = None  # label-like fields: what the program answered, the majority class
     warnings: list[str] = field(default_factory=list)  # reasons to distrust the score (answers.py)
+    usage: dict[str, dict] = field(default_factory=dict)  # model -> calls, tokens_in, tokens_out, cost_usd
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What the calls cost, as DSPy/LiteLLM priced them; None when no model had a known price."""
+        costs = [u["cost_usd"] for u in self.usage.values() if u["cost_usd"] is not None]
+        return sum(costs) if costs else None
 
     def summary(self) -> dict:
         """eval.json: everything but the per-example rows."""
         return {"score": self.score, "n": self.n, "scores": self.scores,
                 "parse_failures": self.parse_failures, "errors": self.errors,
                 "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                "cached_calls": self.cached_calls,
+                "cached_calls": self.cached_calls, "cost_usd": self.cost_usd, "usage": self.usage,
                 "answers": self.answer_summary.to_json() if self.answer_summary else None,
                 "warnings": self.warnings}
 
@@ -51,29 +59,50 @@ class EvalResult:
 class _CallLog:
     """Stands first in DSPy's `caller_modules` while one example runs, so DSPy appends each LM call's
     history entry here too. Unlike `dspy.track_usage`, this sees cache hits, whose entries keep the
-    cached response and its token counts: an evaluation's cost does not depend on what was cached."""
+    cached response and its token counts (and cost): an evaluation's cost does not depend on what was
+    cached."""
 
     def __init__(self):
         self.history: list[dict] = []
 
     def tokens(self) -> tuple[int, int, int]:
         """(input tokens, output tokens, calls answered from DSPy's cache)."""
-        total_in = total_out = hits = 0
+        counts = [_entry_tokens(entry) for entry in self.history]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts)
+
+    def by_model(self) -> dict[str, dict]:
+        """model -> its calls, tokens and cost in USD (None where DSPy/LiteLLM knows no price: a local
+        model, a model on a local server)."""
+        models: dict[str, dict] = {}
         for entry in self.history:
-            usage = entry.get("usage") or {}
-            if usage:
-                total_in += int(usage.get("prompt_tokens") or 0)
-                total_out += int(usage.get("completion_tokens") or 0)
-                continue
-            hits += 1  # DSPy empties `usage` on a cache hit; the cached response still has its counts
-            counted = getattr(entry.get("response"), "usage", None)
-            if isinstance(counted, dict):  # a LiteLLM-style cached response
-                total_in += int(counted.get("prompt_tokens") or 0)
-                total_out += int(counted.get("completion_tokens") or 0)
-            elif counted is not None:
-                total_in += int(getattr(counted, "input_tokens", 0) or 0)
-                total_out += int(getattr(counted, "output_tokens", 0) or 0)
-        return total_in, total_out, hits
+            tokens_in, tokens_out, _ = _entry_tokens(entry)
+            name = str(entry.get("model"))
+            models[name] = _add_usage(models.get(name), {"calls": 1, "tokens_in": tokens_in,
+                                                         "tokens_out": tokens_out, "cost_usd": entry.get("cost")})
+        return models
+
+
+def _entry_tokens(entry: dict) -> tuple[int, int, int]:
+    """(input tokens, output tokens, 1 if answered from DSPy's cache) of one history entry."""
+    usage = entry.get("usage") or {}
+    if usage:
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), 0
+    # DSPy empties `usage` on a cache hit; the cached response still has its counts
+    counted = getattr(entry.get("response"), "usage", None)
+    if isinstance(counted, dict):  # a LiteLLM-style cached response
+        return int(counted.get("prompt_tokens") or 0), int(counted.get("completion_tokens") or 0), 1
+    if counted is not None:
+        return int(getattr(counted, "input_tokens", 0) or 0), int(getattr(counted, "output_tokens", 0) or 0), 1
+    return 0, 0, 1
+
+
+def _add_usage(total: dict | None, usage: dict) -> dict:
+    """One model's usage added up; its cost stays None while no call's cost is known."""
+    if total is None:
+        return dict(usage)
+    costs = [c for c in (total["cost_usd"], usage["cost_usd"]) if c is not None]
+    return {"calls": total["calls"] + usage["calls"], "tokens_in": total["tokens_in"] + usage["tokens_in"],
+            "tokens_out": total["tokens_out"] + usage["tokens_out"], "cost_usd": sum(costs) if costs else None}
 
 
 def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Example) -> dict:
@@ -94,12 +123,14 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
     row["seconds"] = round(time.perf_counter() - start, 4)
     row["tokens_in"], row["tokens_out"], row["cached_calls"] = calls.tokens()
     row["calls"] = len(calls.history)
+    row["usage"] = calls.by_model()
     return row
 
 
 def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable,
              num_threads: int = 4, label: str = "evaluating") -> EvalResult:
-    """Score `program` on `examples`; raises StepError when every example failed to run."""
+    """Score `program` on `examples`; raises StepError when every example failed to run, or when a
+    model's server failed (parallel_map)."""
     start = time.perf_counter()
     rows = parallel_map(lambda item: _one(program, metric, *item), list(enumerate(examples)), num_threads, label)
     seconds = time.perf_counter() - start
@@ -109,12 +140,16 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
         raise StepError(f"every example failed; first error: {errors[0]['error']}")
     scores = [r["score"] for r in rows]
     summary = answer_summary(rows, getattr(metric, "field", None))
+    usage: dict[str, dict] = {}
+    for row in rows:
+        for model, counts in row["usage"].items():
+            usage[model] = _add_usage(usage.get(model), counts)
     return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
                       parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
                       seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
                       tokens_out=sum(r["tokens_out"] for r in rows),
                       cached_calls=sum(r["cached_calls"] for r in rows), rows=rows,
-                      answer_summary=summary, warnings=answer_warnings(summary, scores))
+                      answer_summary=summary, warnings=answer_warnings(summary, scores), usage=usage)
 
 
 def _plain(value):

@@ -18,6 +18,7 @@ import dspy
 
 from ..errors import InputError
 from ..recipe import PromptOptimizer
+from .parallel import watching_servers
 
 PROMPT_OPTIMIZERS = ("LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch",
                      "MIPROv2", "COPRO", "SIMBA", "GEPA")
@@ -58,7 +59,8 @@ def optimize_prompts(program: dspy.Module, spec: PromptOptimizer, optimizer, tra
     kwargs = dict(spec.compile_args)
     if "seed" in parameters(type(optimizer).compile):
         kwargs.setdefault("seed", seed)
-    optimized = optimizer.compile(program, trainset=trainset, **kwargs)  # its prints: stderr (open_run)
+    with watching_servers():  # the optimizer counts a dead server's calls as failed examples: a failed step
+        optimized = optimizer.compile(program, trainset=trainset, **kwargs)  # its prints: stderr (open_run)
     keep = [m for m in all_modules if m not in modules]
     if keep:
         before = dict(program.named_predictors())

@@ -1,0 +1,175 @@
+"""`jointopt plan`: the counts of a known recipe, its JSON, the memory warning, the probe, bad input.
+
+The fast tier runs `plan --no-probe` in a fresh process (counting LoRA parameters builds the model
+on the meta device, which imports transformers) on checkpoint folders that hold a config.json and
+nothing else: a plan that read weights would fail there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from jointcli.recipe import EMBEDDED_MODEL, Lora, load_recipe
+
+from .conftest import RECIPES, cli, run_cli, tiny
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
+         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 2048, "tie_word_embeddings": True}
+# a model no machine here can train: about 10^12 parameters (config only: nothing is allocated)
+HUGE = {**LLAMA, "vocab_size": 32000, "hidden_size": 32768, "intermediate_size": 131072, "num_hidden_layers": 64,
+        "num_attention_heads": 64, "num_key_value_heads": 8}
+TOP_KEYS = {"recipe", "strategy", "machine", "modules", "steps", "seconds", "probe", "warnings"}
+STEP_KEYS = {"step", "kind", "optimizer", "method", "demos", "phases", "train", "warnings", "seconds"}
+PHASE_KEYS = {"calls", "tokens_in", "tokens_out", "seconds"}
+CALLS_KEYS = {"low", "high", "expected", "approximate"}
+
+
+def config_only(folder: Path, config: dict) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def llama_lora(config: dict, r: int) -> int:
+    """LoRA parameters on every linear layer of a Llama decoder but the LM head (PEFT's all-linear)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)  # q o, k v, gate up down
+    return per_layer * config["num_hidden_layers"]
+
+
+def llama_parameters(config: dict) -> int:
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # attention, MLP, two norms
+    return v * h + per_layer * config["num_hidden_layers"] + h  # tied LM head; the final norm
+
+
+def test_pipeline_counts_and_json_without_weights(tmp_path):
+    folder = config_only(tmp_path / "ckpt", LLAMA)
+    out = run_cli("plan", str(RECIPES / "sst2-pipeline.yaml"), f"models.large.path={folder}",
+                  f"models.small.path={folder}", "data.split.train=10", "data.split.dev=6", "data.split.test=4",
+                  "--no-probe", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert set(plan) == TOP_KEYS and plan["probe"] is None and plan["seconds"] is None
+    assert plan["machine"]["tokens_approximate"] is True  # no tokenizer in the folder: characters / 4
+    assert {m: (v["model"], v["parameters"]) for m, v in plan["modules"].items()} == {
+        "summarize": ("large", llama_parameters(LLAMA)), "classify": ("small", llama_parameters(LLAMA))}
+    steps = {s["step"]: s for s in plan["steps"]}
+    assert list(steps) == ["00-baseline", "01-p", "02-w", "03-p", "test"]
+    for s in plan["steps"]:
+        assert set(s) == STEP_KEYS and s["seconds"] is None
+        for phase in s["phases"].values():
+            assert set(phase) == PHASE_KEYS and set(phase["calls"]) == CALLS_KEYS and phase["seconds"] is None
+    calls = lambda step, phase: steps[step]["phases"][phase]["calls"]  # noqa: E731
+    # evaluations: examples x modules; the test split once, twice when the best step is not the last
+    for step in ("00-baseline", "01-p", "02-w", "03-p"):
+        assert calls(step, "dev") == {"low": 12, "high": 12, "expected": 12, "approximate": False}
+    assert (calls("test", "test")["low"], calls("test", "test")["high"]) == (8, 16)
+    # BootstrapFewShot (max_bootstrapped_demos 2, max_rounds 1): 2 passing examples at best, every one at worst
+    assert (calls("01-p", "optimizer")["low"], calls("01-p", "optimizer")["high"]) == (2 * 2, 10 * 2)
+    assert calls("02-w", "bootstrap")["expected"] == 10 * 2
+    assert steps["01-p"]["demos"] == {"summarize": 3, "classify": 3}  # max(3 labeled, 2 bootstrapped)
+    train = steps["02-w"]["train"]
+    assert list(train) == ["classify"]  # w.modules: [classify]
+    assert (train["classify"]["rows"], train["classify"]["steps"]) == (10, math.ceil(10 / 8))
+    assert train["classify"]["lora_parameters"] == llama_lora(LLAMA, r=8)
+    assert plan["warnings"] == []
+
+
+def test_a_model_that_cannot_fit_warns(tmp_path):
+    folder = config_only(tmp_path / "huge", HUGE)
+    out = run_cli("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "data.split.train=8",
+                  "data.split.dev=2", "data.split.test=2", "--no-probe", timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "02-w: w (classify): LoRA training needs about" in lines[0], out.stderr
+    assert "it will not fit" in lines[0]
+    assert f"{llama_lora(HUGE, r=8):,}" in out.stderr.replace("\n", "")  # the LoRA line, in the table's wrap
+
+
+def test_miprov2_calls_are_dspys_own_estimate():
+    """MIPROv2 auto=light on 120 training examples, against the preview DSPy prints before it runs."""
+    import re
+
+    import dspy
+    from dspy.teleprompt import MIPROv2
+    from dspy.teleprompt.mipro_optimizer_v2 import AUTO_RUN_SETTINGS
+
+    from jointcli.plan import optimizer_calls
+    from jointcli.recipe import PromptOptimizer
+
+    calls = optimizer_calls(PromptOptimizer(type="prompt", optimizer="MIPROv2", args={"auto": "light"}), 120, 1, None)
+    program, n = dspy.Predict("sentence -> sentiment"), AUTO_RUN_SETTINGS["light"]["n"]
+    trials = MIPROv2._set_num_trials_from_num_candidates(None, program, False, n)
+    lines = MIPROv2._estimate_lm_calls(None, program, trials, True, 35, 5, [None] * 96, True, n // 2)  # val: 80%
+    number = lambda line: int(re.findall(r"= (\d+)", re.sub(r"\x1b\[[0-9;]*m", "", line))[-1])  # noqa: E731
+    dspy_calls = sum(number(line) for line in lines)
+    # plus n + 1 BootstrapFewShot runs on the other 24 examples: 4 demos pass at best, all 24 run at worst
+    assert (calls.low, calls.high, calls.approximate) == (dspy_calls + (n + 1) * 4, dspy_calls + (n + 1) * 24, True)
+
+
+def test_a_config_transformers_cannot_build_exits_2(tmp_path):
+    folder = config_only(tmp_path / "odd", {**LLAMA, "model_type": "no-such-model", "architectures": ["NoSuchModel"]})
+    out = run_cli("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "--no-probe", timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: model {folder}: transformers cannot build a causal LM") and \
+        out.stderr.count("\n") == 1, out.stderr
+
+
+LITELLM = "models.big={type: litellm, model: openai/gpt-4o-mini}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["nothing.yaml"], "nothing.yaml: no such recipe file"),
+    (["{sst2}", "schedule.strategy=p -> x"], "schedule.strategy: unknown step 'x'"),
+    (["{sst2}", "data.split.train=-1"], "data.split.train: Input should be greater than or equal to 0"),
+    (["{sst2}", "optimizers.p.args.max_rounds=two"], "optimizers.p.args.max_rounds: BootstrapFewShot expects"),
+    (["{sst2}", LITELLM, "program.modules.classify.model=big", "schedule.strategy=p", "--probe"],
+     "--probe: it times local models, and classify run(s) on a LiteLLM model"),
+])
+def test_bad_input_exits_2_with_one_line(argv, expected, capsys):
+    before = "transformers" in sys.modules
+    code = cli("plan", *(a.replace("{sst2}", str(RECIPES / "sst2.yaml")) for a in argv))
+    err = capsys.readouterr().err
+    assert (code, expected in err) == (2, True), err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert before or "transformers" not in sys.modules, "a bad input loaded a model"
+
+
+# ---------------------------------------------------------------- on the real model
+@pytest.mark.model
+def test_lora_parameters_are_what_peft_trains_on_the_real_model():
+    from jointcli.models.embedded import resolve_checkpoint
+    from jointcli.models.lora import load_for_training
+    from jointcli.plan import lora_parameters, model_facts
+
+    checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
+    for lora in (Lora(r=8, alpha=16), Lora(r=4, alpha=8, target_modules=["q_proj", "v_proj"])):
+        model = load_for_training(checkpoint, lora, "cpu", "float32", seed=0)  # what a weight step trains
+        trainable, total = model.get_nb_trainable_parameters()
+        assert lora_parameters(checkpoint, lora) == trainable
+    assert model_facts(checkpoint)["parameters"] == total - trainable == 134_515_008
+
+
+@pytest.mark.model
+def test_the_probe_times_every_step_of_a_tiny_recipe():
+    from jointcli.plan import build_plan
+
+    recipe = load_recipe(RECIPES / "sst2.yaml", tiny(6, 4, 4, "runtime.num_threads=2", "models.small.max_tokens=8",
+                                                      "optimizers.w.train.batch_size=2"))
+    plan = build_plan(recipe, probe=True)  # 2 threads, 4 examples a run, a LoRA step of 2 rows
+    probe = plan.probe
+    assert probe["step_seconds"] > 0 and probe["row_tokens"] > 0 and probe["adapter_factor"] > 0
+    assert 0 <= probe["pass_rate"] <= 1 and len(probe["batched"]) == 2
+    assert [s.step for s in plan.steps] == ["00-baseline", "01-p", "02-w", "03-p", "test"]
+    assert all(s.seconds > 0 for s in plan.steps)
+    assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.steps))
+    assert plan.steps[2].train["classify"]["steps"] == 3  # 6 rows, 2 a step
