@@ -259,8 +259,9 @@ class Prompts:
         tokenizer = self.tokenizers[module]
         if tokenizer is None:
             return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        from .models.chat import chat_ids  # the checkpoint's template, as the engine applies it
+
+        return len(chat_ids(tokenizer, messages, add_generation_prompt=True))
 
 
 def _tokenizer(checkpoint: str | None):
@@ -390,68 +391,90 @@ def run_probe(recipe: Recipe, splits, prompts: Prompts, names: list[str], demos:
     evaluation batches them, and one example alone) and, for `weight` (the first weight step and the demos
     then), a LoRA optimizer step on rows like its own, then the demos batch with that adapter.
     DSPy's cache is off."""
-    import dspy
-
-    from .metrics import build_metric
-    from .models import build_lm
-    from .models.embedded import resolve_checkpoint
-    from .models.lora import train_lora
-    from .models.model_id import adapter_model_id
-    from .program import build_program, model_of, predictors_of
-    from .rundir import read_jsonl
-    from .steps.evaluate import evaluate
-
     start = time.perf_counter()
-    metric = build_metric(recipe.metric, recipe.label_field)
-    lms = {key: build_lm(key, recipe.models[key], cache=False) for key in {model_of(recipe, m) for m in names}}
-    pool = splits.dev + splits.test + splits.train
-    n = min(PROBE_THREADS, recipe.runtime.num_threads)
-    size = max(2, min(2 * n, PROBE_CALLS // len(prompts.predictors)))
-    batch = lambda first, count=size: [pool[(first + i) % len(pool)] for i in range(count)]  # noqa: E731
-
-    def program(k: int, tuned: dict | None = None):
-        prog = build_program(recipe)
-        for m in names:
-            for p in predictors_of(prog, m):
-                p.lm, p.demos = (tuned or {}).get(m) or lms[model_of(recipe, m)], prompts.demos(p, k)
-        return prog
-
-    def timed(prog, examples: list, k: int) -> tuple[tuple[float, float], float]:
-        clock = time.perf_counter()
-        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-            result = evaluate(prog, examples, metric, n, label="probe")
-        seconds = (time.perf_counter() - clock) / len(examples)
-        return (prompts.per_example(examples, {m: k for m in names})[0], seconds), result.score
-
+    prober = _Prober(recipe, splits, prompts, names)
     # untimed calls first: the first calls after loading are several times slower, and a batch's
     # shared prompt prefix (the system message, the demos) is computed once per evaluation, not per batch
-    timed(program(0), batch(0, 2), 0)
-    zero, _ = timed(program(0), batch(2), 0)
-    timed(program(demos), batch(0, 1), demos)
-    shots, pass_rate = timed(program(demos), batch(2 + size), demos)
-    (_, single), _ = timed(program(demos), batch(2 + 2 * size, 1), demos)
+    prober.timed(prober.program(0), prober.batch(0, 2), 0)
+    zero, _ = prober.timed(prober.program(0), prober.batch(2), 0)
+    prober.timed(prober.program(demos), prober.batch(0, 1), demos)
+    shots, pass_rate = prober.timed(prober.program(demos), prober.batch(2 + prober.size), demos)
+    (_, single), _ = prober.timed(prober.program(demos), prober.batch(2 + 2 * prober.size, 1), demos)
     probe = Probe([zero, shots], single, pass_rate)
     if weight is not None:
-        spec, at = weight
-        module = _trained(recipe, spec, names)[0]
-        model, k = model_of(recipe, module), at[module]
-        rows = prompts.rows(module, k, spec.train.batch_size * spec.train.grad_accum)  # one optimizer step
-        with tempfile.TemporaryDirectory() as tmp:
-            result = train_lora(resolve_checkpoint(recipe.models[model].path), rows, Path(tmp) / "adapter", spec.lora,
-                                spec.train.model_copy(update={"epochs": 1.0}), seed=recipe.seed,
-                                log_path=Path(tmp) / "log.jsonl", device=recipe.models[model].device, resume=False,
-                                dtype=spec.train.dtype)
-            # the first step is no slower than the next (sst2 and the pipeline: 16.9 then 18.3 s, 20.0 then 20.6 s)
-            probe.step_seconds = read_jsonl(Path(tmp) / "log.jsonl")[0]["seconds"]
-            probe.row_tokens = sum(prompts.per_example(splits.train, {module: k}, [module]))  # as the steps count
-            probe.peak_rss_gb = result.peak_rss_mb / 1024
-            lms[model].engine.add_adapter("plan-probe", Path(tmp) / "adapter")
-        tuned = program(demos, {module: lms[model].copy(model=adapter_model_id(lms[model].model, "plan-probe"))})
-        timed(tuned, batch(0, 1), demos)
-        (_, adapted), _ = timed(tuned, batch(2 + size), demos)
+        prober.train(probe, *weight)
+        tuned = prober.program(demos, {prober.trained: prober.tuned})
+        prober.timed(tuned, prober.batch(0, 1), demos)
+        (_, adapted), _ = prober.timed(tuned, prober.batch(2 + prober.size), demos)
         probe.adapter_factor = adapted / shots[1]
     probe.seconds = time.perf_counter() - start
     return probe
+
+
+class _Prober:
+    """The probe's programs on the recipe's local models (DSPy's cache off), its examples, its timer."""
+
+    def __init__(self, recipe: Recipe, splits, prompts: Prompts, names: list[str]):
+        from .metrics import build_metric
+        from .models import build_lm
+        from .program import model_of
+
+        self.recipe, self.splits, self.prompts, self.names = recipe, splits, prompts, names
+        self.metric = build_metric(recipe.metric, recipe.label_field)
+        self.model_of = {m: model_of(recipe, m) for m in names}
+        self.lms = {key: build_lm(key, recipe.models[key], cache=False) for key in set(self.model_of.values())}
+        self.pool = splits.dev + splits.test + splits.train
+        self.threads = min(PROBE_THREADS, recipe.runtime.num_threads)
+        self.size = max(2, min(2 * self.threads, PROBE_CALLS // len(prompts.predictors)))
+        self.trained, self.tuned = None, None  # the module the LoRA step trained, its LM with that adapter
+
+    def batch(self, first: int, count: int | None = None) -> list:
+        return [self.pool[(first + i) % len(self.pool)] for i in range(count or self.size)]
+
+    def program(self, k: int, lms: dict | None = None):
+        """The recipe's program with `k` demos per predictor, on the probe's LMs (or `lms`, by module)."""
+        from .program import build_program, predictors_of
+
+        program = build_program(self.recipe)
+        for m in self.names:
+            for p in predictors_of(program, m):
+                p.lm, p.demos = (lms or {}).get(m) or self.lms[self.model_of[m]], self.prompts.demos(p, k)
+        return program
+
+    def timed(self, program, examples: list, k: int) -> tuple[tuple[float, float], float]:
+        """((prompt tokens, seconds) per example, score) of an evaluation of `examples`."""
+        import dspy
+
+        from .steps.evaluate import evaluate
+
+        clock = time.perf_counter()
+        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+            result = evaluate(program, examples, self.metric, self.threads, label="probe")
+        seconds = (time.perf_counter() - clock) / len(examples)
+        return (self.prompts.per_example(examples, {m: k for m in self.names})[0], seconds), result.score
+
+    def train(self, probe: Probe, spec: WeightOptimizer, demos: dict[str, int]) -> None:
+        """One LoRA optimizer step on rows of the weight step's first module; its adapter joins the engine."""
+        from .models.embedded import resolve_checkpoint
+        from .models.lora import train_lora
+        from .models.model_id import adapter_model_id
+        from .rundir import read_jsonl
+
+        module = self.trained = _trained(self.recipe, spec, self.names)[0]
+        model, k = self.recipe.models[self.model_of[module]], demos[module]
+        rows = self.prompts.rows(module, k, spec.train.batch_size * spec.train.grad_accum)  # one optimizer step
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_lora(resolve_checkpoint(model.path), rows, Path(tmp) / "adapter", spec.lora,
+                                spec.train.model_copy(update={"epochs": 1.0}), seed=self.recipe.seed,
+                                log_path=Path(tmp) / "log.jsonl", device=model.device, resume=False,
+                                dtype=spec.train.dtype)
+            # the first step is no slower than the next (sst2 and the pipeline: 16.9 then 18.3 s, 20.0 then 20.6 s)
+            probe.step_seconds = read_jsonl(Path(tmp) / "log.jsonl")[0]["seconds"]
+            probe.row_tokens = sum(self.prompts.per_example(self.splits.train, {module: k}, [module]))
+            probe.peak_rss_gb = result.peak_rss_mb / 1024
+            base = self.lms[self.model_of[module]]
+            base.engine.add_adapter("plan-probe", Path(tmp) / "adapter")
+        self.tuned = base.copy(model=adapter_model_id(base.model, "plan-probe"))
 
 
 # ---------------------------------------------------------------- the steps
@@ -539,7 +562,8 @@ class Estimator:
 
     def steps(self, keys: list[str]) -> list[StepPlan]:
         walk = demos_by_step(self.recipe, keys, self.names, len(self.splits.train))
-        out = [StepPlan("00-baseline", "baseline", demos=walk[0], phases={"dev": self.evaluation("dev", walk[0], False)})]
+        baseline = self.evaluation("dev", walk[0], False)
+        out = [StepPlan("00-baseline", "baseline", demos=walk[0], phases={"dev": baseline})]
         adapted = False
         for i, key in enumerate(keys, 1):
             spec = self.recipe.optimizers[key]
