@@ -9,7 +9,8 @@ recipe.py's schema checks the form of each key and the references between them. 
 what the form cannot show: names that must exist (built-in data sets, metrics and models, each
 list's owner says which; DSPy prompt optimizers, with their arguments' names and types), the
 program a `class` names, what a module with `adapter: text` must be (`predict`, one output), the
-data file against the recipe's fields, and what each step of the strategy needs. Steps keep only
+data file against the recipe's fields, the objectives of `schedule.select` (selection.py's), and
+what each step of the strategy needs. Steps keep only
 the checks that need what a run finds (no passing traces, a run that already has steps). Every
 message starts with the recipe key (or flag) it is about.
 """
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Literal, Union, get_args, get_origin
 
 from .errors import InputError
-from .recipe import LocalModel, PromptOptimizer, Recipe, WeightOptimizer, did_you_mean
+from .recipe import LocalModel, PromptOptimizer, Recipe, Select, WeightOptimizer, did_you_mean
 
 
 @contextmanager
@@ -51,6 +52,7 @@ def check_recipe(recipe: Recipe, steps: Iterable[str] | None = None) -> None:
     for key, spec in recipe.optimizers.items():
         _check_optimizer(recipe, key, spec, module_models)
     strategy = parse_strategy(recipe.schedule.strategy, recipe.optimizers)
+    check_select(recipe.schedule.select)
     check_steps(recipe, strategy if steps is None else steps, module_models)
 
 
@@ -75,6 +77,41 @@ def step_optimizer(recipe: Recipe, key: str, kind: type) -> PromptOptimizer | We
         raise InputError(f"optimizers.{key}: is a {spec.type} optimizer; this command needs a {wanted} one")
     check_steps(recipe, [key])
     return spec
+
+
+def check_select(select: Select | None) -> None:
+    """schedule.select (recipe.Select): objectives selection.py knows, each the right way round (a
+    cost lower, the score higher), and bounds on costs only."""
+    from .selection import COSTS, MAXIMIZE, OBJECTIVES
+
+    if select is None:
+        return
+    where = "schedule.select"
+    if select.maximize is not None and select.maximize not in MAXIMIZE:
+        name = select.maximize.lstrip("-")
+        if name in OBJECTIVES:
+            right, worst = ("score", "lowest dev score") if name == "score" else (f"-{name}", f"most {name}")
+            raise InputError(f"{where}.maximize: {select.maximize!r} would choose the step with the {worst}; "
+                             f"write {right!r}")
+        raise InputError(f"{where}.maximize: unknown objective {select.maximize!r}; write one of "
+                         f"{', '.join(MAXIMIZE)}{did_you_mean(select.maximize, MAXIMIZE)}")
+    if select.weights == {}:
+        raise InputError(f"{where}.weights: empty; give the score or a cost a weight, "
+                         "e.g. {score: 1.0, tokens: -0.001}")
+    for name, weight in (select.weights or {}).items():
+        if name not in OBJECTIVES:
+            raise InputError(f"{where}.weights: unknown objective {name!r}; objectives are "
+                             f"{', '.join(OBJECTIVES)}{did_you_mean(name, OBJECTIVES)}")
+        if weight == 0:
+            raise InputError(f"{where}.weights.{name}: 0 counts nothing; leave it out")
+        if (weight > 0) != (name == "score"):
+            better = "a lower dev score; the score's weight is positive" if name == "score" else \
+                f"more {name}; a cost's weight is negative (e.g. -0.001)"
+            raise InputError(f"{where}.weights.{name}: {weight:g} would prefer {better}")
+    for name in select.constraints:
+        if name not in COSTS:
+            raise InputError(f"{where}.constraints: unknown cost {name!r}; constraints are upper bounds on "
+                             f"{', '.join(COSTS)}{did_you_mean(name, COSTS)}")
 
 
 # ---------------------------------------------------------------- models and program

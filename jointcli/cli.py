@@ -350,6 +350,8 @@ def _print_steps(run, notes: dict[str, str] | None = None) -> None:
         table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
                       fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", *answers, note)
     out.print(table)
+    if line := _selection_line(run):
+        console.print(line, highlight=False, soft_wrap=True)
     for split in ("dev", "test"):
         share = next((s.info[f"{split}_majority"] for s in steps if f"{split}_majority" in s.info), None)
         if share is not None:
@@ -361,6 +363,21 @@ def _print_steps(run, notes: dict[str, str] | None = None) -> None:
         for split in ("dev", "test"):
             for warning in s.info.get(f"{split}_warnings", []):
                 console.print(f"[yellow]warning[/]: {s.folder} {split}: {warning}", highlight=False, soft_wrap=True)
+
+
+def _selection_line(run) -> str | None:
+    """With a schedule.select rule: the rule and the step it chooses, in one line; a warning when it
+    chose none (the best dev score is used)."""
+    from .schedule import finished_steps
+    from .selection import choose_step
+
+    select = run.recipe().schedule.select
+    chosen = choose_step(run.path, finished_steps(run), select) if select is not None else None
+    if chosen is None:
+        return None
+    if chosen.fallback:
+        return f"[yellow]warning[/]: schedule.select ({chosen.rule}): {chosen.fallback}"
+    return f"best step by schedule.select ({chosen.rule}): {chosen.folder}"
 
 
 def _traces_line(counts: dict) -> str:

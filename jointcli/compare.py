@@ -6,8 +6,9 @@
     report.gates.failures                    # one line per failed gate
 
 A group is one run directory, or a folder of seed runs (`jointopt joint --seeds 0,1,2` makes
-NAME/seed-0, NAME/seed-1, ...). A group's test score is that of each run's best step by dev score
-(the step a user would ship), averaged over seeds per example; its interval resamples examples.
+NAME/seed-0, NAME/seed-1, ...). A group's test score is that of each run's best step (the step a
+user would ship: the best dev score, or the one the recipe's `schedule.select` rule chooses,
+selection.py), averaged over seeds per example; its interval resamples examples.
 Runs compare only when they used the same data splits and the same metric. compare_render.py
 shows a report: tables, JSON text, plot.
 """
@@ -25,6 +26,7 @@ from .errors import GateError, InputError
 from .metrics import is_binary
 from .rundir import RunDir, Step, StepKind, read_jsonl
 from .schedule import best_step
+from .selection import Selection, choose_step, dev_cost
 from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 GATE = re.compile(r"^\s*([^\s<>=]+)\s*(>=|>)\s*([^\s<>=]+)\s*$")  # run names hold no '<', '>' or '='
@@ -47,6 +49,7 @@ class RunRecord:
     test: dict[int, float] = field(default_factory=dict)  # test example index -> score, best step
     test_rows: list[dict] = field(default_factory=list, repr=False)  # the best step's test predictions
     error: str | None = None  # why the run stopped, when its last step failed
+    selection: Selection | None = None  # with a schedule.select rule: what it chooses among the steps
 
     @classmethod
     def load(cls, path: Path) -> "RunRecord":
@@ -54,11 +57,13 @@ class RunRecord:
         recipe, manifest, every = run.recipe(), run.manifest(), run.steps()
         steps = [s for s in every if s.status == "done" and s.kind in PROGRAM_KINDS]
         scored = [s for s in steps if "dev" in s.scores]
+        select = recipe.schedule.select
+        selection = choose_step(run.path, steps, select) if select is not None else None
         best = next((s for s in scored if s.folder == manifest.get("best")), None)
         if best is None:  # an unfinished joint run: the best so far, as the schedule picks it
-            best = best_step(scored)
+            best = best_step(scored) if selection is None else next(s for s in scored if s.folder == selection.folder)
         record = cls(run.path, recipe.seed, recipe.schedule.strategy, manifest.get("data_fingerprint"),
-                     {"name": recipe.metric.name, "field": recipe.label_field}, steps, best)
+                     {"name": recipe.metric.name, "field": recipe.label_field}, steps, best, selection=selection)
         last = every[-1] if every else None
         if last is not None and last.status != "done":
             record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
@@ -130,7 +135,7 @@ def check_comparable(groups: list[Group]) -> None:
 # Field order is the order of the keys in `--json`.
 @dataclass
 class RunSummary:
-    """One run of a group: its best step by dev score, and that step's test score."""
+    """One run of a group: its best step (by dev score, or by schedule.select), and that step's test score."""
 
     path: str
     seed: int
@@ -138,6 +143,8 @@ class RunSummary:
     best_dev: float | None
     test: float | None  # None when the run stopped on a failed step
     error: str | None
+    selected_by: str | None = None  # the schedule.select rule in words; None: the best dev score
+    selection_warning: str | None = None  # why the rule chose no step (the best dev score is used)
 
 
 @dataclass
@@ -241,15 +248,9 @@ def _test_matrix(group: Group) -> tuple[list[int], np.ndarray] | None:
     return common, np.array([[r.test[i] for i in common] for r in group.runs])
 
 
-def _cost(run: RunRecord, step: Step) -> dict:
-    """Mean inference cost per dev example of a step's program; seconds only from uncached calls."""
-    path = run.path / step.folder / "predictions.jsonl"
-    rows = read_jsonl(path) if path.is_file() else []
-    if not rows:
-        return {"tokens": None, "seconds": None}
-    tokens = sum(r.get("tokens_in", 0) + r.get("tokens_out", 0) for r in rows) / len(rows)
-    timed = [r["seconds"] for r in rows if not r.get("cached_calls")]
-    return {"tokens": round(tokens, 1), "seconds": round(sum(timed) / len(timed), 4) if timed else None}
+def _selected(run: RunRecord) -> tuple[str | None, str | None]:
+    """(the run's schedule.select rule in words, why it chose no step); (None, None) without a rule."""
+    return (run.selection.rule, run.selection.fallback) if run.selection else (None, None)
 
 
 def build_report(groups: list[Group]) -> Report:
@@ -278,7 +279,8 @@ def build_report(groups: list[Group]) -> Report:
             train_steps=round(sum(r.train_steps for r in g.runs) / n),
             per_run=[RunSummary(str(r.path), r.seed, r.best.folder if r.best else None,
                                 r.best.scores.get("dev") if r.best else None,
-                                r.best.scores.get("test") if r.best and not r.error else None, r.error)
+                                r.best.scores.get("test") if r.best and not r.error else None, r.error,
+                                *_selected(r))
                      for r in g.runs],
             errors=[f"{r.path.name}: {r.error}" if n > 1 else r.error for r in g.runs if r.error]))
         if (summary := answer_summary([row for r in g.runs for row in r.test_rows], field_name)) is not None:
@@ -335,7 +337,7 @@ def _pareto(groups: list[Group]) -> list[Candidate]:
             for s in r.steps:
                 if "dev" not in s.scores or "adopted_from" in s.info:  # a sibling's step: counted there
                     continue
-                cost = _cost(r, s)
+                cost = dev_cost(r.path / s.folder)
                 if cost["tokens"] is not None:
                     candidates.append(Candidate(f"{g.label}{seed_part}/{s.folder}", g.label, s.scores["dev"],
                                                 cost["tokens"], cost["seconds"]))

@@ -27,7 +27,8 @@ def print_report(report: Report, console) -> None:
         console = Console(file=console.file, width=max(console.width, 160))
 
     f = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
-    runs = Table(title=f"runs ({report.metric['name']} on {report.metric['field']}; test = best step by dev, "
+    chosen_by = "dev or schedule.select" if any(p.selected_by for r in report.runs for p in r.per_run) else "dev"
+    runs = Table(title=f"runs ({report.metric['name']} on {report.metric['field']}; test = best step by {chosen_by}, "
                        "95% bootstrap interval over examples)")
     for col in ("run", "strategy", "seeds", "baseline", "best dev", "test [95% CI]", "± std (seeds)", "best step",
                 "wall s", "eval tokens", "train steps"):
@@ -39,6 +40,7 @@ def print_report(report: Report, console) -> None:
     if (m := report.majority) is not None:  # what a program answering one label to everything scores
         runs.add_row("majority class", f"always {m.label!r}", "", "", "", f"{m.test:.3f}", "", "", "", "", "")
     console.print(runs)
+    _print_selection(report, console)
     for r in report.runs:
         for error in r.errors:
             console.print(f"[red]{r.label}[/] did not finish: {error}", highlight=False, soft_wrap=True)
@@ -66,6 +68,19 @@ def print_report(report: Report, console) -> None:
         for c in front:
             table.add_row(c.candidate, f(c.dev), f(c.tokens, ".0f"), f(c.seconds, ".3f"))
         console.print(table)
+
+
+def _print_selection(report: Report, console) -> None:
+    """Each run's schedule.select rule (one line per group and rule), and a warning for each run
+    whose rule chose no step (its best dev score was used)."""
+    for r in report.runs:
+        for rule in dict.fromkeys(p.selected_by for p in r.per_run if p.selected_by):
+            console.print(f"{r.label}: best step by schedule.select: {rule}", highlight=False, soft_wrap=True)
+        for p in r.per_run:
+            if p.selection_warning:
+                name = f"{r.label}/{Path(p.path).name}" if len(r.per_run) > 1 else r.label
+                console.print(f"[yellow]warning[/]: {name}: schedule.select: {p.selection_warning}",
+                              highlight=False, soft_wrap=True)
 
 
 def plot_report(report: Report, groups: list[Group], out: Path) -> None:

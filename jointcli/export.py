@@ -63,8 +63,9 @@ class Server:
 
 # ---------------------------------------------------------------- the step and its program
 def find_step(run: RunDir, spec: str) -> Step:
-    """The step `spec` names: `best` (as compare picks it: the manifest's best, else the best dev
-    score so far), an index or a folder name like 02-w. It must be done."""
+    """The step `spec` names: `best` (as compare picks it: the manifest's best, else the best step so
+    far by dev score or by the recipe's schedule.select), an index or a folder name like 02-w. It must
+    be done."""
     from .compare import RunRecord
 
     steps = run.steps()

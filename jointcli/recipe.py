@@ -230,9 +230,30 @@ class WeightOptimizer(Strict):
 OptimizerSpec = Annotated[Union[PromptOptimizer, WeightOptimizer], Field(discriminator="type")]
 
 
+class Select(Strict):
+    """How to choose the step to ship among the dev-scored ones (selection.py); the names are checked
+    in checks.py. Costs are per dev example: tokens (prompt + completion), seconds (uncached calls);
+    parameters: the trainable LoRA parameters of the program as of the step."""
+
+    maximize: str | None = Field(None, description="one objective: score, -tokens, -seconds or -parameters "
+                                 "(default: score, unless weights are given)")
+    weights: dict[str, float] | None = Field(None, description="instead of maximize: the weighted sum to maximize, "
+                                             "e.g. {score: 1.0, tokens: -0.001}")
+    constraints: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="upper bounds on costs, e.g. {tokens: 300}; a step over one is no "
+        "candidate (none left: the best dev score, with a warning)")
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> "Select":
+        if self.maximize is not None and self.weights is not None:
+            raise ValueError("give maximize or weights, not both")
+        return self
+
+
 class Schedule(Strict):
     strategy: str = Field("p -> w -> p", description="step letters (keys of `optimizers`) joined by ->")
     patience: int | None = Field(None, ge=1, description="stop after this many steps without a better dev score")
+    select: Select | None = Field(None, description="how to choose the step to ship (default: the best dev score)")
 
 
 class Runtime(Strict):

@@ -5,9 +5,10 @@
     runs = run_joint_seeds(Path("recipes/sst2.yaml"), seeds="0,1,2")   # what `jointopt joint` does
 
 Plan: baseline, then one step per letter, each followed by a dev evaluation (inside the step);
-then the best program by dev score (ties go to the earlier step) and the last one are evaluated
-on the test split. Finished steps found in the manifest are not repeated, so running the same
-command again after a crash or Ctrl-C resumes where it stopped.
+then the best program (by dev score, ties to the earlier step; or by the recipe's `schedule.select`
+rule, selection.py) and the last one are evaluated on the test split. Finished steps found in the
+manifest are not repeated, so running the same command again after a crash or Ctrl-C resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def _stalled(steps: list, patience: int | None) -> bool:
 
 # ---------------------------------------------------------------- running
 def run_joint(ctx: Context) -> Step:
-    """Run (or resume) the recipe's schedule in `ctx`'s run; returns the best step by dev score,
-    with its test score. The manifest records it as `best`, and `finished`."""
+    """Run (or resume) the recipe's schedule in `ctx`'s run; returns the best step (by dev score, or
+    by schedule.select), with its test score. The manifest records it as `best`, and `finished`."""
     from .checks import check_steps
     from .steps.kinds import eval_step, prompt_step, test_eval, weight_step
 
@@ -144,13 +145,26 @@ def run_joint(ctx: Context) -> Step:
         else:
             weight_step(ctx, key)
     scored = [s for s in finished_steps(ctx.run) if "dev" in s.scores]
-    best, last = best_step(scored), scored[-1]
+    best, last = _select(ctx, scored), scored[-1]
     ctx.run.set_manifest_field("best", best.folder)
     for step in [best] + ([last] if last.folder != best.folder else []):
         if "test" not in step.scores:
             test_eval(ctx, step)
     ctx.run.set_manifest_field("finished", True)
     return best
+
+
+def _select(ctx: Context, scored: list[Step]) -> Step:
+    """The step to ship: the best dev score, or the one the recipe's schedule.select chooses; then the
+    manifest also records the rule, the choice and why the rule chose none (`selection`)."""
+    from .selection import choose_step
+
+    select = ctx.recipe.schedule.select
+    if select is None:
+        return best_step(scored)
+    chosen = choose_step(ctx.run.path, finished_steps(ctx.run), select)
+    ctx.run.set_manifest_field("selection", {"rule": chosen.rule, "step": chosen.folder, "fallback": chosen.fallback})
+    return next(s for s in scored if s.folder == chosen.folder)
 
 
 def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name: str | None = None,

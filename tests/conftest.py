@@ -18,6 +18,24 @@ import pytest
 
 from jointcli.models.device import BF16_SWITCH, cpu_has_native_bf16, set_process_defaults
 
+
+def _one_share_of_the_cpus_per_worker() -> None:
+    """Under pytest-xdist (`make test` runs `-n 2`), each worker gets its own share of this process's
+    CPUs, so that torch's threads (sized from the affinity, device.cpu_budget) never oversubscribe the
+    cores; the processes a test starts inherit the share."""
+    import os
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and count.isdigit() and hasattr(os, "sched_setaffinity")):
+        return
+    cpus, count = sorted(os.sched_getaffinity(0)), int(count)
+    share = len(cpus) // count
+    if share >= 1:
+        index = int(worker[2:]) % count
+        os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
+
+
+_one_share_of_the_cpus_per_worker()
 set_process_defaults()  # the suite is an entry point, like the CLI: before any test loads torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -333,6 +333,28 @@ CASES = [
          "--require", "a > a", setup=finished_runs),
     case("require-unknown-run", "error: --require 'a > c': no run named 'c' (runs: a, b)", "compare", "a", "b", *RUNS,
          "--require", "a > c", setup=finished_runs),
+
+    # ------------------------------------------------ schedule.select: the step to ship
+    case("select-unknown-objective", "error: schedule.select.maximize: unknown objective 'scor'; write one of score, "
+         "-tokens, -seconds, -parameters; did you mean 'score'?", "validate", SST2, "schedule.select={maximize: scor}"),
+    case("select-wrong-direction", "error: schedule.select.maximize: 'tokens' would choose the step with the most "
+         "tokens; write '-tokens'", "validate", SST2, "schedule.select={maximize: tokens}"),
+    case("select-unknown-constraint", "error: schedule.select.constraints: unknown cost 'toknes'; constraints are "
+         "upper bounds on tokens, seconds, parameters; did you mean 'tokens'?", "validate", SST2,
+         "schedule.select={constraints: {toknes: 300}}"),
+    case("select-unknown-weight", "error: schedule.select.weights: unknown objective 'scores'; objectives are score, "
+         "tokens, seconds, parameters; did you mean 'score'?", "validate", SST2,
+         "schedule.select={weights: {scores: 1}}"),
+    case("select-weight-sign", "error: schedule.select.weights.tokens: 0.001 would prefer more tokens; a cost's weight "
+         "is negative (e.g. -0.001)", "validate", SST2, "schedule.select={weights: {score: 1.0, tokens: 0.001}}"),
+    case("select-maximize-and-weights", "error: {sst2}: schedule.select: give maximize or weights, not both",
+         "validate", SST2, "schedule.select={maximize: score, weights: {score: 1.0}}"),
+    case("select-negative-bound", "schedule.select.constraints.tokens: Input should be greater than or equal to 0",
+         "validate", SST2, "schedule.select={constraints: {tokens: -1}}"),
+    case("select-key", "schedule.select.maximise: unknown key; did you mean 'maximize'?", "validate", SST2,
+         "schedule.select.maximise=score"),
+    case("select-in-joint", "error: schedule.select.maximize: unknown objective 'cost'", "joint", SST2,
+         "schedule.select={maximize: cost}", *RUNS),
 ]
 
 
