@@ -178,7 +178,7 @@ def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name:
     from .checks import about, check_recipe
     from .context import open_run
     from .recipe import load_recipe
-    from .steps.kinds import init_step
+    from .steps.kinds import init_step, warm_start
 
     base = load_recipe(recipe_path, overrides or [])
     check_recipe(base)  # the strategy's steps included: exit 2 before any run directory is made
@@ -188,6 +188,7 @@ def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name:
     if init_from is not None:
         with about("--init-from"):  # not a run: exit 2 before any run directory is made
             RunDir.existing(init_from)
+        warm_start(base, init_from)  # modules that do not fit: exit 2 before any run directory is made too
     done = []
     for seed, run_name in runs:
         extra = [f"seed={seed}"] if seed is not None else []

@@ -71,6 +71,30 @@ def run_of_seed_0(tmp: Path) -> None:
     RunDir.open(tmp / "runs", "old", load_recipe(RECIPES / "sst2.yaml")).unlock()
 
 
+def source_run(tmp: Path, *overrides: str, adapter: bool = False) -> None:
+    """{tmp}/runs/src: a run of recipes/sst2.yaml + `overrides` whose one p step saved the recipe's
+    program (and, with `adapter`, names an adapter of `classify`), for --init-from."""
+    from jointcli.program import build_program
+    from jointcli.state import ModuleState, ProgramState, save_state
+
+    recipe = load_recipe(RECIPES / "sst2.yaml", list(overrides))
+    run = RunDir.open(tmp / "runs", "src", recipe)
+    step = run.begin("p")
+    program = build_program(recipe)
+    state = ProgramState.initial(recipe, program)
+    if adapter:
+        state.modules["classify"] = ModuleState("small", "00-p/adapters/classify")
+    save_state(run, run.step_dir(step), program, state)
+    run.finish(step, 1.0)
+    run.set_manifest_field("best", step.folder)
+    run.unlock()
+
+
+CHECKPOINT = '{"model_type": "llama"}'
+OTHER_SIGNATURE = ["data.inputs=[text]", "data.labels=[label]", "metric.field=label",
+                   'program.modules=[{name: classify, signature: "text -> label", model: small}]']
+
+
 def case(name: str, expected: str, *argv: str, files: dict | None = None, setup=None):
     return pytest.param(list(argv), files or {}, setup, expected, id=name)
 
@@ -300,6 +324,18 @@ CASES = [
     case("status-not-a-run", "error: {tmp}/nowhere: not a run directory", "status", "{tmp}/nowhere"),
     case("init-from-not-a-run", "error: --init-from: {tmp}/runs/nowhere: not a run directory", "joint", SST2, *RUNS,
          "--init-from", "nowhere"),
+    case("init-from-other-signature", "error: --init-from: module 'classify': signature 'sentence -> sentiment' "
+         "here, 'text -> label' in {tmp}/runs/src", "joint", SST2, *RUNS, "--init-from", "src",
+         setup=lambda tmp: source_run(tmp, *OTHER_SIGNATURE)),
+    case("init-from-no-module-matches", "error: --init-from: no module of {tmp}/runs/src (judge) matches this "
+         "recipe's (classify) by name and signature", "joint", SST2, *RUNS, "--init-from", "src",
+         setup=lambda tmp: source_run(tmp, 'program.modules=[{name: judge, signature: "sentence -> sentiment", '
+                                           'model: small}]')),
+    case("init-from-adapter-of-another-model", "error: --init-from: module 'classify': its adapter in {tmp}/runs/src "
+         "was trained on models.small ({tmp}/m1), here it runs on models.small ({tmp}/m2)", "joint", SST2,
+         "models.small.path={tmp}/m2", *RUNS, "--init-from", "src",
+         files={"m1/config.json": CHECKPOINT, "m2/config.json": CHECKPOINT},
+         setup=lambda tmp: source_run(tmp, f"models.small.path={tmp}/m1", adapter=True)),
     case("traces-not-a-file", "error: --traces: {tmp}/none.jsonl is not a file", "finetune", SST2, *RUNS,
          "--traces", "{tmp}/none.jsonl"),
     case("optimizer-of-the-wrong-type", "error: optimizers.p: is a prompt optimizer; this command needs a weight one",

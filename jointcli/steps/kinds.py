@@ -9,9 +9,11 @@ a step may touch is `StepContext`; `jointcli.context.Context` is the one impleme
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -20,10 +22,11 @@ import dspy
 from ..checks import step_optimizer
 from ..console import console, phase, step_log
 from ..errors import InputError, JointoptError, StepError
-from ..program import build_program, module_names
-from ..recipe import PromptOptimizer, Recipe, WeightOptimizer
+from ..models.embedded import resolve_checkpoint
+from ..program import build_program, model_of, module_names, predictors_of
+from ..recipe import LocalModel, PromptOptimizer, Recipe, WeightOptimizer
 from ..rundir import RunDir, Step, StepKind, read_jsonl, write_json, write_jsonl
-from ..state import ModuleState, ProgramState, current_state, save_state
+from ..state import ModuleState, ProgramState, current_state, load_program, save_state
 
 if TYPE_CHECKING:
     from ..data import Splits
@@ -241,35 +244,114 @@ def _merge_logs(folder: Path, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- init
+@dataclass
+class WarmStart:
+    """What `--init-from` copies: the source run, its recipe, its best step and that step's state, and
+    per module of this recipe whether it is copied (value: with its adapter) or kept as the recipe has it."""
+
+    source: RunDir
+    recipe: Recipe
+    best: str | None
+    state: ProgramState
+    copied: dict[str, bool]
+    kept: list[str]
+    ignored: list[str]  # the source's modules that this recipe has not
+
+
+def _signatures(recipe: Recipe, program: dspy.Module) -> dict[str, str]:
+    """Each module's signature as 'in1, in2 -> out': the recipe module's fields, or a class predictor's."""
+    if recipe.program.modules:
+        fields = {m.name: m.fields() for m in recipe.program.modules}
+    else:
+        fields = {name: (list(p.signature.input_fields), list(p.signature.output_fields))
+                  for name, p in program.named_predictors()}
+    return {name: f"{', '.join(ins)} -> {', '.join(outs)}" for name, (ins, outs) in fields.items()}
+
+
+def _base(recipe: Recipe, model: str) -> str:
+    spec = recipe.models.get(model)
+    return f"models.{model} ({spec.path if isinstance(spec, LocalModel) else getattr(spec, 'model', 'none')})"
+
+
+def _same_base(mine: Recipe, model: str, theirs: Recipe, their_model: str) -> bool:
+    """Whether an adapter trained on `theirs`' model fits `mine`'s: the same checkpoint, local both."""
+    a, b = mine.models.get(model), theirs.models.get(their_model)
+    if not (isinstance(a, LocalModel) and isinstance(b, LocalModel)):
+        return False
+    return a.path == b.path or resolve_checkpoint(a.path) == resolve_checkpoint(b.path)
+
+
+def warm_start(recipe: Recipe, source_path: Path) -> WarmStart:
+    """Match the modules of `source_path`'s best state to `recipe`'s, by name and signature; InputError
+    when none matches, a same-named module has another signature, or an adapter's base model differs."""
+    source = RunDir.existing(source_path)
+    theirs = source.recipe()
+    best = source.manifest().get("best")
+    upto = next((s.index for s in source.done_steps() if s.folder == best), None)
+    their_program = build_program(theirs)
+    state = current_state(source, theirs, their_program, upto)
+    if state.program_file is None and not any(m.adapter for m in state.modules.values()):
+        raise InputError(f"--init-from: {source.path} has no optimized program state to start from")
+    here, there = _signatures(recipe, build_program(recipe)), _signatures(theirs, their_program)
+    copied = {}
+    for module, signature in here.items():
+        if module not in there or module not in state.modules:
+            continue
+        if there[module] != signature:
+            raise InputError(f"--init-from: module {module!r}: signature {signature!r} here, "
+                             f"{there[module]!r} in {source.path}")
+        ms = state.modules[module]
+        if ms.adapter and not _same_base(recipe, model_of(recipe, module), theirs, ms.model):
+            raise InputError(f"--init-from: module {module!r}: its adapter in {source.path} was trained on "
+                             f"{_base(theirs, ms.model)}, here it runs on {_base(recipe, model_of(recipe, module))}")
+        copied[module] = bool(ms.adapter)
+    if not copied:
+        raise InputError(f"--init-from: no module of {source.path} ({', '.join(there)}) matches this recipe's "
+                         f"({', '.join(here)}) by name and signature")
+    return WarmStart(source, theirs, best, state, copied, [m for m in here if m not in copied],
+                     [m for m in there if m not in here])
+
+
+def _copy_prompts(start: WarmStart, recipe: Recipe) -> dspy.Module:
+    """This recipe's program with each copied module's demos and instructions from the source's."""
+    theirs = load_program(start.source, start.recipe, start.state)
+    mine = build_program(recipe)
+    for module in start.copied:
+        for p, q in zip(predictors_of(mine, module), predictors_of(theirs, module)):
+            p.demos = copy.deepcopy(q.demos)
+            p.signature = p.signature.with_instructions(q.signature.instructions)
+    return mine
+
+
 def init_step(ctx: StepContext, source_path: Path) -> Step | None:
-    """Copy another run's best program state (prompts and adapters) in as this run's first state."""
+    """Copy another run's best program state (prompts and adapters) in as this run's first state: of
+    the modules that match this recipe's by name and signature (warm_start); the others keep the recipe's."""
     if any(s.kind == StepKind.INIT for s in ctx.run.done_steps()):
         return None
     if ctx.run.done_steps():
         raise InputError(f"--init-from: {ctx.run.path} already has steps; warm starts apply to a new run")
-    source = RunDir.existing(source_path)
-    best = source.manifest().get("best")
-    upto = next((s.index for s in source.done_steps() if s.folder == best), None)
-    state = current_state(source, source.recipe(), build_program(source.recipe()), upto)
-    if state.program_file is None and not any(m.adapter for m in state.modules.values()):
-        raise InputError(f"--init-from: {source.path} has no optimized program state to start from")
-    _, mine = ctx.current_program()
-    if set(state.modules) != set(mine.modules) or any(m.model not in ctx.recipe.models for m in state.modules.values()):
-        raise InputError(f"--init-from: {source.path} has modules/models {sorted(state.modules)} that do not fit "
-                         "this recipe's program")
+    start = warm_start(ctx.recipe, source_path)
+    source, state = start.source, start.state
+    if start.kept:
+        console.print(f"--init-from: {', '.join(start.kept)} not in {source.path} with this signature: kept as "
+                      "this recipe has it (its instructions, no demos, no adapter)", highlight=False, soft_wrap=True)
+    if start.ignored:
+        console.print(f"--init-from: {source.path}'s {', '.join(start.ignored)} not in this recipe: ignored",
+                      highlight=False, soft_wrap=True)
 
     def body(step: Step) -> None:
         folder = ctx.run.step_dir(step)
-        new = ProgramState(None, {})
-        for module, ms in state.modules.items():
-            adapter = None
-            if ms.adapter:
-                shutil.copytree(source.path / ms.adapter, folder / "adapters" / module)
-                adapter = str((folder / "adapters" / module).relative_to(ctx.run.path))
-            new.modules[module] = ModuleState(ms.model, adapter)
+        new = ProgramState.initial(ctx.recipe, build_program(ctx.recipe))
+        for module, with_adapter in start.copied.items():
+            if with_adapter:
+                shutil.copytree(source.path / state.modules[module].adapter, folder / "adapters" / module)
+                new.modules[module].adapter = str((folder / "adapters" / module).relative_to(ctx.run.path))
         if state.program_file:
-            shutil.copyfile(source.path / state.program_file, folder / "program.json")
-            new.program_file = str((folder / "program.json").relative_to(ctx.run.path))
-        write_json(folder / "state.json", new.to_json())
+            save_state(ctx.run, folder, _copy_prompts(start, ctx.recipe), new)
+        else:
+            write_json(folder / "state.json", new.to_json())
 
-    return run_step(ctx, StepKind.INIT, body, {"from": str(source.path), "from_step": best})
+    prompts = ["prompts"] if state.program_file else []
+    copied = {m: prompts + (["adapter"] if a else []) for m, a in start.copied.items()}
+    return run_step(ctx, StepKind.INIT, body, {"from": str(source.path), "from_step": start.best, "copied": copied,
+                                               "kept": start.kept, "ignored": start.ignored})
