@@ -183,12 +183,13 @@ def merge_adapter(checkpoint: Path, adapter: Path, out: Path) -> None:
     """A full transformers checkpoint of `checkpoint` with the LoRA `adapter` merged into its weights
     (PEFT's merge_and_unload, in the checkpoint's dtype), its tokenizer and chat template."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", local_files_only=True)
+    from .models.embedded import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm(checkpoint, "auto")
     merged = PeftModel.from_pretrained(base, str(adapter), local_files_only=True).merge_and_unload(safe_merge=True)
     merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(checkpoint, local_files_only=True).save_pretrained(out)
+    load_tokenizer(checkpoint).save_pretrained(out)
 
 
 # ---------------------------------------------------------------- serving: plan, manifest, README

@@ -269,9 +269,9 @@ def _tokenizer(checkpoint: str | None):
     if checkpoint is None or not any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json",
                                                                                    "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
+    from .models.embedded import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    return load_tokenizer(Path(checkpoint))
 
 
 # ---------------------------------------------------------------- prompt optimizers: DSPy 3.4's arithmetic

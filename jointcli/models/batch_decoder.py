@@ -259,9 +259,11 @@ class BatchDecoder:
             mask[i, prefix_len + width - len(suffix):] = 1
             positions[i, width - len(suffix):] = torch.arange(prefix_len, prefix_len + len(suffix))
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        # the position of every cached key (pads: masked out, any value); only the masks of
-        # sliding-window models are built from it
-        keys = torch.cat([torch.arange(prefix_len, device=self.device).expand(n, -1), positions], dim=1)
+        # the position of every cached key (pads: masked out, any value), kept only for sliding-window
+        # models, whose masks are built from it
+        sliding = isinstance(self._layout, SlidingLayout)
+        keys = torch.cat([torch.arange(prefix_len, device=self.device).expand(n, -1), positions], dim=1) \
+            if sliding else None
         cache = cache_with(prefix, repeat=n)
         logits = self._forward(ids, cache, self._mask(mask, keys, positions), positions)
         next_pos = positions[:, -1:] + 1
@@ -274,10 +276,11 @@ class BatchDecoder:
             if len(keep) < len(active):  # finished rows leave the batch: no more compute for them
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
-                mask, next_pos, keys = mask[index], next_pos[index], keys[index]
+                mask, next_pos = mask[index], next_pos[index]
+                keys = keys[index] if sliding else None
                 active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            keys = torch.cat([keys, next_pos], dim=1)
+            keys = torch.cat([keys, next_pos], dim=1) if sliding else None
             logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache,
                                    self._mask(mask, keys, next_pos), next_pos)
             next_pos = next_pos + 1
@@ -286,7 +289,7 @@ class BatchDecoder:
         """The attention mask of a forward pass: the 2-D padding mask (transformers builds the causal
         mask from it), or for a hybrid sliding-window model one 4-D mask per layer type built from
         the tokens' real positions (see attention_layout)."""
-        if not isinstance(self._layout, SlidingLayout):
+        if keys is None:
             return mask
         return self._layout.masks(mask, keys, queries, self.model.dtype)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import InputError, JointoptError, StepError
 from ..rundir import write_atomic
+from .device import cpu_budget
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def launch(processes: int, device: str, out_dir: Path, job: dict) -> dict:
     for path in errors:
         path.unlink(missing_ok=True)
     write_atomic(job_file, json.dumps(job) + "\n")
-    threads = max(1, _cpu_budget() // processes)
+    threads = max(1, cpu_budget() // processes)
     env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", __name__, str(job_file)]
@@ -137,12 +138,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cpu_budget() -> int:
-    from .device import cpu_budget
-
-    return cpu_budget()
 
 
 def _die_with_parent() -> None:
