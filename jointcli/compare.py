@@ -31,7 +31,8 @@ from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_
 
 GATE = re.compile(r"^\s*([^\s<>=]+)\s*(>=|>)\s*([^\s<>=]+)\s*$")  # run names hold no '<', '>' or '='
 # the steps whose program compare scores and counts (bootstrap steps only record traces)
-PROGRAM_KINDS = (StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.INIT, StepKind.EVAL)
+PROGRAM_KINDS = (StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS, StepKind.INIT,
+                 StepKind.EVAL)
 
 
 # ---------------------------------------------------------------- loading

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .recipe import EMBEDDED_MODEL, LocalModel, Recipe
+from .models.soft_prompt import SUBFOLDER
 from .rundir import RunDir, Step, StepKind, now, staged_dir, write_atomic, write_json
 
 FORMATS = ("peft", "merged")
@@ -155,6 +156,9 @@ def export_step(run_path: Path, step_spec: str, fmt: str, out: Path, force: bool
                 shutil.copytree(entry.adapter, tmp / "adapters" / entry.name, copy_function=shutil.copyfile)
             else:
                 merge_adapter(entry.checkpoint, entry.adapter, tmp / "models" / entry.name)
+                if (entry.adapter / SUBFOLDER).is_dir():  # an s step's soft prompt stays a PEFT folder
+                    shutil.copytree(entry.adapter / SUBFOLDER, tmp / "models" / entry.name / SUBFOLDER,
+                                    copy_function=shutil.copyfile)
         write_atomic(tmp / "README.md", render_readme(manifest, entries, recipe))
         write_json(tmp / "export.json", manifest)
     return manifest
@@ -298,8 +302,16 @@ def _serving_notes(entries: list[Entry], fmt: str) -> list[str]:
         load = (f'AutoModelForCausalLM.from_pretrained("models/{e.name}")' if fmt == "merged" else
                 f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{e.checkpoint}"), '
                 f'"adapters/{e.name}")')
-        notes += ["", f"`{e.name}` in Python, without a server: `{load}` (transformers"
-                  f"{'' if fmt == 'merged' else ' and peft'})."]
+        if (e.adapter / SUBFOLDER).is_dir():
+            folder = f"{'models' if fmt == 'merged' else 'adapters'}/{e.name}/{SUBFOLDER}"
+            merged = load if fmt == "merged" else f"{load}.merge_and_unload()"
+            notes += ["", f"`{e.name}` has a soft prompt (an s step), in `{folder}`: a PEFT prompt-tuning folder. "
+                      "vLLM and TGI serve no soft prompts, so a server runs this module without it and may answer "
+                      f"otherwise than the run did. With it, in Python: `PeftModel.from_pretrained({merged}, "
+                      f'"{folder}")` (transformers and peft).']
+        else:
+            notes += ["", f"`{e.name}` in Python, without a server: `{load}` (transformers"
+                      f"{'' if fmt == 'merged' else ' and peft'})."]
     return notes
 
 

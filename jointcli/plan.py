@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .recipe import LocalModel, PromptOptimizer, Recipe, WeightOptimizer
+from .recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, WeightOptimizer
 
 GB = 2**30
 SAMPLE = 20  # examples whose prompts are tokenized; a split's tokens are their mean x its size
@@ -540,11 +540,12 @@ class Estimator:
         for name, members in groups.items():
             info = self.modules[members[0]]
             prompt, completion = self.prompts.per_example(self.splits.train, demos, members)
-            row_tokens, rows = round((prompt + completion) / len(members)), n_train * len(members)
+            virtual = spec.soft_prompt.virtual_tokens if isinstance(spec, SimultaneousOptimizer) else 0
+            row_tokens, rows = round((prompt + completion) / len(members)) + virtual, n_train * len(members)
             steps = len(plan_steps(rows, per_step, spec.train.epochs, 0))
             device = resolve_device(self.recipe.models[info["model"]].device)
             dtype = resolve_train_dtype(spec.train.dtype, device)
-            trainable = lora_parameters(Path(info["checkpoint"]), spec.lora)
+            trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
             memory = training_memory(info, trainable, per_step, row_tokens, device, dtype)
             train[name] = {"model": info["model"], "modules": members, "rows": rows, "steps": steps,
                            "row_tokens": row_tokens, "parameters": info["parameters"], "lora_parameters": trainable,
@@ -574,8 +575,9 @@ class Estimator:
                 bootstrap = (Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None) if spec.traces.source == "labels"
                              else self.evaluation("train", walk[i], adapted))
                 train, info, warnings = self.training(key, spec, walk[i])
-                step = StepPlan(f"{i:02d}-w", "w", key, "LoRA", walk[i], {"bootstrap": bootstrap, "train": train},
-                                info, warnings)
+                kind = "s" if isinstance(spec, SimultaneousOptimizer) else "w"
+                step = StepPlan(f"{i:02d}-{kind}", kind, key, "LoRA + soft prompt" if kind == "s" else "LoRA", walk[i],
+                                {"bootstrap": bootstrap, "train": train}, info, warnings)
                 adapted = True
             step.phases["dev"] = self.evaluation("dev", walk[i], adapted)
             out.append(step)
@@ -651,7 +653,8 @@ def print_plan(plan: Plan, out) -> None:
     for s in plan.steps:
         for name, t in s.train.items():
             mem = t["memory_gb"]
-            out.print(f"{s.step} {name}: LoRA trains {t['lora_parameters']:,} of {t['parameters']:,} parameters "
+            what = "LoRA and the soft prompt train" if s.kind == "s" else "LoRA trains"
+            out.print(f"{s.step} {name}: {what} {t['lora_parameters']:,} of {t['parameters']:,} parameters "
                       f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} rows of ~{t['row_tokens']} tokens "
                       f"at most, {t['steps']} optimizer steps; memory ({t['device']}, {t['dtype']}; activations of "
                       f"{t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, full fine-tuning "

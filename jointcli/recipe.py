@@ -205,6 +205,15 @@ class Lora(Strict):
         return v
 
 
+class Curriculum(Strict):
+    """Easy rows first (models/curriculum.py): the rows ranked by difficulty, the optimizer steps cut into
+    `stages` equal parts; stage k draws its rows from the easiest k/stages of them, the last from all."""
+
+    by: Literal["loss", "length"] = Field(description="difficulty: the model's loss per completion token on "
+                                          "the row before training, or the row's length in tokens")
+    stages: int = Field(3, ge=2, le=20)
+
+
 class Train(Strict):
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
@@ -215,6 +224,8 @@ class Train(Strict):
         "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (models/device.py)")
     processes: int = Field(1, ge=1, description="data-parallel training processes (one per GPU on CUDA); each "
                            "optimizer step's rows are shared out and the gradients summed (models/data_parallel.py)")
+    curriculum: Curriculum | None = Field(None, description="order the rows easy to hard in stages, e.g. "
+                                          "{by: loss, stages: 3}; none: a fresh shuffle every epoch")
 
 
 class WeightOptimizer(Strict):
@@ -227,7 +238,40 @@ class WeightOptimizer(Strict):
         "per_module", description="one adapter per module, or one multitask adapter per base model")
 
 
-OptimizerSpec = Annotated[Union[PromptOptimizer, WeightOptimizer], Field(discriminator="type")]
+class SoftPrompt(Strict):
+    virtual_tokens: int = Field(8, ge=1, le=256, description="trainable embeddings put before the module's prompt")
+    init: Literal["instructions", "random"] = Field(
+        "instructions", description="instructions: the embeddings of the module's instruction tokens (repeated "
+        "or cut to virtual_tokens); random: of vocabulary tokens drawn with the seed")
+
+
+class ParamGroup(Strict):
+    learning_rate: float | None = Field(None, gt=0, description="peak learning rate of the group (linear decay "
+                                        "to 0); lora's default: train.learning_rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    l2: float = Field(0.0, ge=0, description="L2 penalty in the objective: l2 x the group's sum of squares")
+
+
+class Groups(Strict):
+    lora: ParamGroup = ParamGroup()
+    soft_prompt: ParamGroup = ParamGroup(learning_rate=1e-2)
+
+
+class SimultaneousOptimizer(WeightOptimizer):
+    """The `s` step: a soft prompt (PEFT prompt tuning) and a LoRA adapter trained in the same backward
+    pass, on the rows a weight step would train on; two parameter groups with their own settings."""
+
+    type: Literal["simultaneous"]
+    soft_prompt: SoftPrompt = SoftPrompt()
+    groups: Groups = Groups()
+
+    @property
+    def lora_rate(self) -> float:
+        """The LoRA group's peak learning rate: groups.lora.learning_rate, else train.learning_rate."""
+        return self.groups.lora.learning_rate or self.train.learning_rate
+
+
+OptimizerSpec = Annotated[Union[PromptOptimizer, WeightOptimizer, SimultaneousOptimizer], Field(discriminator="type")]
 
 
 class Select(Strict):

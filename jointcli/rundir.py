@@ -215,6 +215,7 @@ class StepKind(StrEnum):
     EVAL = "eval"  # a later evaluation
     PROMPT = "p"  # a prompt optimizer
     WEIGHT = "w"  # LoRA fine-tuning
+    SIMULTANEOUS = "s"  # a soft prompt and LoRA trained together
     BOOTSTRAP = "bootstrap"  # traces recorded for a weight step
 
 
@@ -239,7 +240,7 @@ class Step:
 
 
 STATUSES = ("running", "done", "failed")
-STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT)  # the steps that save a program state
+STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)  # the steps that save a program state
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter, as lora.py saves it
 LOCK_GRACE_S = 0.5  # lock() retries this long: the holder may be letting go (a process ending, a status look)
 

@@ -23,10 +23,11 @@ from .rundir import RunDir, Step, StepKind
 if TYPE_CHECKING:
     from .context import Context
 
-STEP_KIND = {"prompt": StepKind.PROMPT, "weight": StepKind.WEIGHT}  # optimizer type -> its step's kind
+STEP_KIND = {"prompt": StepKind.PROMPT, "weight": StepKind.WEIGHT,  # optimizer type -> its step's kind
+             "simultaneous": StepKind.SIMULTANEOUS}
 ZERO_SHOT = ("none", "zero-shot")  # an empty strategy is an error: a value lost on its way, not a choice
 # the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
-SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT)
+SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)
 
 PlanEntry = tuple[str, str | None]  # (step kind, optimizer key); the baseline has no key
 

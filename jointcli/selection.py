@@ -172,8 +172,13 @@ def program_parameters(run_path: Path, steps: list[Step], step: Step) -> int | N
 
 
 def adapter_parameters(adapter: Path) -> int:
-    """The parameters a PEFT adapter folder holds, from its safetensors header (8 bytes of length,
-    then JSON: tensor name -> dtype, shape, offsets); no torch needed."""
-    with open(adapter / "adapter_model.safetensors", "rb") as f:
+    """The parameters a PEFT adapter folder holds, its soft prompt's (prompt_tuning/) included, from the
+    safetensors headers (8 bytes of length, then JSON: tensor name -> dtype, shape, offsets); no torch needed."""
+    files = [adapter / "adapter_model.safetensors", adapter / "prompt_tuning" / "adapter_model.safetensors"]
+    return sum(_tensor_parameters(f) for f in files[:1] + [f for f in files[1:] if f.is_file()])
+
+
+def _tensor_parameters(path: Path) -> int:
+    with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .compat import cache_keyword
 from .model_id import split_model_id
 from .prefix_cache import PrefixCache, cache_with
+from .soft_prompt import model_inputs
 
 MAX_BATCH = 16  # rows decoded together
 PREFILL_TOKENS = 8192  # rows x padded suffix length fed in one forward pass (bounds activation memory)
@@ -100,6 +102,7 @@ class BatchDecoder:
         self.batch_window_s = 0.004  # wait after the first job for others that arrive together
         self.max_wait_s = 0.05  # ... and up to this long while fewer than the last batch have come
         self.prefix_reuse = True
+        self.soft = None  # the soft prompt of the weights in use (soft_prompt context), for virtual tokens
         self.stats: Counter = Counter()
         self.prefixes = PrefixCache(self._forward, device, self.stats)
         self._waiting = 0  # generation jobs submitted and not answered yet
@@ -192,6 +195,16 @@ class BatchDecoder:
             else:
                 held.append(job)  # a barrier (adapter load, close) or a sampled request: after this batch
         return batch
+
+    @contextmanager
+    def soft_prompt(self, soft):
+        """While a batch runs: the soft prompt [n, hidden] that its prompts' virtual tokens (ids -1..-n)
+        stand for (soft_prompt.py); None: the weights have none."""
+        self.soft = soft
+        try:
+            yield
+        finally:
+            self.soft = None
 
     def _run_call(self, fn, args, future: Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -296,8 +309,9 @@ class BatchDecoder:
     def _forward(self, ids, cache, mask=None, positions=None) -> torch.Tensor:
         """One forward pass that extends `cache`; the logits of the last position, one row per sequence.
         self.model is the base model with the LoRA layers (if any) injected: select_weights chose the adapter."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache},
-                         use_cache=True, logits_to_keep=1)
+        soft = self.soft if self.soft is not None and bool((ids < 0).any()) else None
+        out = self.model(**model_inputs(self.model, ids, soft), attention_mask=mask, position_ids=positions,
+                         **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _append(self, job: Job, token: int) -> bool:
@@ -329,14 +343,18 @@ class BatchDecoder:
             torch.manual_seed(config.seed)  # global RNG: only this worker thread samples
         kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p or 1.0,
                   "top_k": config.top_k or 0}
+        # virtual tokens (a soft prompt): generate from embeddings, which returns the new tokens only
+        embedded = self.soft is not None and min(job.prompt) < 0
+        start = 0 if embedded else len(job.prompt)
         if job.stops:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self, job.stops, len(job.prompt))])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self, job.stops, start)])
         ids = torch.tensor([job.prompt], device=self.device)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(self.eos_ids, default=None)  # none: generate would warn
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new,
-                             pad_token_id=pad, **kwargs)
-        job.new = out[0, len(job.prompt):].tolist()
+        out = model.generate(**model_inputs(self.model, ids, self.soft if embedded else None),
+                             attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new, pad_token_id=pad,
+                             **kwargs)
+        job.new = out[0, start:].tolist()
         self._respond(job)
 
     # ---- text

@@ -156,14 +156,15 @@ def _worker(job_file: Path) -> int:
         from accelerate import PartialState
 
         from ..recipe import Lora, Train
-        from .lora import _train_locked
+        from .lora import SoftTraining, _train_locked
 
         state = PartialState(cpu=job["device"] == "cpu")
         ranks = Ranks(state.process_index, state.num_processes)
         _train_locked(Path(job["checkpoint"]), job["pairs"], Path(job["out_dir"]), Lora(**job["lora"]),
                       Train(**job["train"]), job["seed"], Path(job["log_path"]) if job["log_path"] else None,
                       job["device"], job["resume"], job["dtype"],
-                      Path(job["init_adapter"]) if job["init_adapter"] else None, job["token_budget"], ranks)
+                      Path(job["init_adapter"]) if job["init_adapter"] else None, job["token_budget"],
+                      SoftTraining.from_json(job["soft"]) if job.get("soft") else None, ranks)
         state.wait_for_everyone()
         state.destroy_process_group()
         return 0

@@ -46,6 +46,7 @@ from .chat import chat_ids
 from .device import limit_torch_threads, resolve_device, resolve_dtype
 from .embedded import load_causal_lm, load_tokenizer, resolve_checkpoint
 from .model_id import check_adapter_name, split_model_id
+from .soft_prompt import load_soft_prompt, virtual_ids
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; build_lm always passes the recipe's
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -73,6 +74,7 @@ class LocalEngine:
         self.weights_id = _weights_fingerprint(self.checkpoint, self.dtype,
                                                prompt_files=not self.source.startswith("builtin:"))
         self.adapters: dict[str, str] = {}  # name -> adapter folder
+        self._soft: dict[str, torch.Tensor] = {}  # name -> the adapter's soft prompt, if it has one (s step)
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
         self._peft = None  # the PeftModel wrapping self.model, once an adapter is added
         self._tok_lock = threading.Lock()  # callers tokenize in their threads; fast tokenizers dislike races
@@ -138,6 +140,8 @@ class LocalEngine:
 
         # other weights under this name from now on: its cached prefixes must never be used again
         self.decoder.prefixes.drop(("adapter", name))
+        soft = load_soft_prompt(Path(folder))
+        self._soft.pop(name, None)
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False)
         else:
@@ -145,6 +149,8 @@ class LocalEngine:
                 self._peft.delete_adapter(name)
             self._peft.load_adapter(folder, adapter_name=name, is_trainable=False)
         self._peft.eval()
+        if soft is not None:
+            self._soft[name] = soft.to(self.device, self.dtype)
         self.adapters[name] = folder
         self._loads[name] = self._loads.get(name, 0) + 1
 
@@ -160,13 +166,17 @@ class LocalEngine:
             known = ", ".join(sorted(self.adapters)) or "none"
             raise InvalidRequestError(f"model id {model_id!r}: no adapter {name!r} registered (known: {known})")
         self._peft.set_adapter(name)
-        return self._peft, nullcontext(), ("adapter", name, self.adapters[name], self._loads[name])
+        return self._peft, self.decoder.soft_prompt(self._soft.get(name)), \
+            ("adapter", name, self.adapters[name], self._loads[name])
 
     # ---- callers' side
     def _submit_request(self, request) -> Future:
         """Tokenize and check in the caller's thread, then queue the generation job."""
         config = request.config
         prompt = self._prompt_ids(request)
+        soft = self._soft.get(split_model_id(request.model)[1])
+        if soft is not None:  # the adapter's soft prompt goes first: its virtual tokens (soft_prompt.py)
+            prompt = virtual_ids(soft.shape[0]) + prompt
         max_new = config.max_tokens or DEFAULT_MAX_TOKENS
         if self.context_length and len(prompt) + max_new > self.context_length:
             raise ContextLengthError(f"{len(prompt)} prompt tokens + max_tokens {max_new} exceed the "

@@ -51,20 +51,21 @@ import resource
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..console import phase
 from ..errors import StepError
 from ..failpoints import failpoint
-from ..recipe import Lora, Train
+from ..recipe import Groups, Lora, SoftPrompt, Train
 from ..rundir import remove_stale_staged, staged_dir, write_atomic
 from . import microbatch
 from .data_parallel import Ranks, launch
 from .microbatch import (Row, collate, collate_shared, completion_nll, micro_batches, shared_completion_nll,
                          shared_prefix)
 from .hashing import fingerprint
+from .soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, save_soft_prompt, soft_prompt_files, virtual_ids
 
 SAVE_STEPS = 20  # a checkpoint every this many optimizer steps: the most a killed run loses
 # Computed tokens per micro-batch (rows x its longest row; with a shared prefix, the prefix once +
@@ -94,11 +95,31 @@ class TrainResult:
     dropped_rows: int = 0  # rows longer than train.max_length, left out
     resumed_from_step: int | None = None
     processes: int = 1  # data-parallel training processes (models/data_parallel.py)
+    virtual_tokens: int = 0  # of the soft prompt trained with the adapter (the s step), if any
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["adapter_dir"] = str(self.adapter_dir)
         return out
+
+
+@dataclass(frozen=True)
+class SoftTraining:
+    """What the s step adds to a LoRA training: a soft prompt of `prompt.virtual_tokens` put before every
+    row, trained in the same backward pass, and each parameter group's settings."""
+
+    prompt: SoftPrompt
+    groups: Groups
+    lora_rate: float  # the LoRA group's learning rate (groups.lora's, or train.learning_rate)
+    init_text: str | None = None  # the module's instructions, with prompt.init == "instructions"
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt.model_dump(mode="json"), "groups": self.groups.model_dump(mode="json"),
+                "lora_rate": self.lora_rate, "init_text": self.init_text}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SoftTraining":
+        return cls(SoftPrompt(**data["prompt"]), Groups(**data["groups"]), data["lora_rate"], data["init_text"])
 
 
 # ---------------------------------------------------------------- rows
@@ -168,16 +189,21 @@ def _threads(n: int):
 
 # ---------------------------------------------------------------- files
 def _resume_fingerprint(checkpoint: Path, pairs: list[dict], lora: Lora, train: Train, seed: int, device: str,
-                        dtype: str, init_adapter: Path | None = None, token_budget: int = 0) -> str:
+                        dtype: str, init_adapter: Path | None = None, token_budget: int = 0,
+                        soft: SoftTraining | None = None) -> str:
     """What a work folder's checkpoints were trained on and with: a run resumes them only when it
     computes the same (base checkpoint, starting adapter, rows, settings, micro-batch plan); the
     number of data-parallel processes does not change what is computed."""
     share = microbatch.SHARE_PREFIX
+    unset = {"processes"} | ({"curriculum"} if train.curriculum is None else set())  # keeps older fingerprints
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
-                "train": train.model_dump(mode="json", exclude={"processes"}), "seed": seed, "device": device,
+                "train": train.model_dump(mode="json", exclude=unset), "seed": seed, "device": device,
                 "dtype": dtype, "token_budget": token_budget, "trainer": 3 if share else 2,
                 "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0}
-    files = [Path(init_adapter) / name for name in ADAPTER_FILES] if init_adapter is not None else []
+    if soft is not None:
+        settings["soft"] = soft.to_json()
+    files = [Path(init_adapter) / name for name in ADAPTER_FILES] + soft_prompt_files(init_adapter) \
+        if init_adapter is not None else []
     return fingerprint(settings, pairs, files)
 
 
@@ -198,7 +224,7 @@ def is_adapter_dir(path: Path) -> bool:
 def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int = 0,
                log_path: Path | None = None, device: str = "auto", resume: bool = True,
                dtype: str = "auto", init_adapter: Path | None = None,
-               token_budget: int | None = None) -> TrainResult:
+               token_budget: int | None = None, soft: SoftTraining | None = None) -> TrainResult:
     """Train a LoRA adapter on `rows` and write it to `out_dir` (a standard PEFT adapter folder).
 
     dtype: auto (bf16 autocast on a CUDA GPU with bf16 support, else fp32: resolve_train_dtype), float32
@@ -206,7 +232,9 @@ def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, tr
     init_adapter: a PEFT adapter folder to continue training (its r, alpha and target modules are
     kept and `lora` is ignored); None starts a new adapter on the base weights.
     token_budget: computed tokens per micro-batch (default: TOKEN_BUDGET[device][dtype]; a shared prefix
-    counts once); bounds activation memory, never changes the optimizer step (batch_size x grad_accum rows)."""
+    counts once); bounds activation memory, never changes the optimizer step (batch_size x grad_accum rows).
+    soft: train a soft prompt together with the adapter (the s step): its settings, and the two parameter
+    groups' (SoftTraining); saved as a PEFT prompt-tuning folder in out_dir/prompt_tuning (soft_prompt.py)."""
     if not rows:
         raise StepError("no training rows: nothing to fine-tune on (did every trace fail the metric?)")
     pairs = to_prompt_completion(rows)
@@ -214,7 +242,7 @@ def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, tr
     with _lock(out_dir):
         return _train_locked(Path(checkpoint), pairs, out_dir, lora, train, seed,
                              Path(log_path) if log_path else None, device, resume, dtype,
-                             Path(init_adapter) if init_adapter else None, token_budget or 0)
+                             Path(init_adapter) if init_adapter else None, token_budget or 0, soft)
 
 
 def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> list[list[int]]:
@@ -282,6 +310,7 @@ class _Data:
     lengths: list[int]  # their token counts
     dropped: int  # rows left out for being longer than train.max_length
     pad_id: int
+    tokenizer: Any = None
 
 
 @dataclass
@@ -304,8 +333,10 @@ class _Session:
 
     model: Any
     optimizer: Any
-    names: list[str]  # of the trainable (LoRA) parameters, as checkpoints store them
+    names: list[str]  # of the trainable parameters (LoRA, then the soft prompt), as checkpoints store them
     params: list
+    soft: Any = None  # the soft prompt [virtual tokens, hidden] (a Parameter), with SoftTraining
+    penalties: list = field(default_factory=list)  # (l2, params) of the groups with an L2 penalty
     step: int = 0
     tokens_before: int = 0  # tokens trained by the sessions before this one (from the checkpoint)
     resumed_from_step: int | None = None
@@ -313,7 +344,8 @@ class _Session:
 
 def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
                   log_path: Path | None, device: str, resume: bool, dtype: str,
-                  init_adapter: Path | None = None, token_budget: int = 0, ranks: Ranks = Ranks()) -> TrainResult:
+                  init_adapter: Path | None = None, token_budget: int = 0, soft: SoftTraining | None = None,
+                  ranks: Ranks = Ranks()) -> TrainResult:
     """train_lora, holding the lock of out_dir: the steps of a training session, in order. With
     train.processes > 1 it starts that many processes, each of which runs this with its `ranks`."""
     from .device import resolve_device, resolve_train_dtype
@@ -325,19 +357,21 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
         remove_stale_staged(out_dir)  # adapter folders half-written by a killed run; we hold the lock
     if train.processes > 1 and ranks.count == 1:
         return _train_in_processes(checkpoint, pairs, out_dir, lora, train, seed, log_path, device, resume,
-                                   dtype, init_adapter, token_budget)
-    data = _prepare_data(checkpoint, pairs, train.max_length)
+                                   dtype, init_adapter, token_budget, soft)
+    data = _prepare_data(checkpoint, pairs, train.max_length, soft.prompt.virtual_tokens if soft else 0)
     if init_adapter is not None and not is_adapter_dir(init_adapter):
         raise StepError(f"{init_adapter}: not a PEFT adapter folder (needs {' and '.join(ADAPTER_FILES)})")
     work = out_dir.parent / f".{out_dir.name}.work"
-    key = _resume_fingerprint(checkpoint, data.pairs, lora, train, seed, device, dtype, init_adapter, token_budget)
+    key = _resume_fingerprint(checkpoint, data.pairs, lora, train, seed, device, dtype, init_adapter, token_budget,
+                              soft)
     last = _open_work_dir(work, resume, key) if ranks.main else None
     ranks.barrier()  # process 0 has checked (or started over) the work folder
     if not ranks.main:
         last = _last_checkpoint(work)
     plan = _training_plan(data, train, seed, token_budget, device, dtype, work, ranks)
     model = load_for_training(checkpoint, lora, device, dtype, seed, init_adapter)
-    session = _setup_optimizer(model, train.learning_rate, device)
+    session = _setup_optimizer(model, train.learning_rate, device, _soft_prompt(model, data, soft, init_adapter, seed),
+                               soft)
     if last is not None:
         _load_checkpoint(session, last, device)
     logger = _JsonlLog(log_path if ranks.main else None, session.resumed_from_step)
@@ -345,30 +379,32 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
         tokens, seconds = _train_loop(session, data, plan, logger, f"LoRA training {out_dir.name}")
     result = _train_result(out_dir, data, plan, session, tokens, seconds, logger.last_loss)
     if ranks.main:
-        _save_adapter(session.model, result, out_dir)
+        _save_adapter(session, result, out_dir, checkpoint)
         shutil.rmtree(work, ignore_errors=True)
     return result
 
 
 def _train_in_processes(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
                         log_path: Path | None, device: str, resume: bool, dtype: str, init_adapter: Path | None,
-                        token_budget: int) -> TrainResult:
+                        token_budget: int, soft: SoftTraining | None) -> TrainResult:
     """_train_locked in train.processes processes (models/data_parallel.py); process 0's result."""
     job = {"checkpoint": str(checkpoint), "pairs": pairs, "out_dir": str(out_dir), "lora": lora.model_dump(),
            "train": train.model_dump(), "seed": seed, "log_path": str(log_path) if log_path else None,
            "device": device, "resume": resume, "dtype": dtype,
-           "init_adapter": str(init_adapter) if init_adapter else None, "token_budget": token_budget}
+           "init_adapter": str(init_adapter) if init_adapter else None, "token_budget": token_budget,
+           "soft": soft.to_json() if soft else None}
     result = launch(train.processes, device, out_dir, job)
     return TrainResult(**{**result, "adapter_dir": Path(result["adapter_dir"])})
 
 
-def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int) -> _Data:
-    """Tokenize the prompt/completion rows with the checkpoint's tokenizer and drop those longer than
-    max_length tokens; StepError when none is left."""
+def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int, virtual: int = 0) -> _Data:
+    """Tokenize the prompt/completion rows with the checkpoint's tokenizer (after `virtual` soft-prompt
+    tokens, if any) and drop those longer than max_length tokens; StepError when none is left."""
     from .embedded import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint)  # its chat template formats the rows, as the engine's prompts
-    encoded = [tokenize_pair(tokenizer, p) for p in pairs]
+    encoded = [(virtual_ids(virtual) + ids, start + virtual) for ids, start in (tokenize_pair(tokenizer, p)
+                                                                                for p in pairs)]
     keep = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length]
     if not keep:
         raise StepError(f"no training rows: all {len(pairs)} rows are longer than train.max_length="
@@ -377,7 +413,7 @@ def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int) -> _Data
     rows = [encoded[i] for i in keep]
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked out
     return _Data(pairs=[pairs[i] for i in keep], rows=rows, lengths=[len(ids) for ids, _ in rows],
-                 dropped=len(pairs) - len(keep), pad_id=pad_id)
+                 dropped=len(pairs) - len(keep), pad_id=pad_id, tokenizer=tokenizer)
 
 
 def _open_work_dir(work: Path, resume: bool, key: str) -> Path | None:
@@ -406,15 +442,46 @@ def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, devi
                  token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks)
 
 
-def _setup_optimizer(model, learning_rate: float, device: str) -> _Session:
-    """AdamW on the model's trainable (LoRA) parameters, with TRL's settings (no weight decay)."""
+def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Path | None, seed: int):
+    """The trainable soft prompt of an s step (None without one): the init adapter's if it has one, else
+    initialized as soft.prompt.init says."""
+    import torch
+
+    if soft is None:
+        return None
+    base = model.get_base_model()
+    start = load_soft_prompt(init_adapter) if init_adapter is not None else None
+    if start is None:
+        text = soft.init_text if soft.prompt.init == "instructions" else None
+        start = init_soft_prompt(base, data.tokenizer, soft.prompt.virtual_tokens, text, seed)
+    if start.shape != (soft.prompt.virtual_tokens, base.get_input_embeddings().embedding_dim):
+        raise StepError(f"{init_adapter}: its soft prompt is {tuple(start.shape)}, the recipe asks for "
+                        f"{soft.prompt.virtual_tokens} virtual tokens")
+    return torch.nn.Parameter(start.to(base.device))
+
+
+def _setup_optimizer(model, learning_rate: float, device: str, soft_param=None,
+                     soft: SoftTraining | None = None) -> _Session:
+    """AdamW on the model's trainable (LoRA) parameters, with TRL's settings (no weight decay); with an s
+    step's soft prompt, two parameter groups (LoRA, soft prompt), each with its own settings."""
     import torch
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0, **_fused(device))
-    return _Session(model=model, optimizer=optimizer, names=[n for n, _ in trainable], params=params)
+    names = [n for n, _ in trainable]
+    groups = [{"params": params, "lr": learning_rate, "weight_decay": 0.0}]
+    penalties = []
+    if soft_param is not None:
+        lora, prompt = soft.groups.lora, soft.groups.soft_prompt
+        groups = [{"params": params, "lr": soft.lora_rate, "weight_decay": lora.weight_decay},
+                  {"params": [soft_param], "lr": prompt.learning_rate, "weight_decay": prompt.weight_decay}]
+        penalties = [(g.l2, ps) for g, ps in ((lora, params), (prompt, [soft_param])) if g.l2 > 0]
+        params, names = params + [soft_param], names + ["soft_prompt"]
+    for group in groups:
+        group["peak_lr"] = group["lr"]  # each group decays linearly from its own
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **_fused(device))
+    return _Session(model=model, optimizer=optimizer, names=names, params=params, soft=soft_param,
+                    penalties=penalties)
 
 
 def _fused(device: str) -> dict:
@@ -442,8 +509,9 @@ def _train_loop(session: _Session, data: _Data, plan: _Plan, logger: _JsonlLog, 
     with _threads(threads) if plan.device == "cpu" else nullcontext(), \
             phase(label, n_steps - session.step) if plan.ranks.main else _silent() as tick:
         for index in range(session.step, n_steps):
-            lr = plan.learning_rate * (n_steps - index) / n_steps  # linear decay to 0
-            loss, grad_norm, step_tokens = _train_step(session, data, plan.steps[index], lr, plan)
+            decay = (n_steps - index) / n_steps  # every group's learning rate decays linearly to 0
+            loss, grad_norm, step_tokens = _train_step(session, data, plan.steps[index], decay, plan)
+            lr = session.optimizer.param_groups[0]["lr"]  # the LoRA group's
             tokens += step_tokens
             logger.log(index + 1, (index + 1) / plan.per_epoch, loss, lr, grad_norm)
             tick(note=f"loss {loss:.3f}")
@@ -454,34 +522,37 @@ def _train_loop(session: _Session, data: _Data, plan: _Plan, logger: _JsonlLog, 
     return tokens, time.perf_counter() - start
 
 
-def _train_step(session: _Session, data: _Data, step: list[int], lr: float, plan: _Plan) -> tuple[float, float, int]:
-    """One optimizer step on the rows `step`, in micro-batches: (loss per completion token, gradient
-    norm before clipping, tokens trained)."""
+def _train_step(session: _Session, data: _Data, step: list[int], decay: float, plan: _Plan) -> tuple[float, float, int]:
+    """One optimizer step on the rows `step`, in micro-batches, every group's learning rate at `decay` x
+    its peak: (loss per completion token, gradient norm before clipping, tokens trained). The groups' L2
+    penalties, if any, join the gradient once per step (they are not in the loss returned)."""
     import torch
 
     for group in session.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group.get("peak_lr", plan.learning_rate) * decay
     n_labels = sum(data.lengths[i] - data.rows[i][1] for i in step)  # completion tokens (label count)
     total, tokens = 0.0, 0
     for micro in micro_batches(data.lengths, plan.ranks.share(step), plan.token_budget, data.rows):
-        total += _backward(session.model, [data.rows[i] for i in micro], n_labels, data.pad_id, plan)
+        total += _backward(session.model, [data.rows[i] for i in micro], n_labels, data.pad_id, plan, session.soft)
         tokens += sum(data.lengths[i] for i in micro)
     total, tokens = plan.ranks.sum_step(session.params, total, tokens)
+    if session.penalties:  # after the sum over processes: counted once
+        sum(l2 * sum(p.float().pow(2).sum() for p in params) for l2, params in session.penalties).backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(session.params, 1.0))
     session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
     return total / n_labels, grad_norm, tokens
 
 
-def _backward(model, batch: list[Row], n_labels: int, pad_id: int, plan: _Plan) -> float:
+def _backward(model, batch: list[Row], n_labels: int, pad_id: int, plan: _Plan, soft=None) -> float:
     """Forward and backward of one micro-batch, its loss divided by the label count of the whole step
     (so that the micro-batches' gradients add up to the step's); returns its summed NLL."""
     shared = shared_prefix(batch)
     with _autocast(plan.device, plan.dtype):
         if shared:
-            nll, _ = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, plan.device))
+            nll, _ = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, plan.device), soft=soft)
         else:
-            nll, _ = completion_nll(model, *collate(batch, pad_id, plan.device))
+            nll, _ = completion_nll(model, *collate(batch, pad_id, plan.device), soft=soft)
     (nll / n_labels).backward()
     return float(nll.detach())
 
@@ -522,14 +593,18 @@ def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, to
         dropped_rows=data.dropped,
         resumed_from_step=session.resumed_from_step,
         processes=plan.ranks.count,
+        virtual_tokens=0 if session.soft is None else int(session.soft.shape[0]),
     )
 
 
-def _save_adapter(model, result: TrainResult, out_dir: Path) -> None:
-    """The adapter (adapter_config.json + adapter_model.safetensors) and the TrainResult
-    (training.json) into out_dir, which they replace whole."""
+def _save_adapter(session: _Session, result: TrainResult, out_dir: Path, checkpoint: Path) -> None:
+    """The adapter (adapter_config.json + adapter_model.safetensors), its soft prompt if any (a PEFT
+    prompt-tuning folder in prompt_tuning/) and the TrainResult (training.json) into out_dir, which
+    they replace whole."""
     with staged_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
+        session.model.save_pretrained(str(tmp))
+        if session.soft is not None:
+            save_soft_prompt(session.soft, tmp / SUBFOLDER, checkpoint, session.model.get_base_model().config)
         write_atomic(tmp / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
 
 

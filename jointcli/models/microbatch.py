@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 
+from .soft_prompt import model_inputs
+
 # Rows of a micro-batch whose common token prefix is at least this long compute it once (batch 1) and
 # run their own suffixes against its key/value cache; a shorter prefix is not worth a second pass.
 MIN_SHARED_PREFIX = 32
@@ -106,14 +108,16 @@ def collate(rows: list[Row], pad_id: int, device: str = "cpu"):
     return (input_ids.to(device), mask.to(device) if padded else None, labels.to(device))
 
 
-def completion_nll(model, input_ids, attention_mask, labels):
+def completion_nll(model, input_ids, attention_mask, labels, soft=None):
     """Summed cross-entropy of the labeled (completion) tokens, and their count.
 
     The decoder body gives hidden states; only the positions whose next token has a label go
     through the LM head (~20 of ~500 here), so the [batch, seq, vocab] logits of the full model
-    are never built. Same value as the model's own loss x the number of label tokens."""
+    are never built. Same value as the model's own loss x the number of label tokens.
+    soft: the soft prompt [n, hidden] that negative ids stand for (soft_prompt.py), if any."""
     base, body = _base_and_body(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = body(**model_inputs(base, input_ids, soft), attention_mask=attention_mask,
+                  use_cache=False).last_hidden_state
     return _label_nll(base, hidden, labels)
 
 
@@ -134,7 +138,7 @@ def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = 
             mask.to(device) if mask is not None else None, labels.to(device), positions.to(device))
 
 
-def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids):
+def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None):
     """completion_nll of rows that start with the same `prefix_ids` (batch 1), as `collate_shared`
     gives them: the prefix goes through the decoder once, and its key/value cache, repeated for every
     row (autograd sums the rows' gradients into the one prefix computation), serves the rows' own
@@ -148,11 +152,11 @@ def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, 
     cache_kw = cache_keyword(body)
     prefix_len, (n, width) = prefix_ids.shape[1], input_ids.shape
     cache = DynamicCache(config=base.config)
-    body(input_ids=prefix_ids, use_cache=True, **{cache_kw: cache})
+    body(**model_inputs(base, prefix_ids, soft), use_cache=True, **{cache_kw: cache})
     if cache.get_seq_length() != prefix_len:  # the cache keyword was ignored: never train on a wrong loss
         raise RuntimeError(f"the decoder did not fill the prefix cache passed as {cache_kw!r}")
     cache.batch_repeat_interleave(n)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    hidden = body(**model_inputs(base, input_ids, soft), attention_mask=attention_mask, position_ids=position_ids,
                   use_cache=True, **{cache_kw: cache}).last_hidden_state
     if cache.get_seq_length() != prefix_len + width:
         raise RuntimeError(f"the decoder did not use the prefix cache passed as {cache_kw!r}")

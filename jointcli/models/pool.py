@@ -16,6 +16,7 @@ import dspy
 from ..errors import InputError
 from ..recipe import LocalModel, Recipe
 from .model_id import adapter_model_id
+from .soft_prompt import soft_prompt_files
 
 
 def adapter_digest(adapter_dir: Path) -> str:
@@ -23,7 +24,7 @@ def adapter_digest(adapter_dir: Path) -> str:
     if not weights:
         raise InputError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_model.*); the run directory is damaged")
     h = hashlib.sha256()
-    for path in weights + [Path(adapter_dir) / "adapter_config.json"]:
+    for path in weights + [Path(adapter_dir) / "adapter_config.json"] + soft_prompt_files(adapter_dir):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 

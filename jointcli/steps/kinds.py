@@ -24,7 +24,7 @@ from ..console import console, phase, step_log
 from ..errors import InputError, JointoptError, StepError
 from ..models.embedded import resolve_checkpoint
 from ..program import build_program, model_of, module_names, predictors_of
-from ..recipe import LocalModel, PromptOptimizer, Recipe, WeightOptimizer
+from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, WeightOptimizer
 from ..rundir import RunDir, Step, StepKind, read_jsonl, write_json, write_jsonl
 from ..state import ModuleState, ProgramState, current_state, load_program, save_state
 
@@ -218,7 +218,9 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
         groups = group_rows(rows, modules, state.modules, shared=spec.adapters == "shared")
         if not groups:
             raise no_traces_error(counts, spec, _prompted(ctx.run))
-        step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index)
+        instructions = {m: predictors_of(program, m)[0].signature.instructions for m in modules}
+        step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index,
+                                               instructions)
         _merge_logs(folder, list(groups))
         new = ProgramState(state.program_file, dict(state.modules))
         for module in modules:
@@ -230,7 +232,8 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
         save_state(ctx.run, folder, tuned, new)
         ctx.record_eval(step, ctx.evaluate(tuned, "dev"), "dev")
 
-    return run_step(ctx, StepKind.WEIGHT, body, {"optimizer": key})
+    kind = StepKind.SIMULTANEOUS if isinstance(spec, SimultaneousOptimizer) else StepKind.WEIGHT
+    return run_step(ctx, kind, body, {"optimizer": key})
 
 
 def _merge_logs(folder: Path, names: list[str]) -> None:
