@@ -76,6 +76,7 @@ TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 1024}, "cuda": {"bfloat16":
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RESULT_FILE = "training.json"  # TrainResult of the run, next to the adapter files
 _FINGERPRINT = "fingerprint.json"
+_CURRICULUM = "curriculum.json"  # in the work folder: the rows' difficulty, for a resumed run
 
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainResult:
     resumed_from_step: int | None = None
     processes: int = 1  # data-parallel training processes (models/data_parallel.py)
     virtual_tokens: int = 0  # of the soft prompt trained with the adapter (the s step), if any
+    curriculum: list[int] | None = None  # with train.curriculum: the rows (as kept) easiest first
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -325,6 +327,7 @@ class _Plan:
     dtype: str  # resolved: float32 or bfloat16
     work: Path  # the work folder of checkpoints
     ranks: Ranks = Ranks()  # this process among the data-parallel training processes
+    difficulty: list[float] | None = None  # of every row, with train.curriculum
 
 
 @dataclass
@@ -368,10 +371,11 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     ranks.barrier()  # process 0 has checked (or started over) the work folder
     if not ranks.main:
         last = _last_checkpoint(work)
-    plan = _training_plan(data, train, seed, token_budget, device, dtype, work, ranks)
     model = load_for_training(checkpoint, lora, device, dtype, seed, init_adapter)
     session = _setup_optimizer(model, train.learning_rate, device, _soft_prompt(model, data, soft, init_adapter, seed),
                                soft)
+    difficulty = _difficulty(session, data, train, device, dtype, token_budget, work, ranks.main)
+    plan = _training_plan(data, train, seed, token_budget, device, dtype, work, ranks, difficulty)
     if last is not None:
         _load_checkpoint(session, last, device)
     logger = _JsonlLog(log_path if ranks.main else None, session.resumed_from_step)
@@ -434,12 +438,38 @@ def _open_work_dir(work: Path, resume: bool, key: str) -> Path | None:
     return last
 
 
+def _difficulty(session: _Session, data: _Data, train: Train, device: str, dtype: str, token_budget: int,
+                work: Path, main: bool) -> list[float] | None:
+    """Each row's difficulty for train.curriculum (None without one): its length, or the loss of the model
+    as it starts. Kept in the work folder, so that a resumed run trains on the plan it began with."""
+    if train.curriculum is None:
+        return None
+    saved = work / _CURRICULUM
+    if saved.is_file():
+        return json.loads(saved.read_text())["difficulty"]
+    if train.curriculum.by == "length":
+        difficulty = [float(n) for n in data.lengths]
+    else:
+        from .curriculum import row_losses
+
+        with phase("curriculum: loss of every row", total=None):
+            difficulty = row_losses(session.model, data.rows, data.pad_id, device, dtype, token_budget, session.soft)
+    if main:
+        write_atomic(saved, json.dumps({"difficulty": difficulty}) + "\n")
+    return difficulty
+
+
 def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, device: str, dtype: str,
-                   work: Path, ranks: Ranks) -> _Plan:
+                   work: Path, ranks: Ranks, difficulty: list[float] | None = None) -> _Plan:
+    """The optimizer steps' rows: a fresh shuffle every epoch, or easy rows first (train.curriculum)."""
+    from .curriculum import curriculum_steps
+
     rows_per_step = train.batch_size * train.grad_accum
-    return _Plan(steps=plan_steps(len(data.rows), rows_per_step, train.epochs, seed),
+    steps = plan_steps(len(data.rows), rows_per_step, train.epochs, seed) if difficulty is None else \
+        curriculum_steps(difficulty, rows_per_step, train.epochs, seed, train.curriculum.stages)
+    return _Plan(steps=steps,
                  per_epoch=math.ceil(len(data.rows) / rows_per_step), learning_rate=train.learning_rate,
-                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks)
+                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, difficulty=difficulty)
 
 
 def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Path | None, seed: int):
@@ -594,6 +624,8 @@ def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, to
         resumed_from_step=session.resumed_from_step,
         processes=plan.ranks.count,
         virtual_tokens=0 if session.soft is None else int(session.soft.shape[0]),
+        curriculum=None if plan.difficulty is None else sorted(range(len(plan.difficulty)),
+                                                                key=lambda i: (plan.difficulty[i], i)),
     )
 
 

@@ -108,17 +108,18 @@ def collate(rows: list[Row], pad_id: int, device: str = "cpu"):
     return (input_ids.to(device), mask.to(device) if padded else None, labels.to(device))
 
 
-def completion_nll(model, input_ids, attention_mask, labels, soft=None):
+def completion_nll(model, input_ids, attention_mask, labels, soft=None, per_row: bool = False):
     """Summed cross-entropy of the labeled (completion) tokens, and their count.
 
     The decoder body gives hidden states; only the positions whose next token has a label go
     through the LM head (~20 of ~500 here), so the [batch, seq, vocab] logits of the full model
     are never built. Same value as the model's own loss x the number of label tokens.
-    soft: the soft prompt [n, hidden] that negative ids stand for (soft_prompt.py), if any."""
+    soft: the soft prompt [n, hidden] that negative ids stand for (soft_prompt.py), if any.
+    per_row: each row's summed cross-entropy and label count instead (tensors, one entry a row)."""
     base, body = _base_and_body(model)
     hidden = body(**model_inputs(base, input_ids, soft), attention_mask=attention_mask,
                   use_cache=False).last_hidden_state
-    return _label_nll(base, hidden, labels)
+    return _label_nll(base, hidden, labels, per_row)
 
 
 def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = "cpu"):
@@ -138,7 +139,8 @@ def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = 
             mask.to(device) if mask is not None else None, labels.to(device), positions.to(device))
 
 
-def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None):
+def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None,
+                          per_row: bool = False):
     """completion_nll of rows that start with the same `prefix_ids` (batch 1), as `collate_shared`
     gives them: the prefix goes through the decoder once, and its key/value cache, repeated for every
     row (autograd sums the rows' gradients into the one prefix computation), serves the rows' own
@@ -162,7 +164,7 @@ def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, 
         raise RuntimeError(f"the decoder did not use the prefix cache passed as {cache_kw!r}")
     if bool((labels[:, 0] != -100).any()):
         raise ValueError("a label on the first suffix token: its predicting hidden state is in the prefix")
-    return _label_nll(base, hidden, labels)
+    return _label_nll(base, hidden, labels, per_row)
 
 
 def _base_and_body(model):
@@ -172,9 +174,9 @@ def _base_and_body(model):
     return base, body
 
 
-def _label_nll(base, hidden, labels):
+def _label_nll(base, hidden, labels, per_row: bool = False):
     """Summed cross-entropy of the labeled tokens, each predicted by the hidden state before it (only
-    those positions go through the LM head), and their count."""
+    those positions go through the LM head), and their count; per_row: both per row (tensors)."""
     import torch
     import torch.nn.functional as F
 
@@ -184,4 +186,9 @@ def _label_nll(base, hidden, labels):
     cap = getattr(base.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     if cap:  # Gemma 2 (and Gemma 3 checkpoints that set it): the model's forward caps its logits so
         logits = torch.tanh(logits / cap) * cap
+    if per_row:
+        rows = keep.nonzero()[:, 0]
+        losses = F.cross_entropy(logits, targets[keep], reduction="none")
+        return (losses.new_zeros(len(labels)).index_add_(0, rows, losses),
+                keep.sum(dim=1))
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())

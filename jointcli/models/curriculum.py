@@ -1,0 +1,63 @@
+"""Curriculum: a weight step's optimizer steps see the easy rows first (`train.curriculum`).
+
+    difficulty = row_losses(model, rows, pad_id, "cpu", "float32", 1024)     # or the rows' lengths
+    steps = curriculum_steps(difficulty, rows_per_step=8, epochs=1, seed=0, stages=3)
+
+The rows are ranked by difficulty (ties: the earlier row first): the model's loss per completion token
+on each row before training (`by: loss`), or the row's length in tokens (`by: length`). The optimizer
+steps (as many as without a curriculum: lora.plan_steps) are cut into `stages` equal runs; stage k
+draws its rows from the easiest k/stages of them, in a fresh seeded shuffle each pass over that pool,
+so the last stage trains on all rows. Deterministic for a seed and a difficulty list.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+def curriculum_steps(difficulty: list[float], rows_per_step: int, epochs: float, seed: int,
+                     stages: int) -> list[list[int]]:
+    """Row indices of every optimizer step, stage by stage (see the module docstring)."""
+    from .lora import plan_steps
+
+    n = len(difficulty)
+    total = len(plan_steps(n, rows_per_step, epochs, seed))
+    ranked = sorted(range(n), key=lambda i: (difficulty[i], i))
+    steps: list[list[int]] = []
+    for stage in range(1, stages + 1):
+        end = round(total * stage / stages)
+        pool = ranked[:math.ceil(n * stage / stages)]
+        rounds = 0
+        while len(steps) < end:
+            order = list(pool)
+            random.Random(f"{seed}:stage{stage}:{rounds}").shuffle(order)
+            for i in range(0, len(order), rows_per_step):
+                if len(steps) < end:
+                    steps.append(order[i:i + rows_per_step])
+            rounds += 1
+    return steps
+
+
+def row_losses(model, rows: list, pad_id: int, device: str, dtype: str, token_budget: int, soft=None) -> list[float]:
+    """Each row's mean loss per completion token under `model` as it is (no gradients), computed in
+    micro-batches of at most `token_budget` tokens, a shared prefix once (microbatch.py)."""
+    import torch
+
+    from .lora import _autocast
+    from .microbatch import collate, collate_shared, completion_nll, micro_batches, shared_completion_nll, shared_prefix
+
+    lengths = [len(ids) for ids, _ in rows]
+    losses = [0.0] * len(rows)
+    with torch.no_grad(), _autocast(device, dtype):
+        for micro in micro_batches(lengths, list(range(len(rows))), token_budget, rows):
+            batch = [rows[i] for i in micro]
+            shared = shared_prefix(batch)
+            if shared:
+                sums, counts = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, device), soft=soft,
+                                                     per_row=True)
+            else:
+                sums, counts = completion_nll(model, *collate(batch, pad_id, device), soft=soft, per_row=True)
+            for i, s, c in zip(micro, sums.tolist(), counts.tolist()):
+                losses[i] = s / max(c, 1)
+    return losses

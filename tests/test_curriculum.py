@@ -1,0 +1,81 @@
+"""Curriculum (`train.curriculum`, models/curriculum.py): easy rows first, in stages, deterministic."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from jointcli.models.curriculum import curriculum_steps, row_losses
+from jointcli.models.lora import plan_steps
+from jointcli.recipe import Curriculum, Lora, Train
+
+DIFFICULTY = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.05, 0.95, 0.35]  # 12 rows
+
+
+def test_stages_draw_from_the_easy_rows_first_and_end_on_all():
+    steps = curriculum_steps(DIFFICULTY, rows_per_step=2, epochs=1, seed=0, stages=3)
+    assert len(steps) == len(plan_steps(12, 2, 1, 0)) == 6  # as many steps as without a curriculum
+    steps = curriculum_steps(DIFFICULTY, rows_per_step=2, epochs=2, seed=0, stages=3)
+    ranked = sorted(range(12), key=lambda i: DIFFICULTY[i])
+    for stage, part in enumerate([steps[0:4], steps[4:8], steps[8:12]], start=1):
+        pool = set(ranked[:math.ceil(12 * stage / 3)])
+        rows = [i for step in part for i in step]
+        assert set(rows) <= pool
+        if stage < 3:  # 8 rows drawn from a pool of 4 or 8: all of it
+            assert set(rows) == pool
+        else:  # 8 of 12: one pass, no row twice before the others
+            assert len(set(rows)) == len(rows)
+    assert all(1 <= len(s) <= 2 for s in steps)
+
+
+def test_curriculum_is_deterministic_for_a_seed():
+    a = curriculum_steps(DIFFICULTY, 3, 1.5, seed=4, stages=2)
+    assert a == curriculum_steps(DIFFICULTY, 3, 1.5, seed=4, stages=2)
+    assert a != curriculum_steps(DIFFICULTY, 3, 1.5, seed=5, stages=2)
+    # ties go to the earlier row
+    assert curriculum_steps([1.0, 1.0, 0.0, 1.0], 1, 1, seed=0, stages=4)[:2] == [[2], [0]]
+
+
+def test_recipe_refuses_a_bad_curriculum():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        Curriculum(by="size", stages=3)
+    with pytest.raises(ValidationError):
+        Curriculum(by="loss", stages=1)
+
+
+@pytest.mark.model
+def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: Path):
+    """The order training.json records is the rows ranked by the loss a fresh adapter (the base model)
+    gives them, each computed alone; the first stage trains on the easiest half only."""
+    import torch
+
+    from jointcli.models.embedded import load_tokenizer, resolve_checkpoint
+    from jointcli.models.lora import load_for_training, to_prompt_completion, tokenize_pair, train_lora
+    from jointcli.models.microbatch import collate, completion_nll
+    from jointcli.recipe import EMBEDDED_MODEL
+
+    from .test_lora import sentiment_rows
+
+    checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
+    out = tmp_path / "adapter"
+    train = Train(epochs=1, batch_size=2, curriculum=Curriculum(by="loss", stages=2))
+    train_lora(checkpoint, sentiment_rows(), out, Lora(r=2, alpha=4), train, seed=0, device="cpu", dtype="float32",
+               log_path=tmp_path / "log.jsonl")
+    order = json.loads((out / "training.json").read_text())["curriculum"]
+
+    tokenizer = load_tokenizer(checkpoint)
+    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(sentiment_rows())]
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    with torch.no_grad():
+        alone = [float(s / c) for s, c in (completion_nll(model, *collate([r], tokenizer.pad_token_id)) for r in rows)]
+    assert order == sorted(range(len(rows)), key=lambda i: (alone[i], i))
+    batched = row_losses(model, rows, tokenizer.pad_token_id, "cpu", "float32", 1024)
+    assert batched == pytest.approx(alone, rel=1e-4)
+    steps = curriculum_steps(batched, 2, 1, 0, 2)
+    assert {i for s in steps[:2] for i in s} == set(order[:4])
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(steps) == 4
