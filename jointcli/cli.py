@@ -156,9 +156,11 @@ def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = Non
              runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False,
              traces: Annotated[Optional[Path], typer.Option(help="traces.jsonl to train on (e.g. from another run)")]
              = None) -> None:
-    """A weight step (NN-w): LoRA fine-tuning on the run's latest traces (bootstrapping first if none).
+    """A weight step (NN-w): LoRA fine-tuning on the run's latest traces (bootstrapping first if none);
+    NN-s with a simultaneous optimizer: a soft prompt trained with the LoRA adapter.
 
     jointopt finetune recipes/sst2.yaml optimizers.w.train.epochs=1
+    jointopt finetune recipes/sst2.yaml --optimizer s
     """
     from .steps.kinds import weight_step
 

@@ -254,7 +254,7 @@ class ParamGroup(Strict):
 
 class Groups(Strict):
     lora: ParamGroup = ParamGroup()
-    soft_prompt: ParamGroup = ParamGroup(learning_rate=1e-2)
+    soft_prompt: ParamGroup = ParamGroup(learning_rate=3e-3)
 
 
 class SimultaneousOptimizer(WeightOptimizer):

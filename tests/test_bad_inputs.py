@@ -137,7 +137,7 @@ CASES = [
     case("name-with-space", "name: String should match pattern", "validate", SST2, "name=my run"),
     case("model-type", "models.small.type: 'vllm' is not one of 'local', 'litellm'", "validate", SST2,
          "models.small.type=vllm"),
-    case("optimizer-type", "optimizers.p.type: 'prompts' is not one of 'prompt', 'weight'; did you mean 'prompt'?",
+    case("optimizer-type", "optimizers.p.type: 'prompts' is not one of 'prompt', 'weight', 'simultaneous'; did you mean 'prompt'?",
          "validate", SST2, "optimizers.p.type=prompts"),
     case("optimizer-without-type", "optimizers.w.type: Field required", "validate", SST2,
          "optimizers.w={lora: {r: 4}}"),
@@ -247,7 +247,7 @@ CASES = [
     case("strategy-trailing-arrow", "schedule.strategy: 'p ->' has an empty step", "validate", SST2,
          "schedule.strategy=p ->"),
     case("strategy-unknown-step", "error: schedule.strategy: unknown step 'P' in 'P -> w'; steps are the keys of "
-         "optimizers: p, w; did you mean 'p'?", "validate", SST2, "schedule.strategy=P -> w"),
+         "optimizers: p, w, s; did you mean 'p'?", "validate", SST2, "schedule.strategy=P -> w"),
     case("strategy-in-joint", "unknown step 'q'", "joint", SST2, "schedule.strategy=p -> q", *RUNS),
     case("steps-without-train", "error: data.split.train: 0 examples; the prompt step 'p' needs training examples",
          "validate", SST2, "data.split.train=0"),
@@ -340,7 +340,7 @@ CASES = [
          "--traces", "{tmp}/none.jsonl"),
     case("optimizer-of-the-wrong-type", "error: optimizers.p: is a prompt optimizer; this command needs a weight one",
          "bootstrap", SST2, *RUNS, "--optimizer", "p"),
-    case("optimizer-not-in-recipe", "error: optimizers.q: no such optimizer in the recipe (it has p, w)",
+    case("optimizer-not-in-recipe", "error: optimizers.q: no such optimizer in the recipe (it has p, w, s)",
          "optimize-prompts", SST2, *RUNS, "--optimizer", "q"),
 
     # ------------------------------------------------ flags

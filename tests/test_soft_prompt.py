@@ -178,10 +178,29 @@ def test_batching_and_prefix_reuse_keep_the_soft_prompt_answers(engine, adapter:
     assert batched == alone
 
 
+def test_sampled_requests_use_the_soft_prompt_too(engine, adapter: Path):
+    """A sampled request (temperature > 0) runs alone through generate(): from the embeddings, the soft
+    prompt included; the same seed gives the same answer."""
+    from dspy.lm15 import Config, Message, Request
+
+    engine.add_adapter("s-soft", adapter)
+    request = Request(model="local/smollm2@s-soft", system=INSTRUCTIONS, messages=(Message.user(PROMPTS[0]),),
+                      config=Config(max_tokens=12, temperature=0.7, seed=3, stop=("\n\n",)))
+    before = engine.decoder.stats["sampled"]
+    first, second = engine.complete(request), engine.complete(request)
+    assert engine.decoder.stats["sampled"] == before + 2
+    assert first.message.text == second.message.text and first.usage.output_tokens > 0
+    assert first.usage.input_tokens == 4 + len(engine._prompt_ids(request))  # the virtual tokens count
+
+
 # ---------------------------------------------------------------- the step in a run
 def test_s_step_in_a_run(runs: Path):
     """`p -> s` on the quickstart recipe: the s step trains an adapter with its soft prompt, records it,
     saves a program that a fresh command scores the same, and compare/status know the step."""
+    from safetensors.torch import load_file
+
+    from jointcli.selection import adapter_parameters
+
     args = ["joint", RECIPES / "sst2.yaml", *tiny(4, 3, 3, "models.small.dtype=float32",
             "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 1}", "optimizers.s.train.batch_size=2",
             "optimizers.s.soft_prompt.virtual_tokens=3", "schedule.strategy=p -> s"), "--runs-dir", runs]
@@ -195,6 +214,8 @@ def test_s_step_in_a_run(runs: Path):
     adapter = run / "02-s" / "adapters" / "classify"
     assert load_soft_prompt(adapter).shape == (3, 576)
     assert (run / "02-s" / "state.json").read_text().count("02-s/adapters/classify") == 1
+    lora = sum(v.numel() for v in load_file(str(adapter / "adapter_model.safetensors")).values())
+    assert adapter_parameters(adapter) == lora + 3 * 576  # what schedule.select counts as `parameters`
     out = runs / "export"
     assert cli("export", run, "--step", "02-s", "--out", out) == 0
     assert load_soft_prompt(out / "adapters" / "classify").shape == (3, 576)
