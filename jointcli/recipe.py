@@ -227,6 +227,12 @@ class Train(Strict):
     curriculum: Curriculum | None = Field(None, description="order the rows easy to hard in stages, e.g. "
                                           "{by: loss, stages: 3}; none: a fresh shuffle every epoch")
 
+    def identity(self, *exclude: str) -> dict:
+        """The settings as JSON, for fingerprints; without a curriculum there is no such key, so the
+        fingerprints of trainings made before it existed stay what they were."""
+        skip = set(exclude) | ({"curriculum"} if self.curriculum is None else set())
+        return self.model_dump(mode="json", exclude=skip)
+
 
 class WeightOptimizer(Strict):
     type: Literal["weight"]

@@ -317,9 +317,9 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
     calls, phases = [], []
     real = lora_module.shared_completion_nll
 
-    def counting(model, prefix_ids, input_ids, *rest):
+    def counting(model, prefix_ids, input_ids, *rest, **options):
         calls.append((prefix_ids.shape[1], input_ids.shape[0]))
-        return real(model, prefix_ids, input_ids, *rest)
+        return real(model, prefix_ids, input_ids, *rest, **options)
 
     @contextmanager
     def recording(label, total):

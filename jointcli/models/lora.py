@@ -197,9 +197,8 @@ def _resume_fingerprint(checkpoint: Path, pairs: list[dict], lora: Lora, train: 
     computes the same (base checkpoint, starting adapter, rows, settings, micro-batch plan); the
     number of data-parallel processes does not change what is computed."""
     share = microbatch.SHARE_PREFIX
-    unset = {"processes"} | ({"curriculum"} if train.curriculum is None else set())  # keeps older fingerprints
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
-                "train": train.model_dump(mode="json", exclude=unset), "seed": seed, "device": device,
+                "train": train.identity("processes"), "seed": seed, "device": device,
                 "dtype": dtype, "token_budget": token_budget, "trainer": 3 if share else 2,
                 "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0}
     if soft is not None:

@@ -167,7 +167,7 @@ def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, t
     """The adapter folder's name: the same base weights, starting adapter, rows and settings give the
     same name, so the finished adapter is reused."""
     settings = {"weights": getattr(engine, "weights_id", str(engine.checkpoint)), "device": str(engine.device),
-                "lora": lora.model_dump(mode="json"), "train": train.model_dump(mode="json"), "seed": seed}
+                "lora": lora.model_dump(mode="json"), "train": train.identity(), "seed": seed}
     if init_adapter is not None:  # only then: the names of adapters trained from the base weights stay as they were
         settings["init_adapter"] = adapter_digest(init_adapter)
     return fingerprint(settings, rows)[:20]
