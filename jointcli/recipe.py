@@ -212,6 +212,9 @@ class Curriculum(Strict):
     by: Literal["loss", "length"] = Field(description="difficulty: the model's loss per completion token on "
                                           "the row before training, or the row's length in tokens")
     stages: int = Field(3, ge=2, le=20)
+    balance: bool = Field(True, description="rank rows within each answer (when answers repeat, as labels do) "
+                          "and interleave them, so that every stage keeps the answers' shares; false: one "
+                          "ranking, which on a biased model can sort the rows by label")
 
 
 class Train(Strict):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.curriculum import curriculum_steps, row_losses
+from jointcli.models.curriculum import curriculum_steps, rank, row_losses
 from jointcli.models.lora import plan_steps
 from jointcli.recipe import Curriculum, Lora, Train
 
@@ -39,6 +39,22 @@ def test_curriculum_is_deterministic_for_a_seed():
     assert curriculum_steps([1.0, 1.0, 0.0, 1.0], 1, 1, seed=0, stages=4)[:2] == [[2], [0]]
 
 
+def test_balanced_ranking_keeps_the_answers_shares_in_every_stage():
+    """Rows whose loss sorts them by answer (as a biased model's does): one ranking puts every 'positive'
+    first; the balanced one interleaves the answers, each ranked by its own difficulty."""
+    answers = ["positive"] * 6 + ["negative"] * 6
+    difficulty = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] + [1.6, 1.1, 1.5, 1.2, 1.4, 1.3]
+    assert {answers[i] for i in rank(difficulty)[:6]} == {"positive"}
+    balanced = rank(difficulty, answers)
+    for k in (2, 4, 6, 8):
+        assert sum(answers[i] == "positive" for i in balanced[:k]) == k // 2
+    assert [i for i in balanced if answers[i] == "negative"] == [7, 9, 11, 10, 8, 6]  # by their own loss
+    # free-text answers (no repeats) rank by difficulty alone
+    assert rank(difficulty, [f"answer {i}" for i in range(12)]) == rank(difficulty)
+    steps = curriculum_steps(difficulty, 2, 1, 0, 3, answers)
+    assert sorted(answers[i] for i in steps[0] + steps[1]) == ["negative"] * 2 + ["positive"] * 2
+
+
 def test_recipe_refuses_a_bad_curriculum():
     from pydantic import ValidationError
 
@@ -51,7 +67,8 @@ def test_recipe_refuses_a_bad_curriculum():
 @pytest.mark.model
 def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: Path):
     """The order training.json records is the rows ranked by the loss a fresh adapter (the base model)
-    gives them, each computed alone; the first stage trains on the easiest half only."""
+    gives them, each computed alone, balanced between the two answers; the first stage trains on the
+    easiest half only."""
     import torch
 
     from jointcli.models.embedded import load_tokenizer, resolve_checkpoint
@@ -73,9 +90,11 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
     with torch.no_grad():
         alone = [float(s / c) for s, c in (completion_nll(model, *collate([r], tokenizer.pad_token_id)) for r in rows)]
-    assert order == sorted(range(len(rows)), key=lambda i: (alone[i], i))
+    answers = [p["completion"][-1]["content"] for p in to_prompt_completion(sentiment_rows())]
+    assert order == rank(alone, answers)
+    assert sorted(answers[i] for i in order[:4]) == sorted(answers[i] for i in order[4:])  # 2 and 2
     batched = row_losses(model, rows, tokenizer.pad_token_id, "cpu", "float32", 1024)
     assert batched == pytest.approx(alone, rel=1e-4)
-    steps = curriculum_steps(batched, 2, 1, 0, 2)
+    steps = curriculum_steps(batched, 2, 1, 0, 2, answers)
     assert {i for s in steps[:2] for i in s} == set(order[:4])
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(steps) == 4

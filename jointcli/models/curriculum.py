@@ -8,6 +8,11 @@ on each row before training (`by: loss`), or the row's length in tokens (`by: le
 steps (as many as without a curriculum: lora.plan_steps) are cut into `stages` equal runs; stage k
 draws its rows from the easiest k/stages of them, in a fresh seeded shuffle each pass over that pool,
 so the last stage trains on all rows. Deterministic for a seed and a difficulty list.
+
+Balanced (`balance: true`, the default): when the rows' answers repeat (labels), each row is ranked
+among the rows of its answer and the answers are interleaved, so every stage keeps the answers'
+shares. Without it, a biased model's loss sorts the rows by label (README: on sst2 the zero-shot
+model's easiest third was all `positive`), and the first stage teaches a constant.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import math
 import random
 
 
-def curriculum_steps(difficulty: list[float], rows_per_step: int, epochs: float, seed: int,
-                     stages: int) -> list[list[int]]:
-    """Row indices of every optimizer step, stage by stage (see the module docstring)."""
+def curriculum_steps(difficulty: list[float], rows_per_step: int, epochs: float, seed: int, stages: int,
+                     answers: list[str] | None = None) -> list[list[int]]:
+    """Row indices of every optimizer step, stage by stage (see the module docstring). With `answers`
+    (each row's completion) the ranking is balanced (`rank`)."""
     from .lora import plan_steps
 
     n = len(difficulty)
     total = len(plan_steps(n, rows_per_step, epochs, seed))
-    ranked = sorted(range(n), key=lambda i: (difficulty[i], i))
+    ranked = rank(difficulty, answers)
     steps: list[list[int]] = []
     for stage in range(1, stages + 1):
         end = round(total * stage / stages)
@@ -37,6 +43,20 @@ def curriculum_steps(difficulty: list[float], rows_per_step: int, epochs: float,
                     steps.append(order[i:i + rows_per_step])
             rounds += 1
     return steps
+
+
+def rank(difficulty: list[float], answers: list[str] | None = None) -> list[int]:
+    """The rows, easiest first (ties: the earlier row). With `answers` that repeat (label-like: fewer
+    distinct answers than half the rows), balanced: each row is placed by its rank among the rows of
+    the same answer (its quantile there), so every prefix of the ranking keeps the answers' shares."""
+    n = len(difficulty)
+    if answers is None or len(set(answers)) > n / 2:
+        return sorted(range(n), key=lambda i: (difficulty[i], i))
+    groups: dict[str, list[int]] = {}
+    for i in sorted(range(n), key=lambda i: (difficulty[i], i)):
+        groups.setdefault(answers[i], []).append(i)
+    quantile = {i: (k + 0.5) / len(g) for g in groups.values() for k, i in enumerate(g)}
+    return sorted(range(n), key=lambda i: (quantile[i], difficulty[i], i))
 
 
 def row_losses(model, rows: list, pad_id: int, device: str, dtype: str, token_budget: int, soft=None) -> list[float]:

@@ -61,6 +61,7 @@ from ..failpoints import failpoint
 from ..recipe import Groups, Lora, SoftPrompt, Train
 from ..rundir import remove_stale_staged, staged_dir, write_atomic
 from . import microbatch
+from .curriculum import curriculum_steps, rank, row_losses
 from .data_parallel import Ranks, launch
 from .microbatch import (Row, collate, collate_shared, completion_nll, micro_batches, shared_completion_nll,
                          shared_prefix)
@@ -327,6 +328,7 @@ class _Plan:
     work: Path  # the work folder of checkpoints
     ranks: Ranks = Ranks()  # this process among the data-parallel training processes
     difficulty: list[float] | None = None  # of every row, with train.curriculum
+    answers: list[str] | None = None  # every row's completion, with a balanced curriculum
 
 
 @dataclass
@@ -449,8 +451,6 @@ def _difficulty(session: _Session, data: _Data, train: Train, device: str, dtype
     if train.curriculum.by == "length":
         difficulty = [float(n) for n in data.lengths]
     else:
-        from .curriculum import row_losses
-
         with phase("curriculum: loss of every row", total=None):
             difficulty = row_losses(session.model, data.rows, data.pad_id, device, dtype, token_budget, session.soft)
     if main:
@@ -458,17 +458,24 @@ def _difficulty(session: _Session, data: _Data, train: Train, device: str, dtype
     return difficulty
 
 
+def _answers(data: _Data, train: Train) -> list[str] | None:
+    """Each row's completion text, for a balanced curriculum; None: not balanced."""
+    if train.curriculum is None or not train.curriculum.balance:
+        return None
+    return [pair["completion"][-1]["content"] for pair in data.pairs]
+
+
 def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, device: str, dtype: str,
                    work: Path, ranks: Ranks, difficulty: list[float] | None = None) -> _Plan:
     """The optimizer steps' rows: a fresh shuffle every epoch, or easy rows first (train.curriculum)."""
-    from .curriculum import curriculum_steps
-
     rows_per_step = train.batch_size * train.grad_accum
     steps = plan_steps(len(data.rows), rows_per_step, train.epochs, seed) if difficulty is None else \
-        curriculum_steps(difficulty, rows_per_step, train.epochs, seed, train.curriculum.stages)
+        curriculum_steps(difficulty, rows_per_step, train.epochs, seed, train.curriculum.stages,
+                         _answers(data, train))
     return _Plan(steps=steps,
                  per_epoch=math.ceil(len(data.rows) / rows_per_step), learning_rate=train.learning_rate,
-                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, difficulty=difficulty)
+                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, difficulty=difficulty,
+                 answers=_answers(data, train))
 
 
 def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Path | None, seed: int):
@@ -623,8 +630,7 @@ def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, to
         resumed_from_step=session.resumed_from_step,
         processes=plan.ranks.count,
         virtual_tokens=0 if session.soft is None else int(session.soft.shape[0]),
-        curriculum=None if plan.difficulty is None else sorted(range(len(plan.difficulty)),
-                                                                key=lambda i: (plan.difficulty[i], i)),
+        curriculum=None if plan.difficulty is None else rank(plan.difficulty, plan.answers),
     )
 
 
