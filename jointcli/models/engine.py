@@ -18,7 +18,9 @@ prompts, and its generation_config's eos ids (with the tokenizer's eos) end the 
 Weights are chosen by the request's model id (the rule: model_id.py): an id with "@<name>" runs the
 registered PEFT adapter <name>, any other id the base weights (adapters disabled). All adapters live
 on one PeftModel that wraps the one base model: adding one costs its LoRA matrices, never a copy of
-the base. Adding an adapter runs on the worker between batches, never during one.
+the base. Adding an adapter runs on the worker between batches, never during one. An adapter folder
+with a soft prompt (`prompt_tuning/`, the s step) puts its virtual tokens before every prompt of its
+requests: they batch and share prefixes like any prompt tokens (soft_prompt.py).
 """
 
 from __future__ import annotations

@@ -312,7 +312,7 @@ class _Data:
     lengths: list[int]  # their token counts
     dropped: int  # rows left out for being longer than train.max_length
     pad_id: int
-    tokenizer: Any = None
+    tokenizer: Any = None  # the checkpoint's (a soft prompt's text init tokenizes with it)
 
 
 @dataclass
