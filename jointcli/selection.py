@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
+from .models.soft_prompt import SUBFOLDER
 from .rundir import STATE_KINDS, Step, read_json, read_jsonl
 
 if TYPE_CHECKING:
@@ -174,8 +175,8 @@ def program_parameters(run_path: Path, steps: list[Step], step: Step) -> int | N
 def adapter_parameters(adapter: Path) -> int:
     """The parameters a PEFT adapter folder holds, its soft prompt's (prompt_tuning/) included, from the
     safetensors headers (8 bytes of length, then JSON: tensor name -> dtype, shape, offsets); no torch needed."""
-    files = [adapter / "adapter_model.safetensors", adapter / "prompt_tuning" / "adapter_model.safetensors"]
-    return sum(_tensor_parameters(f) for f in files[:1] + [f for f in files[1:] if f.is_file()])
+    soft = adapter / SUBFOLDER / "adapter_model.safetensors"
+    return _tensor_parameters(adapter / "adapter_model.safetensors") + (_tensor_parameters(soft) if soft.is_file() else 0)
 
 
 def _tensor_parameters(path: Path) -> int:

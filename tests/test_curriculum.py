@@ -16,9 +16,9 @@ DIFFICULTY = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.05, 0.95, 0.35]  # 
 
 
 def test_stages_draw_from_the_easy_rows_first_and_end_on_all():
-    steps = curriculum_steps(DIFFICULTY, rows_per_step=2, epochs=1, seed=0, stages=3)
+    steps = curriculum_steps(rank(DIFFICULTY), rows_per_step=2, epochs=1, seed=0, stages=3)
     assert len(steps) == len(plan_steps(12, 2, 1, 0)) == 6  # as many steps as without a curriculum
-    steps = curriculum_steps(DIFFICULTY, rows_per_step=2, epochs=2, seed=0, stages=3)
+    steps = curriculum_steps(rank(DIFFICULTY), rows_per_step=2, epochs=2, seed=0, stages=3)
     ranked = sorted(range(12), key=lambda i: DIFFICULTY[i])
     for stage, part in enumerate([steps[0:4], steps[4:8], steps[8:12]], start=1):
         pool = set(ranked[:math.ceil(12 * stage / 3)])
@@ -32,11 +32,11 @@ def test_stages_draw_from_the_easy_rows_first_and_end_on_all():
 
 
 def test_curriculum_is_deterministic_for_a_seed():
-    a = curriculum_steps(DIFFICULTY, 3, 1.5, seed=4, stages=2)
-    assert a == curriculum_steps(DIFFICULTY, 3, 1.5, seed=4, stages=2)
-    assert a != curriculum_steps(DIFFICULTY, 3, 1.5, seed=5, stages=2)
+    a = curriculum_steps(rank(DIFFICULTY), 3, 1.5, seed=4, stages=2)
+    assert a == curriculum_steps(rank(DIFFICULTY), 3, 1.5, seed=4, stages=2)
+    assert a != curriculum_steps(rank(DIFFICULTY), 3, 1.5, seed=5, stages=2)
     # ties go to the earlier row
-    assert curriculum_steps([1.0, 1.0, 0.0, 1.0], 1, 1, seed=0, stages=4)[:2] == [[2], [0]]
+    assert curriculum_steps(rank([1.0, 1.0, 0.0, 1.0]), 1, 1, seed=0, stages=4)[:2] == [[2], [0]]
 
 
 def test_balanced_ranking_keeps_the_answers_shares_in_every_stage():
@@ -51,7 +51,7 @@ def test_balanced_ranking_keeps_the_answers_shares_in_every_stage():
     assert [i for i in balanced if answers[i] == "negative"] == [7, 9, 11, 10, 8, 6]  # by their own loss
     # free-text answers (no repeats) rank by difficulty alone
     assert rank(difficulty, [f"answer {i}" for i in range(12)]) == rank(difficulty)
-    steps = curriculum_steps(difficulty, 2, 1, 0, 3, answers)
+    steps = curriculum_steps(rank(difficulty, answers), 2, 1, 0, 3)
     assert sorted(answers[i] for i in steps[0] + steps[1]) == ["negative"] * 2 + ["positive"] * 2
 
 
@@ -95,6 +95,6 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     assert sorted(answers[i] for i in order[:4]) == sorted(answers[i] for i in order[4:])  # 2 and 2
     batched = row_losses(model, rows, tokenizer.pad_token_id, "cpu", "float32", 1024)
     assert batched == pytest.approx(alone, rel=1e-4)
-    steps = curriculum_steps(batched, 2, 1, 0, 2, answers)
+    steps = curriculum_steps(rank(batched, answers), 2, 1, 0, 2)
     assert {i for s in steps[:2] for i in s} == set(order[:4])
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(steps) == 4

@@ -1,7 +1,7 @@
 """Curriculum: a weight step's optimizer steps see the easy rows first (`train.curriculum`).
 
     difficulty = row_losses(model, rows, pad_id, "cpu", "float32", 1024)     # or the rows' lengths
-    steps = curriculum_steps(difficulty, rows_per_step=8, epochs=1, seed=0, stages=3)
+    steps = curriculum_steps(rank(difficulty, answers), rows_per_step=8, epochs=1, seed=0, stages=3)
 
 The rows are ranked by difficulty (ties: the earlier row first): the model's loss per completion token
 on each row before training (`by: loss`), or the row's length in tokens (`by: length`). The optimizer
@@ -21,15 +21,14 @@ import math
 import random
 
 
-def curriculum_steps(difficulty: list[float], rows_per_step: int, epochs: float, seed: int, stages: int,
-                     answers: list[str] | None = None) -> list[list[int]]:
-    """Row indices of every optimizer step, stage by stage (see the module docstring). With `answers`
-    (each row's completion) the ranking is balanced (`rank`)."""
+def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed: int,
+                     stages: int) -> list[list[int]]:
+    """Row indices of every optimizer step, stage by stage (see the module docstring); `ranked`: every
+    row, easiest first (`rank`)."""
     from .lora import plan_steps
 
-    n = len(difficulty)
+    n = len(ranked)
     total = len(plan_steps(n, rows_per_step, epochs, seed))
-    ranked = rank(difficulty, answers)
     steps: list[list[int]] = []
     for stage in range(1, stages + 1):
         end = round(total * stage / stages)

@@ -327,8 +327,7 @@ class _Plan:
     dtype: str  # resolved: float32 or bfloat16
     work: Path  # the work folder of checkpoints
     ranks: Ranks = Ranks()  # this process among the data-parallel training processes
-    difficulty: list[float] | None = None  # of every row, with train.curriculum
-    answers: list[str] | None = None  # every row's completion, with a balanced curriculum
+    curriculum: list[int] | None = None  # with train.curriculum: every row, easiest first
 
 
 @dataclass
@@ -469,13 +468,12 @@ def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, devi
                    work: Path, ranks: Ranks, difficulty: list[float] | None = None) -> _Plan:
     """The optimizer steps' rows: a fresh shuffle every epoch, or easy rows first (train.curriculum)."""
     rows_per_step = train.batch_size * train.grad_accum
-    steps = plan_steps(len(data.rows), rows_per_step, train.epochs, seed) if difficulty is None else \
-        curriculum_steps(difficulty, rows_per_step, train.epochs, seed, train.curriculum.stages,
-                         _answers(data, train))
+    ranked = None if difficulty is None else rank(difficulty, _answers(data, train))
+    steps = plan_steps(len(data.rows), rows_per_step, train.epochs, seed) if ranked is None else \
+        curriculum_steps(ranked, rows_per_step, train.epochs, seed, train.curriculum.stages)
     return _Plan(steps=steps,
                  per_epoch=math.ceil(len(data.rows) / rows_per_step), learning_rate=train.learning_rate,
-                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, difficulty=difficulty,
-                 answers=_answers(data, train))
+                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, curriculum=ranked)
 
 
 def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Path | None, seed: int):
@@ -630,7 +628,7 @@ def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, to
         resumed_from_step=session.resumed_from_step,
         processes=plan.ranks.count,
         virtual_tokens=0 if session.soft is None else int(session.soft.shape[0]),
-        curriculum=None if plan.difficulty is None else rank(plan.difficulty, plan.answers),
+        curriculum=plan.curriculum,
     )
 
 
