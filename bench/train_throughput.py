@@ -29,11 +29,13 @@ warm-up optimizer step then `--steps` measured ones of 8 rows each:
   whole pack, far slower here; `--packing` runs it anyway.
 Then the shared prompt prefix against the same trainer without it (`microbatch.SHARE_PREFIX = False`:
 every row runs whole, as the trainer did before), in rows per second: on the same rows with demos
-(target 2.5x), and on rows without demos (short, ~90 tokens: sharing must not make them slower).
+(target 2.5x), and on rows without demos (short, ~210 tokens: sharing must not make them slower).
+The two alternate in one child process, `--rounds` runs each (the order flips every round), and the
+ratio is that of their median times: on a shared machine load hits both alike.
 
 Throughput = trained tokens (non-pad prompt + completion tokens) of the measured steps / their
 wall time. A shared prefix counts for every row that uses it: the figure is rows' tokens per second,
-not tokens computed per second (jointopt computes the shared ~370 tokens of a micro-batch once).
+not tokens computed per second (jointopt computes the shared ~370 tokens of a step once).
 
 Model FLOPs per trained token (the useful work, the same count for both trainers), for a decoder
 with linear weights N_lin (frozen), LoRA weights N_lora, hidden size d, L layers, vocabulary V:
@@ -211,17 +213,19 @@ def encode_sft_example(messages: list[dict], tokenizer, max_seq_length: int) -> 
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _child(which: str, rows_file: Path, steps: int, packing: bool) -> dict:
+def _child(which: str, rows_file: Path, steps: int, packing: bool, rounds: int) -> dict:
     import torch
 
     from jointcli.models.device import cpu_budget as _cpu_budget
 
     torch.set_num_threads(_cpu_budget())
     rows = json.loads(rows_file.read_text())
+    if which == "shared-prefix":
+        return interleaved_shared_prefix(rows, steps, rounds)
     with tempfile.TemporaryDirectory() as tmp:
         if which.startswith("jointopt"):
             return run_jointopt(rows, steps, Path(tmp), "bfloat16" if which == "jointopt-bf16" else "auto",
-                                share_prefix=which != "jointopt-unshared")
+                                share_prefix=True)
         return run_dspy_trl(rows, steps, Path(tmp), packing)
 
 
@@ -250,14 +254,16 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="also run DSPy's packing=True (slow)")
     parser.add_argument("--bf16", action="store_true", help="also run jointopt in bf16 (auto is fp32 on CPU)")
     parser.add_argument("--shared-prefix-only", action="store_true", help="only the shared-prefix ratios")
-    parser.add_argument("--child", choices=["jointopt", "jointopt-bf16", "jointopt-unshared", "dspy-trl"],
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each trainer for the "
+                        "shared-prefix ratios (median)")
+    parser.add_argument("--child", choices=["jointopt", "jointopt-bf16", "dspy-trl", "shared-prefix"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child, args.rows_file, args.steps, args.packing)), flush=True)
+        print("RESULT " + json.dumps(_child(args.child, args.rows_file, args.steps, args.packing, args.rounds)), flush=True)
         return
 
     import torch
@@ -274,7 +280,7 @@ def main() -> None:
     print("matmul peak (2048x2048, GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
 
     if args.shared_prefix_only:
-        shared_prefix_ratios(rows, args.steps)
+        shared_prefix_ratios(rows, args.steps, args.rounds)
         return
     results = {}
     runs = ([("dspy-trl", False), ("jointopt", False)] + ([("jointopt-bf16", False)] if args.bf16 else [])
@@ -296,42 +302,68 @@ def main() -> None:
               f"of the {r['dtype']} matmul peak")
     ratio = ours["tokens_per_second"] / base["tokens_per_second"]
     print(f"train_throughput: {ratio:.2f}x (target 1.5x)")
-    shared_prefix_ratios(rows, args.steps, shared_with_demos=ours)
+    shared_prefix_ratios(rows, args.steps, args.rounds)
 
 
-def run_child(which: str, rows: list[dict], steps: int, packing: bool = False) -> dict:
-    """One trainer in its own process (its own peak RSS) on `rows`; prints and returns its figures."""
+def run_child(which: str, rows: list[dict], steps: int, packing: bool = False, rounds: int = 1) -> dict:
+    """One trainer in its own process (its own peak RSS) on `rows`; prints and returns its figures
+    (shared-prefix: both jointopt trainers, interleaved, returned without printing)."""
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "rows.json"
         rows_file.write_text(json.dumps(rows))
         cmd = [sys.executable, __file__, "--child", which, "--rows-file", str(rows_file),
-               "--steps", str(steps)] + (["--packing"] if packing else [])
+               "--steps", str(steps), "--rounds", str(rounds)] + (["--packing"] if packing else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"{which} failed:\n{proc.stderr[-3000:]}")
     r = json.loads(line[len("RESULT "):])
+    if which == "shared-prefix":
+        return r
     print(f"{r['trainer']:>18}: {r['tokens_per_second']:7.1f} tokens/s ({r['tokens']} tokens in "
           f"{r['seconds']:.1f} s, {r['steps']} steps, {r['dtype']}), peak RSS {r['peak_rss_mb']:.0f} MB, "
           f"losses {r['losses']}", flush=True)
     return r
 
 
-def shared_prefix_ratios(rows: list[dict], steps: int, shared_with_demos: dict | None = None) -> None:
-    """Rows per second with the shared prefix against without it: rows with demos, then without."""
+def interleaved_shared_prefix(rows: list[dict], steps: int, rounds: int) -> dict:
+    """jointopt's trainer with and without the shared prefix, alternating in this process `rounds` times
+    each (the order flips every round), on the same rows: load on a shared machine hits both alike.
+    Per trainer: the measured seconds of every run and the losses of the last."""
+    out = {"shared": {"seconds": []}, "unshared": {"seconds": []}}
+    for r in range(rounds):
+        for share in (True, False) if r % 2 == 0 else (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_jointopt(rows, steps, Path(tmp), share_prefix=share)
+            entry = out["shared" if share else "unshared"]
+            entry["seconds"].append(result["seconds"])
+            entry.update(losses=result["losses"], dtype=result["dtype"], rows=result["steps"] * ROWS_PER_STEP,
+                         mean_row_tokens=result["mean_row_tokens"])
+    return out
+
+
+def shared_prefix_ratios(rows: list[dict], steps: int, rounds: int) -> None:
+    """Rows per second with the shared prefix against without it (median of interleaved runs): rows
+    with demos, then without."""
+    from statistics import median
+
     from jointcli.models.device import cpu_kind
 
     used = rows[:(steps + 1) * ROWS_PER_STEP]
-    short = build_rows(len(used), demos=0)
-    shared = shared_with_demos or run_child("jointopt", used, steps)
-    unshared = run_child("jointopt-unshared", used, steps)
-    short_shared, short_unshared = run_child("jointopt", short, steps), run_child("jointopt-unshared", short, steps)
-    where = f"[cpu {cpu_kind()}; LoRA {shared['dtype']}]"
-    print(f"shared_prefix: {shared['rows_per_second'] / unshared['rows_per_second']:.2f}x rows/s, rows with "
-          f"4 demos ({shared['rows_per_second']:.2f} vs {unshared['rows_per_second']:.2f}) (target 2.5x) {where}")
-    print(f"shared_prefix_short_rows: {short_shared['rows_per_second'] / short_unshared['rows_per_second']:.2f}x "
-          f"rows/s, rows without demos ({short_shared['rows_per_second']:.2f} vs "
-          f"{short_unshared['rows_per_second']:.2f}) (target >= 1.0x) {where}")
+    cases = [("shared_prefix", "rows with 4 demos", used, "2.5x"),
+             ("shared_prefix_short_rows", "rows without demos", build_rows(len(used), demos=0), ">= 1.0x")]
+    for name, what, case_rows, target in cases:
+        r = run_child("shared-prefix", case_rows, steps, rounds=rounds)
+        shared, unshared = r["shared"], r["unshared"]
+        for label, e in (("shared prefix", shared), ("every row whole", unshared)):
+            print(f"{label:>16}: {e['rows'] / median(e['seconds']):.2f} rows/s (median of "
+                  f"{', '.join(f'{x:.1f}' for x in e['seconds'])} s for {e['rows']} rows, "
+                  f"{e['mean_row_tokens']:.0f} tokens a row), losses {e['losses']}", flush=True)
+        if shared["losses"] != unshared["losses"]:
+            print(f"  WARNING: the losses differ: {shared['losses']} vs {unshared['losses']}")
+        ratio = median(unshared["seconds"]) / median(shared["seconds"])
+        print(f"{name}: {ratio:.2f}x rows/s, {what} (target {target}) "
+              f"[cpu {cpu_kind()}; LoRA {shared['dtype']}; {rounds} interleaved runs each]", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.device import resolve_train_dtype
 from jointcli.models.lora import (TrainResult, load_for_training, plan_steps, to_prompt_completion,
                                   tokenize_pair, train_lora)
-from jointcli.models.microbatch import (MIN_SHARED_PREFIX, collate, collate_shared, completion_nll, micro_batches,
-                                        shared_completion_nll, shared_prefix)
+from jointcli.models.microbatch import (MIN_SHARED_PREFIX, collate, collate_shared, completion_nll, micro_batch_losses,
+                                        micro_batches, plan_step, prefix_groups, shared_completion_nll, shared_prefix)
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
 
 from .conftest import requires_native_bf16
@@ -215,21 +215,38 @@ def test_shared_prefix_is_capped_before_the_completions():
     assert shared_prefix(short) == 0
 
 
-def test_micro_batches_count_a_shared_prefix_once():
-    """With the rows' tokens, a micro-batch costs its shared prefix once + rows x longest suffix, so
-    rows that share a long prompt fill one micro-batch; without them (or without a long common
-    prefix) the plan is rows x longest row, as before."""
+def test_a_step_computes_its_shared_prefix_once():
+    """With the rows' tokens, rows that share a long prompt form one group whose prefix is computed
+    once, and its micro-batches cost rows x longest suffix within the budget less the prefix; without
+    them (or without a long common prefix) the plan is rows x longest row, as before."""
     prefix = list(range(1000, 1400))  # 400 shared tokens
     rows = [(prefix + [i] * (60 - i), 440 + i) for i in range(8)]  # suffixes of 60..53 tokens, answer 20..13
     lengths = [len(ids) for ids, _ in rows]
     step = list(range(8))
-    assert micro_batches(lengths, step, 900, rows) == [step]  # 400 + 8 x 60 = 880 tokens
-    assert all(len(m) == 1 for m in micro_batches(lengths, step, 900))  # 2 x 460 padded tokens > 900
-    plan = micro_batches(lengths, step, 600, rows)  # 400 + 3 x 60 = 580: 3, 3 and 2 rows
-    assert plan == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    assert all(shared_prefix([rows[i] for i in m]) + len(m) * (lengths[m[0]] - 400) <= 600 for m in plan)
+    assert plan_step(lengths, step, 900, rows) == [(400, [step])]  # 400 + 8 x 60 = 880 tokens
+    assert plan_step(lengths, step, 900) == [(0, [[i] for i in step])]  # 2 x 460 padded tokens > 900
+    # 400 + 3 x 60 = 580: 3, 3 and 2 rows a micro-batch, the prefix still computed once for all 8
+    assert plan_step(lengths, step, 600, rows) == [(400, [[0, 1, 2], [3, 4, 5], [6, 7]])]
+    assert plan_step(lengths, step, 300, rows) == [(400, [[i] for i in step])]  # a prefix over the budget: rows one by one
     unrelated = [([7000 + 10 * i] + ids[1:], start) for i, (ids, start) in enumerate(rows)]  # first token differs
-    assert micro_batches(lengths, step, 900, unrelated) == micro_batches(lengths, step, 900)
+    assert plan_step(lengths, step, 900, unrelated) == plan_step(lengths, step, 900)
+
+
+def test_rows_of_two_modules_form_two_groups():
+    """Two modules' prompts share their first 40 tokens (a chat template, the start of DSPy's system
+    message) and then differ: computing those 40 once for all rows would leave each module's own 300
+    computed per row, so the step keeps two groups, each with its own long prefix."""
+    head = list(range(1000, 1040))
+    a, b = head + list(range(2000, 2300)), head + list(range(3000, 3300))
+    rows = [(a + [i, i, 5], len(a) + 2) if i % 2 else (b + [i, i, i, 5], len(b) + 3) for i in range(6)]
+    groups = prefix_groups(list(range(6)), rows)
+    assert sorted(map(sorted, groups)) == [[0, 2, 4], [1, 3, 5]]
+    lengths = [len(ids) for ids, _ in rows]
+    plan = plan_step(lengths, list(range(6)), 10_000, rows)
+    assert sorted(prefix for prefix, _ in plan) == [340, 340]
+    assert sorted(sorted(sum(micros, [])) for _, micros in plan) == [[0, 2, 4], [1, 3, 5]]
+    lone = rows + [([9] * 50, 40)]  # shares nothing: trained whole, in a group without a prefix
+    assert (0, [[6]]) in plan_step(lengths + [50], list(range(7)), 10_000, lone)
 
 
 def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
@@ -307,19 +324,68 @@ def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Pat
 
 
 @pytest.mark.model
+def test_a_step_over_several_micro_batches_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path):
+    """The step's prefix computed once, its suffixes in three micro-batches (each leaving its share of
+    the prefix's gradient on the detached cache, summed through the prefix once at the end): the same
+    loss and LoRA gradients as every row computed whole."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows())]
+    lengths = [len(ids) for ids, _ in rows]
+    prefix = shared_prefix(rows)
+    budget = prefix + 2 * max(n - prefix for n in lengths)  # two rows a micro-batch
+    groups = plan_step(lengths, list(range(len(rows))), budget, rows)
+    assert [(p, len(micros)) for p, micros in groups] == [(prefix, 3)]
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_labels = sum(len(ids) - start for ids, start in rows)
+
+    model.zero_grad(set_to_none=True)
+    whole_nll, count = completion_nll(model, *collate(rows, tokenizer.pad_token_id))
+    assert count == n_labels
+    (whole_nll / n_labels).backward()
+    whole = torch.cat([p.grad.flatten() for p in params])
+
+    model.zero_grad(set_to_none=True)
+    total, seen = 0.0, []
+    for micro, nll, _ in micro_batch_losses(model, rows, groups, tokenizer.pad_token_id, "cpu"):
+        (nll / n_labels).backward()
+        total += float(nll.detach())
+        seen += micro
+    shared = torch.cat([p.grad.flatten() for p in params])
+    assert sorted(seen) == list(range(len(rows)))
+    assert whole.abs().max() > 0
+    assert total == pytest.approx(float(whole_nll), rel=1e-5)
+    torch.testing.assert_close(shared, whole, rtol=1e-4, atol=1e-6)
+    a0 = next(p for name, p in model.named_parameters() if "layers.0." in name and "lora_A" in name)
+    assert a0.grad.abs().max() > 0  # the prefix's share reached the first layer
+
+
+@pytest.mark.model
 def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpoint: Path, monkeypatch):
-    """train_lora with the default token budget runs rows that share a prompt as one micro-batch
-    through the shared prefix, and reports one progress tick per optimizer step, with its loss."""
+    """train_lora with the default token budget computes the prefix that a step's rows share once and
+    runs their suffixes against it, and reports one progress tick per optimizer step, with its loss."""
     from contextlib import contextmanager
 
     import jointcli.models.lora as lora_module
+    import jointcli.models.microbatch as microbatch
 
-    calls, phases = [], []
-    real = lora_module.shared_completion_nll
+    prefixes, suffixes, phases = [], [], []
+    real_init, real_nll = microbatch.SharedPrefix.__init__, microbatch.SharedPrefix.nll
 
-    def counting(model, prefix_ids, input_ids, *rest, **options):
-        calls.append((prefix_ids.shape[1], input_ids.shape[0]))
-        return real(model, prefix_ids, input_ids, *rest, **options)
+    def counting_init(self, model, prefix_ids, *rest, **options):
+        prefixes.append(prefix_ids.shape[1])
+        real_init(self, model, prefix_ids, *rest, **options)
+
+    def counting_nll(self, input_ids, *rest, **options):
+        suffixes.append(input_ids.shape[0])
+        return real_nll(self, input_ids, *rest, **options)
 
     @contextmanager
     def recording(label, total):
@@ -327,13 +393,14 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
         phases.append((label, total, notes))
         yield lambda n=1, note="": notes.append(note)
 
-    monkeypatch.setattr(lora_module, "shared_completion_nll", counting)
+    monkeypatch.setattr(microbatch.SharedPrefix, "__init__", counting_init)
+    monkeypatch.setattr(microbatch.SharedPrefix, "nll", counting_nll)
     monkeypatch.setattr(lora_module, "phase", recording)
     log = tmp_path / "log.jsonl"
     train_lora(checkpoint, sentiment_rows()[:4], tmp_path / "adapter", Lora(r=2, alpha=4),
                Train(epochs=1, batch_size=2), seed=0, log_path=log, device="cpu", dtype="float32")
-    assert calls and all(prefix >= MIN_SHARED_PREFIX and n == 2 for prefix, n in calls)
-    assert len(calls) == 2  # one micro-batch of 2 rows per step
+    assert len(prefixes) == 2 and all(p >= MIN_SHARED_PREFIX for p in prefixes)  # one prefix per step
+    assert suffixes == [2, 2]  # one micro-batch of 2 rows per step
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert phases == [("LoRA training adapter", 2, [f"loss {x:.3f}" for x in losses])]
 

@@ -10,7 +10,8 @@ import pytest
 
 from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.lora import SoftTraining, load_for_training, to_prompt_completion, tokenize_pair, train_lora
-from jointcli.models.microbatch import collate, collate_shared, completion_nll, shared_completion_nll, shared_prefix
+from jointcli.models.microbatch import (collate, collate_shared, completion_nll, micro_batch_losses,
+                                        shared_completion_nll, shared_prefix)
 from jointcli.models.soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, virtual_ids
 from jointcli.recipe import EMBEDDED_MODEL, Groups, Lora, ParamGroup, SoftPrompt, Train
 
@@ -69,9 +70,12 @@ def test_l2_penalty_and_weight_decay_pull_the_soft_prompt_in(tmp_path: Path, che
     assert load_soft_prompt(out).norm() < load_soft_prompt(adapter).norm() * 0.9
 
 
-def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_prompt(checkpoint: Path):
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_prompt(checkpoint: Path,
+                                                                                    micro_batches: int):
     """Virtual tokens before every row: computing them with the shared prefix once gives the loss, the
-    LoRA gradients and the soft prompt's gradient of whole rows."""
+    LoRA gradients and the soft prompt's gradient of whole rows, in one micro-batch or in three (the
+    prefix's gradient summed over them, then sent through it once)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -92,6 +96,13 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_pr
     def loss_and_gradient(shared: bool):
         model.zero_grad(set_to_none=True)
         soft.grad = None
+        if shared and micro_batches > 1:
+            groups = [(prefix, [[0, 1], [2, 3], [4, 5]])]
+            nll = 0.0
+            for _, part, _ in micro_batch_losses(model, rows, groups, tokenizer.pad_token_id, "cpu", soft):
+                (part / n_labels).backward()
+                nll += part.detach()
+            return nll / n_labels, torch.cat([p.grad.flatten() for p in params])
         if shared:
             nll, _ = shared_completion_nll(model, *collate_shared(rows, prefix, tokenizer.pad_token_id), soft=soft)
         else:

@@ -60,23 +60,17 @@ def rank(difficulty: list[float], answers: list[str] | None = None) -> list[int]
 
 def row_losses(model, rows: list, pad_id: int, device: str, dtype: str, token_budget: int, soft=None) -> list[float]:
     """Each row's mean loss per completion token under `model` as it is (no gradients), computed in
-    micro-batches of at most `token_budget` tokens, a shared prefix once (microbatch.py)."""
+    micro-batches of at most `token_budget` tokens, a shared prefix once (microbatch.py's plan_step)."""
     import torch
 
-    from .lora import _autocast
-    from .microbatch import collate, collate_shared, completion_nll, micro_batches, shared_completion_nll, shared_prefix
+    from .device import autocast
+    from .microbatch import micro_batch_losses, plan_step
 
     lengths = [len(ids) for ids, _ in rows]
     losses = [0.0] * len(rows)
-    with torch.no_grad(), _autocast(device, dtype):
-        for micro in micro_batches(lengths, list(range(len(rows))), token_budget, rows):
-            batch = [rows[i] for i in micro]
-            shared = shared_prefix(batch)
-            if shared:
-                sums, counts = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, device), soft=soft,
-                                                     per_row=True)
-            else:
-                sums, counts = completion_nll(model, *collate(batch, pad_id, device), soft=soft, per_row=True)
+    groups = plan_step(lengths, list(range(len(rows))), token_budget, rows)
+    with torch.no_grad(), autocast(device, dtype):
+        for micro, sums, counts in micro_batch_losses(model, rows, groups, pad_id, device, soft, per_row=True):
             for i, s, c in zip(micro, sums.tolist(), counts.tolist()):
                 losses[i] = s / max(c, 1)
     return losses

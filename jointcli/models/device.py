@@ -17,6 +17,7 @@ tests use it to run both paths on one machine; users use it to compare them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -132,3 +133,13 @@ def set_process_defaults() -> None:
     # LiteLLM fetches its model price list from GitHub on first use (a 5 s timeout offline, and a
     # warning): its packaged copy is enough.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def autocast(device: str, dtype: str):
+    """bf16 autocast for training in "bfloat16" (frozen weights stored in bf16, LoRA in fp32); nothing
+    for "float32"."""
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

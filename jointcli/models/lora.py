@@ -18,8 +18,8 @@ The loop (it replaced TRL's SFTTrainer, whose semantics it keeps: AdamW, betas 0
 decay, linear decay of the learning rate to 0, gradient norm clipped at 1.0, the loss of a step is
 the summed NLL of its completion tokens over their count):
 - an optimizer step is `batch_size x grad_accum` rows (a seeded shuffle per epoch, `plan_steps`),
-  computed in micro-batches of at most TOKEN_BUDGET computed tokens, a prompt prefix shared by a
-  micro-batch's rows computed once, the LM head on the completion positions only: see
+  computed in micro-batches of at most TOKEN_BUDGET computed tokens, a prompt prefix shared by the
+  step's rows computed once, the LM head on the completion positions only: see
   models/microbatch.py. Micro-batches give the gradient of the whole step (tested);
 - bf16 on bf16 GPUs (dtype auto) and on request (dtype bfloat16): frozen base weights stored in
   bf16, autocast, LoRA weights and AdamW in fp32; PEFT's cast of each LoRA input to fp32 is turned
@@ -63,9 +63,9 @@ from ..rundir import remove_stale_staged, staged_dir, write_atomic
 from . import microbatch
 from .curriculum import curriculum_steps, rank, row_losses
 from .data_parallel import Ranks, launch
-from .microbatch import (Row, collate, collate_shared, completion_nll, micro_batches, shared_completion_nll,
-                         shared_prefix)
+from .device import autocast
 from .hashing import fingerprint
+from .microbatch import Row, micro_batch_losses, plan_step
 from .soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, save_soft_prompt, soft_prompt_files, virtual_ids
 
 SAVE_STEPS = 20  # a checkpoint every this many optimizer steps: the most a killed run loses
@@ -163,15 +163,6 @@ def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], int]:
     return full, start
 
 
-# ---------------------------------------------------------------- devices
-def _autocast(device: str, dtype: str):
-    import torch
-
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @contextmanager
 def _silent():
     """phase()'s stand-in in the processes other than 0: their progress is process 0's."""
@@ -200,7 +191,7 @@ def _resume_fingerprint(checkpoint: Path, pairs: list[dict], lora: Lora, train: 
     share = microbatch.SHARE_PREFIX
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
                 "train": train.identity("processes"), "seed": seed, "device": device,
-                "dtype": dtype, "token_budget": token_budget, "trainer": 3 if share else 2,
+                "dtype": dtype, "token_budget": token_budget, "trainer": 4 if share else 2,
                 "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0}
     if soft is not None:
         settings["soft"] = soft.to_json()
@@ -566,9 +557,13 @@ def _train_step(session: _Session, data: _Data, step: list[int], decay: float, p
         group["lr"] = group.get("peak_lr", plan.learning_rate) * decay
     n_labels = sum(data.lengths[i] - data.rows[i][1] for i in step)  # completion tokens (label count)
     total, tokens = 0.0, 0
-    for micro in micro_batches(data.lengths, plan.ranks.share(step), plan.token_budget, data.rows):
-        total += _backward(session.model, [data.rows[i] for i in micro], n_labels, data.pad_id, plan, session.soft)
-        tokens += sum(data.lengths[i] for i in micro)
+    groups = plan_step(data.lengths, plan.ranks.share(step), plan.token_budget, data.rows)
+    with autocast(plan.device, plan.dtype):
+        for micro, nll, _ in micro_batch_losses(session.model, data.rows, groups, data.pad_id, plan.device,
+                                                session.soft):
+            (nll / n_labels).backward()  # divided by the step's label count: the micro-batches add up to the step
+            total += float(nll.detach())
+            tokens += sum(data.lengths[i] for i in micro)
     total, tokens = plan.ranks.sum_step(session.params, total, tokens)
     if session.penalties:  # after the sum over processes: counted once
         sum(l2 * sum(p.float().pow(2).sum() for p in params) for l2, params in session.penalties).backward()
@@ -576,19 +571,6 @@ def _train_step(session: _Session, data: _Data, step: list[int], decay: float, p
     session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
     return total / n_labels, grad_norm, tokens
-
-
-def _backward(model, batch: list[Row], n_labels: int, pad_id: int, plan: _Plan, soft=None) -> float:
-    """Forward and backward of one micro-batch, its loss divided by the label count of the whole step
-    (so that the micro-batches' gradients add up to the step's); returns its summed NLL."""
-    shared = shared_prefix(batch)
-    with _autocast(plan.device, plan.dtype):
-        if shared:
-            nll, _ = shared_completion_nll(model, *collate_shared(batch, shared, pad_id, plan.device), soft=soft)
-        else:
-            nll, _ = completion_nll(model, *collate(batch, pad_id, plan.device), soft=soft)
-    (nll / n_labels).backward()
-    return float(nll.detach())
 
 
 @contextmanager

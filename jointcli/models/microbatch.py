@@ -1,19 +1,21 @@
 """The micro-batches of one optimizer step: planning under a token budget, collation, and the loss
 of the completion tokens, with a prompt prefix shared by the rows computed once.
 
-- micro-batch planning (`micro_batches`): an optimizer step's rows, sorted by length, are cut into
-  micro-batches of at most a token budget of computed tokens, so memory is bounded whatever the
-  recipe's batch size, and rows of similar length share a batch (little padding; none when a
-  micro-batch has one row or rows of one length, and then no attention mask either). Micro-batches
-  give the gradient of the whole step (tested);
-- shared prefix (`shared_prefix`, `collate_shared`, `shared_completion_nll`): rows of one module
-  start with the same system message and demos (most of a row on sst2). When the rows of a
-  micro-batch share MIN_SHARED_PREFIX+ tokens, that prefix goes through the decoder once (batch 1,
-  with gradients) and its key/value cache, repeated for every row, serves the rows' own suffixes in
-  one batch (the prefix stops before the token that predicts the first completion token). A
-  micro-batch then costs prefix + rows x longest suffix tokens instead of rows x longest row, so
-  several such rows fit one micro-batch. Same loss and LoRA gradients as whole rows (tested); LoRA
-  dropout, if any, draws one mask for the shared part;
+- groups and micro-batches (`plan_step`): an optimizer step's rows are grouped by the prompt prefix
+  they share (`prefix_groups`: rows of one module start with the same system message and demos,
+  most of a row on sst2), and each group is cut into micro-batches of at most a token budget of
+  computed tokens (`micro_batches`: sorted by length, so rows of similar length share a batch and
+  little is padded; none when a micro-batch has one row or rows of one length, and then no
+  attention mask either), so memory is bounded whatever the recipe's batch size. Micro-batches give
+  the gradient of the whole step (tested);
+- shared prefix (`SharedPrefix`, `micro_batch_losses`): a group's prefix (MIN_SHARED_PREFIX+ tokens)
+  goes through the decoder once per optimizer step (batch 1, with gradients) and its key/value
+  cache, repeated for every row, serves the rows' own suffixes, micro-batch after micro-batch (the
+  prefix stops before the token that predicts the first completion token). Each suffix's backward
+  leaves its share of the prefix's gradient on the cache; after the group's last micro-batch their
+  sum goes through the prefix's computation once. A step then costs prefix + rows x suffix tokens
+  instead of rows x whole rows. Same loss and LoRA gradients as whole rows (tested); LoRA dropout,
+  if any, draws one mask for the shared part;
 - completion-only LM head (`completion_nll`): the decoder body gives hidden states and only the
   label positions (a few dozen of a row's hundreds of tokens) go through the LM head, instead of the
   [batch, seq, vocab] fp32 logits of the whole rows and their gradient. Same loss as the model's own
@@ -26,64 +28,92 @@ A row is (token ids of prompt + completion, index of the first completion token)
 from __future__ import annotations
 
 import os
+from typing import Iterator, Mapping, Sequence
 
 from .soft_prompt import model_inputs
 
-# Rows of a micro-batch whose common token prefix is at least this long compute it once (batch 1) and
-# run their own suffixes against its key/value cache; a shorter prefix is not worth a second pass.
+# Rows whose common token prefix is at least this long compute it once (batch 1) and run their own
+# suffixes against its key/value cache; a shorter prefix is not worth a second pass.
 MIN_SHARED_PREFIX = 32
 SHARE_PREFIX = True  # off: every row runs whole (the plan and the gradient are those of trainer 2)
+
+Row = tuple[list[int], int]  # token ids of prompt + completion, index of the first completion token
+Group = tuple[int, list[list[int]]]  # (prefix tokens its rows share, computed once; 0: none), its micro-batches
+
 
 def _common_len(a: list[int], b: list[int]) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
-Row = tuple[list[int], int]  # token ids of prompt + completion, index of the first completion token
+def plan_step(lengths: Sequence[int], step: list[int], token_budget: int, rows: list[Row] | None = None) -> list[Group]:
+    """One optimizer step's rows as groups that share a prompt prefix, each (the prefix's token count,
+    0 for none; its micro-batches). A group's prefix is computed once and stays in memory while its
+    micro-batches run, each costing rows x its longest suffix, within `token_budget` less the prefix.
+    The rows that share no prefix with another form one group without a prefix (micro-batches of rows
+    x longest row), as do all rows without `rows` (token ids) or with SHARE_PREFIX off."""
+    if rows is None or not SHARE_PREFIX:
+        return [(0, micro_batches(lengths, step, token_budget))]
+    out: list[Group] = []
+    alone: list[int] = []
+    for group in prefix_groups(step, rows):
+        prefix = shared_prefix([rows[i] for i in group])
+        if prefix:
+            own = {i: lengths[i] - prefix for i in group}
+            out.append((prefix, micro_batches(own, group, token_budget - prefix)))
+        else:
+            alone += group
+    if alone:
+        out.append((0, micro_batches(lengths, alone, token_budget)))
+    return out
 
 
-def micro_batches(lengths: list[int], step: list[int], token_budget: int,
-                  rows: list[Row] | None = None) -> list[list[int]]:
-    """Split one optimizer step's rows into micro-batches of similar length (sorted, longest first),
-    each at most `token_budget` computed tokens (a longer row goes alone). Without `rows` (token ids
-    and completion start of every row) a micro-batch costs rows x its longest row (padded tokens);
-    with them, a micro-batch whose rows share a prefix (`shared_prefix`) costs the prefix once plus
-    rows x the longest suffix, which is what `shared_completion_nll` computes."""
+def prefix_groups(step: list[int], rows: list[Row]) -> list[list[int]]:
+    """The step's rows in groups that share a prompt prefix worth computing once. Sorted by their
+    tokens, rows that share a prefix lie next to each other (and a run's common prefix is that of
+    its first and last rows); a row joins the group before it when the tokens the group then saves,
+    (rows - 1) x its shared prefix, are no fewer than before: two modules whose prompts share only
+    their first lines stay apart."""
+    groups: list[list[int]] = []
+    saved = first_start = shortest = 0  # of the last group
+    for i in sorted(step, key=lambda i: (rows[i][0], i)):
+        ids, start = rows[i]
+        if groups:
+            group = groups[-1]
+            c = _common_len(rows[group[0]][0], ids)
+            f, s = min(first_start, start), min(shortest, len(ids))
+            joined = len(group) * _shared_len(c, f, s, len(group) + 1)
+            if joined > 0 and joined >= saved:
+                group.append(i)
+                saved, first_start, shortest = joined, f, s
+                continue
+        groups.append([i])
+        saved, first_start, shortest = 0, start, len(ids)
+    return groups
+
+
+def micro_batches(lengths: Sequence[int] | Mapping[int, int], step: list[int], token_budget: int) -> list[list[int]]:
+    """Split rows into micro-batches of similar length (sorted, longest first), each at most
+    `token_budget` computed tokens, rows x its longest row (padded tokens); a longer row goes alone."""
     order = sorted(step, key=lambda i: (-lengths[i], i))
     out: list[list[int]] = []
-    common, first_start = 0, 0  # of the last micro-batch: common prefix of its rows, their first completion
     for i in order:
-        if out:
-            group = out[-1]
-            head = group[0]  # the longest row, first of its micro-batch
-            n = len(group) + 1
-            if rows is None:
-                cost = n * lengths[head]
-            else:
-                c = min(common, _common_len(rows[head][0], rows[i][0]))
-                f = min(first_start, rows[i][1])
-                shared = _shared_len(c, f, min(lengths[head], lengths[i]), n)
-                cost = shared + n * (lengths[head] - shared)
-            if cost <= token_budget:
-                group.append(i)
-                if rows is not None:
-                    common, first_start = c, f
-                continue
-        out.append([i])
-        if rows is not None:
-            common, first_start = lengths[i], rows[i][1]
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= token_budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
     return out
 
 
 def _shared_len(common: int, first_start: int, shortest: int, n_rows: int) -> int:
-    """Prefix tokens a micro-batch computes once: its rows' common prefix, cut so that the hidden
-    state predicting each row's first completion token (at first_start - 1) and at least one token
-    of every row stay in the suffix; 0 (no sharing) for one row or a prefix under MIN_SHARED_PREFIX."""
+    """Prefix tokens a group computes once: its rows' common prefix, cut so that the hidden state
+    predicting each row's first completion token (at first_start - 1) and at least one token of
+    every row stay in the suffix; 0 (no sharing) for one row or a prefix under MIN_SHARED_PREFIX."""
     shared = min(common, first_start - 1, shortest - 1)
     return shared if n_rows > 1 and shared >= MIN_SHARED_PREFIX and SHARE_PREFIX else 0
 
 
 def shared_prefix(rows: list[Row]) -> int:
-    """Tokens at the start of every row that a micro-batch computes once (see _shared_len); 0: none."""
+    """Tokens at the start of every row that a group computes once (see _shared_len); 0: none."""
     if len(rows) < 2:
         return 0
     first = rows[0][0]
@@ -142,29 +172,91 @@ def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = 
 def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None,
                           per_row: bool = False):
     """completion_nll of rows that start with the same `prefix_ids` (batch 1), as `collate_shared`
-    gives them: the prefix goes through the decoder once, and its key/value cache, repeated for every
-    row (autograd sums the rows' gradients into the one prefix computation), serves the rows' own
-    suffixes in one batch. Same loss and gradients as completion_nll on the whole rows (tested); every
-    label and the hidden state predicting it lie in the suffix."""
-    from transformers import DynamicCache
+    gives them, in one micro-batch: the prefix goes through the decoder once and its key/value cache,
+    repeated for every row, serves the rows' own suffixes (autograd sums the rows' gradients into the
+    one prefix computation). Same loss and gradients as completion_nll on the whole rows (tested)."""
+    return SharedPrefix(model, prefix_ids, soft).nll(input_ids, attention_mask, labels, position_ids, per_row)
 
-    from .compat import cache_keyword
 
-    base, body = _base_and_body(model)
-    cache_kw = cache_keyword(body)
-    prefix_len, (n, width) = prefix_ids.shape[1], input_ids.shape
-    cache = DynamicCache(config=base.config)
-    body(**model_inputs(base, prefix_ids, soft), use_cache=True, **{cache_kw: cache})
-    if cache.get_seq_length() != prefix_len:  # the cache keyword was ignored: never train on a wrong loss
-        raise RuntimeError(f"the decoder did not fill the prefix cache passed as {cache_kw!r}")
-    cache.batch_repeat_interleave(n)
-    hidden = body(**model_inputs(base, input_ids, soft), attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=True, **{cache_kw: cache}).last_hidden_state
-    if cache.get_seq_length() != prefix_len + width:
-        raise RuntimeError(f"the decoder did not use the prefix cache passed as {cache_kw!r}")
-    if bool((labels[:, 0] != -100).any()):
-        raise ValueError("a label on the first suffix token: its predicting hidden state is in the prefix")
-    return _label_nll(base, hidden, labels, per_row)
+class SharedPrefix:
+    """A prompt prefix (`prefix_ids`, batch 1) computed once, whose key/value cache serves the suffixes
+    of one or several micro-batches (`nll`). Every label and the hidden state predicting it lie in the
+    suffix.
+
+    detach=False: the suffixes' gradients flow straight through the cache into the prefix's
+    computation (one micro-batch). detach=True (several micro-batches): the cache is a detached fp32
+    copy, each suffix's backward pass leaves its share of the prefix's gradient there, and `backward()`
+    sends their sum through the prefix's computation once, after the last micro-batch."""
+
+    def __init__(self, model, prefix_ids, soft=None, detach: bool = False):
+        import torch
+        from transformers import DynamicCache
+
+        from .compat import cache_keyword
+
+        self.base, self.body = _base_and_body(model)
+        self.soft, self.length = soft, prefix_ids.shape[1]
+        self.cache_kw = cache_keyword(self.body)
+        cache = DynamicCache(config=self.base.config)
+        self.body(**model_inputs(self.base, prefix_ids, soft), use_cache=True, **{self.cache_kw: cache})
+        if cache.get_seq_length() != self.length:  # the cache keyword was ignored: never train on a wrong loss
+            raise RuntimeError(f"the decoder did not fill the prefix cache passed as {self.cache_kw!r}")
+        self.computed = [(k, v) for k, v, *_ in cache]
+        self.detached = detach and torch.is_grad_enabled()
+        self.kv = [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_())
+                   for k, v in self.computed] if self.detached else self.computed
+
+    def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False):
+        """completion_nll of the rows' suffixes (as `collate_shared` gives them) after the prefix."""
+        from transformers import DynamicCache
+
+        n, width = input_ids.shape
+        dtype = self.computed[0][0].dtype
+        cache = DynamicCache([(k.to(dtype).expand(n, -1, -1, -1), v.to(dtype).expand(n, -1, -1, -1))
+                              for k, v in self.kv], config=self.base.config)
+        hidden = self.body(**model_inputs(self.base, input_ids, self.soft), attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=True, **{self.cache_kw: cache}).last_hidden_state
+        if cache.get_seq_length() != self.length + width:
+            raise RuntimeError(f"the decoder did not use the prefix cache passed as {self.cache_kw!r}")
+        if bool((labels[:, 0] != -100).any()):
+            raise ValueError("a label on the first suffix token: its predicting hidden state is in the prefix")
+        return _label_nll(self.base, hidden, labels, per_row)
+
+    def backward(self) -> None:
+        """The summed gradient the suffixes left on the detached cache, through the prefix's computation."""
+        import torch
+
+        if not self.detached:
+            return
+        pairs = [(t, leaf.grad) for kv, leaves in zip(self.computed, self.kv) for t, leaf in zip(kv, leaves)
+                 if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
+        self.kv = []
+
+
+def micro_batch_losses(model, rows: list[Row], groups: list[Group], pad_id: int, device: str, soft=None,
+                       per_row: bool = False) -> Iterator[tuple[list[int], object, object]]:
+    """(row indices, summed NLL of their completion tokens, label count) of every micro-batch of
+    `groups` (plan_step's), one after the other. A group's prefix is computed once; when gradients are
+    on, the caller calls backward() on each micro-batch's loss before asking for the next one, and the
+    prefix's share of the gradient goes through its computation after the group's last micro-batch."""
+    import torch
+
+    for prefix, micros in groups:
+        shared = None
+        if prefix:
+            shared = SharedPrefix(model, torch.tensor([rows[micros[0][0]][0][:prefix]], device=device), soft,
+                                  detach=True)
+        for micro in micros:
+            batch = [rows[i] for i in micro]
+            if shared is not None:
+                nll, count = shared.nll(*collate_shared(batch, prefix, pad_id, device)[1:], per_row=per_row)
+            else:
+                nll, count = completion_nll(model, *collate(batch, pad_id, device), soft=soft, per_row=per_row)
+            yield micro, nll, count
+        if shared is not None:
+            shared.backward()
 
 
 def _base_and_body(model):
