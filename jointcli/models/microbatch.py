@@ -201,19 +201,23 @@ class SharedPrefix:
         self.body(**model_inputs(self.base, prefix_ids, soft), use_cache=True, **{self.cache_kw: cache})
         if cache.get_seq_length() != self.length:  # the cache keyword was ignored: never train on a wrong loss
             raise RuntimeError(f"the decoder did not fill the prefix cache passed as {self.cache_kw!r}")
-        self.computed = [(k, v) for k, v, *_ in cache]
+        self.cache = cache
+        self.computed = [(layer.keys, layer.values) for layer in cache.layers]
         self.detached = detach and torch.is_grad_enabled()
         self.kv = [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_())
                    for k, v in self.computed] if self.detached else self.computed
 
     def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False):
         """completion_nll of the rows' suffixes (as `collate_shared` gives them) after the prefix."""
-        from transformers import DynamicCache
+        import copy
 
         n, width = input_ids.shape
-        dtype = self.computed[0][0].dtype
-        cache = DynamicCache([(k.to(dtype).expand(n, -1, -1, -1), v.to(dtype).expand(n, -1, -1, -1))
-                              for k, v in self.kv], config=self.base.config)
+        # a copy of the prefix's cache whose layers hold its keys and values (or their detached copies)
+        # repeated for every row; the copies keep what else a layer knows (a sliding window's length)
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer, (k, v), (k0, _) in zip(cache.layers, self.kv, self.computed):
+            layer.keys, layer.values = (t.to(k0.dtype).expand(n, -1, -1, -1) for t in (k, v))
         hidden = self.body(**model_inputs(self.base, input_ids, self.soft), attention_mask=attention_mask,
                            position_ids=position_ids, use_cache=True, **{self.cache_kw: cache}).last_hidden_state
         if cache.get_seq_length() != self.length + width:
