@@ -44,6 +44,19 @@ def sentiment_rows() -> list[dict]:
             for s, y in SENTENCES]
 
 
+def model_with_gradients(checkpoint: Path):
+    """The embedded model with a small LoRA adapter whose B matrices are drawn (PEFT starts them at zero,
+    which makes every A gradient zero), in training mode; and its trainable parameters."""
+    import torch
+
+    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
 def test_zero_rows_is_a_step_error(tmp_path: Path):
     with pytest.raises(StepError, match="no training rows"):
         # a checkpoint that does not exist: the check must come before any model load
@@ -169,12 +182,7 @@ def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded)
     import torch
 
     tokenizer, data = encoded
-    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
-    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = model_with_gradients(checkpoint)
     rows = [0, 1, 2, 3]
     lengths = [len(ids) for ids, _ in data]
     n_labels = sum(lengths[i] - data[i][1] for i in rows)
@@ -291,13 +299,8 @@ def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Pat
     rows = [data[0], data[0]] if same_length else data  # equal suffixes: no padding, no attention mask
     prefix = shared_prefix(rows)
     assert prefix >= 200 and prefix < min(start for _, start in rows)
-    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    model, params = model_with_gradients(checkpoint)
     assert model.training
-    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
     n_labels = sum(len(ids) - start for ids, start in rows)
 
     def loss_and_gradient(shared: bool):
@@ -338,12 +341,7 @@ def test_a_step_over_several_micro_batches_gives_the_loss_and_gradient_of_whole_
     budget = prefix + 2 * max(n - prefix for n in lengths)  # two rows a micro-batch
     groups = plan_step(lengths, list(range(len(rows))), budget, rows)
     assert [(p, len(micros)) for p, micros in groups] == [(prefix, 3)]
-    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
-    with torch.no_grad():  # B starts at zero, which would make every A gradient zero
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = model_with_gradients(checkpoint)
     n_labels = sum(len(ids) - start for ids, start in rows)
 
     model.zero_grad(set_to_none=True)

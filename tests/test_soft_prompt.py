@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from jointcli.models.embedded import resolve_checkpoint
-from jointcli.models.lora import SoftTraining, load_for_training, to_prompt_completion, tokenize_pair, train_lora
+from jointcli.models.lora import SoftTraining, to_prompt_completion, tokenize_pair, train_lora
 from jointcli.models.microbatch import (collate, collate_shared, completion_nll, micro_batch_losses,
                                         shared_completion_nll, shared_prefix)
 from jointcli.models.soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, virtual_ids
 from jointcli.recipe import EMBEDDED_MODEL, Groups, Lora, ParamGroup, SoftPrompt, Train
 
 from .conftest import RECIPES, cli, manifest, tiny
-from .test_lora import demo_rows, sentiment_rows
+from .test_lora import demo_rows, model_with_gradients, sentiment_rows
 
 pytestmark = pytest.mark.model
 
@@ -84,13 +84,9 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_pr
             (tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()))]
     prefix = shared_prefix(rows)
     assert prefix > 4
-    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
+    model, params = model_with_gradients(checkpoint)
     soft = torch.nn.Parameter(init_soft_prompt(model.get_base_model(), tokenizer, 4, INSTRUCTIONS, seed=0))
-    params = [p for p in model.parameters() if p.requires_grad] + [soft]
+    params = params + [soft]
     n_labels = sum(len(ids) - start for ids, start in rows)
 
     def loss_and_gradient(shared: bool):
