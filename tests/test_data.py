@@ -86,6 +86,21 @@ def test_splits_sizes_disjoint_deterministic():
     assert set(ex.inputs().keys()) == {"sentence"} and set(ex.labels().keys()) == {"sentiment"}
 
 
+
+def test_held_out_is_the_rest_of_the_source():
+    """data.held_out: the examples the split never uses (bench/held_out.py scores programs on them),
+    disjoint from train, dev and test, and together with them the whole source."""
+    cfg = make("builtin:sst2", ["sentence"], ["sentiment"], train=120, dev=100, test=100)  # recipes/sst2.yaml's
+    splits, rest = D.load_splits(cfg), D.held_out(cfg)
+    assert len(rest) == 872 - 320
+    used = [x.sentence for x in splits.train + splits.dev + splits.test]
+    assert not set(used) & {x.sentence for x in rest}
+    assert sorted(used + [x.sentence for x in rest]) == sorted(r["sentence"] for r in D.load_rows("builtin:sst2"))
+    assert set(rest[0].inputs().keys()) == {"sentence"} and set(rest[0].labels().keys()) == {"sentiment"}
+    assert [x.toDict() for x in D.held_out(cfg, limit=5)] == [x.toDict() for x in rest[:5]]
+    whole = make("builtin:iris", ["petal_length"], ["species"], train=50, dev=50, test=50)
+    assert D.held_out(whole) == []
+
 def test_splits_only_selected_fields():
     s = D.load_splits(make("builtin:gsm8k", ["question"], ["answer"], train=3, dev=2, test=2))
     assert set(s.dev[0].keys()) == {"question", "answer"}
