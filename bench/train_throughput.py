@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_throughput.py --bf16     # also jointopt in bf16
     .venv/bin/python bench/train_throughput.py --steps 3 --rows 100
     .venv/bin/python bench/train_throughput.py --shared-prefix-only   # just the shared-prefix ratios
+    .venv/bin/python bench/train_throughput.py --shared-prefix-only --rounds 5   # more interleaved runs each
 
 Rows: the DSPy fine-tune rows of the sst2 recipe's program with 4 labeled demos (the first 4 training
 examples), built like `jointopt bootstrap ... traces.source=labels` builds them
