@@ -153,9 +153,17 @@ def completion_nll(model, input_ids, attention_mask, labels, soft=None, per_row:
 
 
 def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = "cpu"):
-    """The rows' shared first `prefix_len` tokens [1, prefix_len], and their own suffixes as `collate`
-    gives them (right-padded input_ids, attention_mask over prefix + suffix or None when nothing is
-    padded, labels), plus their position ids (continuing after the prefix)."""
+    """The rows' shared first `prefix_len` tokens [1, prefix_len], then `collate_suffixes`."""
+    import torch
+
+    return (torch.tensor([rows[0][0][:prefix_len]], device=device),
+            *collate_suffixes(rows, prefix_len, pad_id, device))
+
+
+def collate_suffixes(rows: list[Row], prefix_len: int, pad_id: int, device: str = "cpu"):
+    """The rows' own suffixes after their shared first `prefix_len` tokens, as `collate` gives them
+    (right-padded input_ids, attention_mask over prefix + suffix or None when nothing is padded,
+    labels), plus their position ids (continuing after the prefix)."""
     import torch
 
     prefix = rows[0][0][:prefix_len]
@@ -165,8 +173,8 @@ def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = 
     if mask is not None:
         mask = torch.cat([mask.new_ones((len(rows), prefix_len)), mask], dim=1)
     positions = torch.arange(prefix_len, prefix_len + input_ids.shape[1])[None].expand(len(rows), -1)
-    return (torch.tensor([prefix], device=device), input_ids.to(device),
-            mask.to(device) if mask is not None else None, labels.to(device), positions.to(device))
+    return (input_ids.to(device), mask.to(device) if mask is not None else None, labels.to(device),
+            positions.to(device))
 
 
 def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None,
@@ -208,7 +216,7 @@ class SharedPrefix:
                    for k, v in self.computed] if self.detached else self.computed
 
     def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False):
-        """completion_nll of the rows' suffixes (as `collate_shared` gives them) after the prefix."""
+        """completion_nll of the rows' suffixes (as `collate_suffixes` gives them) after the prefix."""
         import copy
 
         n, width = input_ids.shape
@@ -255,7 +263,7 @@ def micro_batch_losses(model, rows: list[Row], groups: list[Group], pad_id: int,
         for micro in micros:
             batch = [rows[i] for i in micro]
             if shared is not None:
-                nll, count = shared.nll(*collate_shared(batch, prefix, pad_id, device)[1:], per_row=per_row)
+                nll, count = shared.nll(*collate_suffixes(batch, prefix, pad_id, device), per_row=per_row)
             else:
                 nll, count = completion_nll(model, *collate(batch, pad_id, device), soft=soft, per_row=per_row)
             yield micro, nll, count
