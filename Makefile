@@ -1,7 +1,9 @@
 # jointopt: two commands do all set-up on a fresh clone.
 #   make run    set up if needed, then the main job: jointopt joint recipes/sst2.yaml
 #   make test   set up if needed, then the test suite
-#   make test-fast  the tests that need no model (recipe, schedule, stats, run directory): seconds
+#   make test-fast  lint, doctests and the tests that need no model (recipe, schedule, stats, run directory)
+#   make lint   ruff (lint and format check), as `make test` runs it
+#   make docs   build the documentation site (MkDocs, strict: a broken link fails)
 #   make bench  set up if needed, then the benchmarks under bench/ (about half an hour)
 # On this kind of machine `torch==2.13.0` is a CPU build on local disk; elsewhere it is the
 # ordinary PyPI build. Override with e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
@@ -11,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast lint docs bench clean
 
 setup: $(STAMP)
 
@@ -31,11 +33,20 @@ run: setup
 # suite keeps about 1.2 of 2 cores busy when serial (process start-ups, DSPy), nearly 2 this way.
 TEST_WORKERS ?= 2
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --doctest-modules jointcli
 
-test-fast: setup
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not model"
+	$(BIN)/python -m pytest -q --doctest-modules jointcli
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(BIN)/python bench/eval_throughput.py
@@ -43,4 +54,4 @@ bench: setup
 	$(BIN)/python bench/joint_run.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

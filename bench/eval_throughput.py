@@ -9,7 +9,7 @@ and the recipe's threads (runtime.num_threads), DSPy's cache off. Engines, all i
 
 - naive: defined below; one `model.generate` per call under a lock, fp32, the adapter through
   PEFT, no batching, no prefix reuse: what a straightforward transformers engine does;
-- jointopt: jointcli.models.engine.LocalEngine with its defaults (dtype auto = bf16 on a CPU with
+- jointopt: jointcli.inference.engine.LocalEngine with its defaults (dtype auto = bf16 on a CPU with
   avx512_bf16, batching, shared-prefix reuse);
 - jointopt fp32 (unless --no-fp32): the same engine in float32, to separate numerics from the rest.
 
@@ -30,8 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint  # noqa: E402
-from jointcli.models.device import set_process_defaults  # noqa: E402
+from jointcli.inference.model_id import adapter_model_id
+from jointcli.models import build_lm
+from jointcli.weights.checkpoint import resolve_checkpoint  # noqa: E402
+from jointcli.weights.device import set_process_defaults  # noqa: E402
 
 set_process_defaults()  # a benchmark is an entry point, like the CLI: before torch loads
 
@@ -39,11 +41,18 @@ set_process_defaults()  # a benchmark is an entry point, like the CLI: before to
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=50, help="dev examples (the recipe's dev split has 50)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="dspy.Evaluate threads (default: the recipe's runtime.num_threads, what jointopt uses)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="dspy.Evaluate threads (default: the recipe's runtime.num_threads, what jointopt uses)",
+    )
     ap.add_argument("--adapter", type=Path, help="a PEFT LoRA folder; default: train a quick one here")
-    ap.add_argument("--random-adapter", action="store_true",
-                    help="no training: a PEFT LoRA with random A and B matrices (outputs are then not SST-2-like)")
+    ap.add_argument(
+        "--random-adapter",
+        action="store_true",
+        help="no training: a PEFT LoRA with random A and B matrices (outputs are then not SST-2-like)",
+    )
     ap.add_argument("--train-rows", type=int, default=16, help="label rows for the quick adapter")
     ap.add_argument("--keep-adapter", type=Path, help="train the quick adapter into this folder (reuse with --adapter)")
     ap.add_argument("--no-fp32", action="store_true", help="skip jointopt in float32")
@@ -76,16 +85,26 @@ class NaiveEngine:
         max_new = request.config.max_tokens or 512
         with self.lock, self.torch.inference_mode():
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id)
-            new = out[0, ids.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=self.torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[0, ids.shape[1] :].tolist()
             answer = self.tokenizer.decode(new, skip_special_tokens=True)
             self.calls += 1
         for stop in request.config.stop or ():
             answer = answer.split(stop)[0]
         finish = "length" if len(new) >= max_new and new[-1] != self.tokenizer.eos_token_id else "stop"
-        return Response(id=None, model=request.model, message=Message.assistant(answer), finish_reason=finish,
-                        usage=Usage(input_tokens=ids.shape[1], output_tokens=len(new)))
+        return Response(
+            id=None,
+            model=request.model,
+            message=Message.assistant(answer),
+            finish_reason=finish,
+            usage=Usage(input_tokens=ids.shape[1], output_tokens=len(new)),
+        )
 
 
 # ---------------------------------------------------------------- workload
@@ -112,27 +131,32 @@ def quick_adapter(args, recipe, splits, program, folder: Path) -> str:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+        )
         torch.manual_seed(0)
         for name, param in model.named_parameters():
             if "lora_" in name:
                 torch.nn.init.normal_(param, std=0.02)
         model.save_pretrained(folder)
         return "random-init PEFT LoRA (r=8, A and B ~ N(0, 0.02), untrained)"
-    from jointcli.models.lora import train_lora
     from jointcli.recipe import Lora, Train
     from jointcli.steps.traces import label_traces
+    from jointcli.training.lora import train_lora
 
-    rows = [r["messages"] for r in label_traces(program, splits.train[:args.train_rows], "classify").rows]
+    rows = [r["messages"] for r in label_traces(program, splits.train[: args.train_rows], "classify").rows]
     train = Train(epochs=1, learning_rate=2e-3, batch_size=4)
     start = time.perf_counter()
-    result = train_lora(checkpoint, [{"messages": m} for m in rows], folder, Lora(r=8, alpha=16), train,
-                        seed=0, device="cpu")
+    result = train_lora(
+        checkpoint, [{"messages": m} for m in rows], folder, Lora(r=8, alpha=16), train, seed=0, device="cpu"
+    )
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.3f}"
-    return (f"quick LoRA trained here: {len(rows)} gold-label rows with the 4 demos, 1 epoch, "
-            f"{result.steps} steps of 4, lr 2e-3, final loss {loss}, "
-            f"{time.perf_counter() - start:.0f} s")
+    return (
+        f"quick LoRA trained here: {len(rows)} gold-label rows with the 4 demos, 1 epoch, "
+        f"{result.steps} steps of 4, lr 2e-3, final loss {loss}, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
 
 
 def measure(label, lm, program, metric, devset, threads, engine=None):
@@ -147,8 +171,14 @@ def measure(label, lm, program, metric, devset, threads, engine=None):
                 pass
         if engine is not None:
             engine.decoder.stats.clear()
-        evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
-                                 max_errors=len(devset) + 1, provide_traceback=False)
+        evaluate = dspy.Evaluate(
+            devset=devset,
+            metric=metric,
+            num_threads=threads,
+            display_progress=False,
+            max_errors=len(devset) + 1,
+            provide_traceback=False,
+        )
         start = time.perf_counter()
         result = evaluate(program)
         seconds = time.perf_counter() - start
@@ -166,9 +196,12 @@ def main():
     recipe, splits, program, metric, devset = workload(args.n)
     args.threads = args.threads or recipe.runtime.num_threads
     spec = recipe.models["small"]
-    print(f"workload: SST-2 dev, {len(devset)} examples, {args.threads} threads, sst2 module with "
-          f"{len(program.classify.demos)} labeled demos + LoRA, max_tokens {spec.max_tokens}, greedy; "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"workload: SST-2 dev, {len(devset)} examples, {args.threads} threads, sst2 module with "
+        f"{len(program.classify.demos)} labeled demos + LoRA, max_tokens {spec.max_tokens}, greedy; "
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = args.adapter
@@ -178,8 +211,13 @@ def main():
         else:
             print(f"adapter: {adapter} (given)", flush=True)
 
-        naive_lm = dspy.LM("local/naive", engine=NaiveEngine(resolve_checkpoint(spec.path), adapter),
-                           max_tokens=spec.max_tokens, temperature=0.0, cache=False)
+        naive_lm = dspy.LM(
+            "local/naive",
+            engine=NaiveEngine(resolve_checkpoint(spec.path), adapter),
+            max_tokens=spec.max_tokens,
+            temperature=0.0,
+            cache=False,
+        )
         naive = measure("naive (generate per call, fp32)", naive_lm, program, metric, devset, args.threads)
 
         rates = {}
@@ -189,19 +227,25 @@ def main():
             engine = base.engine
             engine.add_adapter("bench", adapter)
             lm = base.copy(model=adapter_model_id(base.model, "bench"))
-            rates[dtype] = measure(f"{label}, {str(engine.dtype)[6:]}", lm, program, metric, devset, args.threads,
-                                   engine)
+            rates[dtype] = measure(
+                f"{label}, {str(engine.dtype)[6:]}", lm, program, metric, devset, args.threads, engine
+            )
             s = engine.decoder.stats
-            print(f"    {s['batches']} batches, {s['rows'] / max(1, s['batches']):.1f} rows each; prompt tokens "
-                  f"{s['prompt_tokens']}, run {s['prefill_tokens']} ({100 * s['prefill_tokens'] / max(1, s['prompt_tokens']):.0f}%, "
-                  f"pads included); output tokens {s['output_tokens']}", flush=True)
+            print(
+                f"    {s['batches']} batches, {s['rows'] / max(1, s['batches']):.1f} rows each; prompt tokens "
+                f"{s['prompt_tokens']}, run {s['prefill_tokens']} ({100 * s['prefill_tokens'] / max(1, s['prompt_tokens']):.0f}%, "
+                f"pads included); output tokens {s['output_tokens']}",
+                flush=True,
+            )
             engine.close()
     if "float32" in rates:
         print(f"jointopt fp32 / naive: {rates['float32'] / naive:.2f}x")
-    from jointcli.models.device import cpu_kind, resolve_dtype
+    from jointcli.weights.device import cpu_kind, resolve_dtype
 
-    print(f"eval_throughput: {rates['auto'] / naive:.2f}x (target 4x) "
-          f"[cpu {cpu_kind()}; jointopt {str(resolve_dtype('auto', 'cpu'))[6:]} vs naive float32]")
+    print(
+        f"eval_throughput: {rates['auto'] / naive:.2f}x (target 4x) "
+        f"[cpu {cpu_kind()}; jointopt {str(resolve_dtype('auto', 'cpu'))[6:]} vs naive float32]"
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-SENTENCES = ["a gripping, beautifully acted film", "tedious and far too long", "an utter delight",
-             "the plot makes no sense at all", "warm, funny and wise", "i want those two hours back",
-             "a triumph of style and heart", "flat characters and a lazy script"]
+SENTENCES = [
+    "a gripping, beautifully acted film",
+    "tedious and far too long",
+    "an utter delight",
+    "the plot makes no sense at all",
+    "warm, funny and wise",
+    "i want those two hours back",
+    "a triumph of style and heart",
+    "flat characters and a lazy script",
+]
 
 
 def rows() -> list[dict]:
@@ -33,8 +40,11 @@ def rows() -> list[dict]:
     out = []
     for i, s in enumerate(SENTENCES * 4):
         label = "positive" if i % 2 == 0 else "negative"
-        out.append(adapter.format_finetune_data(signature=signature, demos=[], inputs={"sentence": s},
-                                                outputs={"sentiment": label}))
+        out.append(
+            adapter.format_finetune_data(
+                signature=signature, demos=[], inputs={"sentence": s}, outputs={"sentiment": label}
+            )
+        )
     return out
 
 
@@ -56,38 +66,55 @@ def check_processes(checkpoint: Path, tmp: Path, processes: int, device: str, lo
     gradients, summed across processes), and the time it took."""
     import json
 
-    from jointcli.models.lora import train_lora
     from jointcli.recipe import Lora, Train
+    from jointcli.training.lora import train_lora
 
     start = time.perf_counter()
-    result = train_lora(checkpoint, rows(), tmp / "adapter-dp", Lora(r=8, alpha=16),
-                        Train(epochs=3, learning_rate=2e-3, batch_size=8, processes=processes), seed=0,
-                        log_path=tmp / "train_log-dp.jsonl", device=device)
+    result = train_lora(
+        checkpoint,
+        rows(),
+        tmp / "adapter-dp",
+        Lora(r=8, alpha=16),
+        Train(epochs=3, learning_rate=2e-3, batch_size=8, processes=processes),
+        seed=0,
+        log_path=tmp / "train_log-dp.jsonl",
+        device=device,
+    )
     shared = [r["loss"] for r in map(json.loads, (tmp / "train_log-dp.jsonl").read_text().splitlines())]
     worst = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(losses, shared))
-    print(f"training in {processes} processes: {result.steps} steps in {time.perf_counter() - start:.1f} s "
-          f"(process start-up included), {result.tokens_per_second:.0f} tokens/s, "
-          f"losses vs one process: largest relative difference {worst:.2e}")
-    return [] if result.processes == processes and worst < 1e-2 else [f"{processes} processes: losses differ ({worst:.2e})"]
+    print(
+        f"training in {processes} processes: {result.steps} steps in {time.perf_counter() - start:.1f} s "
+        f"(process start-up included), {result.tokens_per_second:.0f} tokens/s, "
+        f"losses vs one process: largest relative difference {worst:.2e}"
+    )
+    return (
+        []
+        if result.processes == processes and worst < 1e-2
+        else [f"{processes} processes: losses differ ({worst:.2e})"]
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--random-init", type=Path, help="folder with config.json and tokenizer files")
     parser.add_argument("--device", default="cuda", help="cuda (the point), or cpu to try the script itself")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="also train in this many data-parallel processes (one per GPU) and compare")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="also train in this many data-parallel processes (one per GPU) and compare",
+    )
     args = parser.parse_args()
 
-    from jointcli.models.device import set_process_defaults
+    from jointcli.weights.device import set_process_defaults
 
     set_process_defaults()  # a benchmark is an entry point, like the CLI: before torch loads
     import torch
 
-    from jointcli.models import adapter_model_id
-    from jointcli.models.engine import get_engine
-    from jointcli.models.lora import train_lora
+    from jointcli.inference.engine import get_engine
+    from jointcli.inference.model_id import adapter_model_id
     from jointcli.recipe import Lora, Train
+    from jointcli.training.lora import train_lora
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU visible")
@@ -100,20 +127,29 @@ def main() -> int:
         if args.random_init:
             checkpoint = random_checkpoint(args.random_init, tmp / "model")
         else:
-            from jointcli.models.embedded import resolve_checkpoint
+            from jointcli.weights.checkpoint import resolve_checkpoint
 
             checkpoint = resolve_checkpoint("builtin:smollm2-135m-instruct")
 
         start = time.perf_counter()
-        result = train_lora(checkpoint, rows(), tmp / "adapter", Lora(r=8, alpha=16),
-                            Train(epochs=3, learning_rate=2e-3, batch_size=8), seed=0,
-                            log_path=tmp / "train_log.jsonl", device=args.device)
+        result = train_lora(
+            checkpoint,
+            rows(),
+            tmp / "adapter",
+            Lora(r=8, alpha=16),
+            Train(epochs=3, learning_rate=2e-3, batch_size=8),
+            seed=0,
+            log_path=tmp / "train_log.jsonl",
+            device=args.device,
+        )
         import json
 
         losses = [r["loss"] for r in map(json.loads, (tmp / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
-        print(f"training: {result.steps} steps in {time.perf_counter() - start:.1f} s, device {result.device}, "
-              f"dtype {result.dtype}, {result.tokens_per_second:.0f} tokens/s, peak GPU {result.peak_cuda_mb} MB, "
-              f"loss {losses[0] if losses else None} -> {losses[-1] if losses else None}")
+        print(
+            f"training: {result.steps} steps in {time.perf_counter() - start:.1f} s, device {result.device}, "
+            f"dtype {result.dtype}, {result.tokens_per_second:.0f} tokens/s, peak GPU {result.peak_cuda_mb} MB, "
+            f"loss {losses[0] if losses else None} -> {losses[-1] if losses else None}"
+        )
         if result.device != args.device:
             failures.append(f"trained on {result.device}")
         if len(losses) >= 2 and not losses[-1] < losses[0]:
@@ -126,9 +162,14 @@ def main() -> int:
         engine = get_engine(str(checkpoint), "auto", args.device)
         engine.add_adapter("check", result.adapter_dir)
         print(f"engine: {engine}")
-        requests = [Request(model=adapter_model_id("local/m", "check") if i % 2 else "local/m",
-                            messages=(Message.user(f"Sentence: {s}\nSentiment?"),), config=Config(max_tokens=24))
-                    for i, s in enumerate(SENTENCES * 4)]
+        requests = [
+            Request(
+                model=adapter_model_id("local/m", "check") if i % 2 else "local/m",
+                messages=(Message.user(f"Sentence: {s}\nSentiment?"),),
+                config=Config(max_tokens=24),
+            )
+            for i, s in enumerate(SENTENCES * 4)
+        ]
         alone = [engine.complete(r).message.text for r in requests[:4]]
         start = time.perf_counter()
         with ThreadPoolExecutor(16) as pool:
@@ -136,8 +177,10 @@ def main() -> int:
         seconds = time.perf_counter() - start
         texts = [r.message.text for r in together]
         tokens = sum(r.usage.output_tokens for r in together)
-        print(f"generation: {len(requests)} concurrent requests in {seconds:.2f} s ({tokens / seconds:.0f} new tok/s), "
-              f"first answers alone vs together equal: {alone == texts[:4]}")
+        print(
+            f"generation: {len(requests)} concurrent requests in {seconds:.2f} s ({tokens / seconds:.0f} new tok/s), "
+            f"first answers alone vs together equal: {alone == texts[:4]}"
+        )
         if any(r.usage.output_tokens == 0 for r in together):
             failures.append("a request got no tokens")
 

@@ -51,9 +51,9 @@ def main() -> None:
     from jointcli.data import held_out
     from jointcli.errors import InputError
     from jointcli.export import find_step
-    from jointcli.models.device import cpu_kind
     from jointcli.stats import bootstrap_ci
     from jointcli.steps.evaluate import evaluate
+    from jointcli.weights.device import cpu_kind
 
     run = args.run.resolve()
     if not (run / "recipe.yaml").is_file():
@@ -72,12 +72,16 @@ def main() -> None:
     field = ctx.recipe.metric.field
     mean, low, high = bootstrap_ci(result.scores)
     summary = answer_summary(result.rows, field)
-    print(f"run {args.run}, step {step.folder} (dev {step.scores.get('dev', float('nan')):.3f}, "
-          f"test {step.scores.get('test', float('nan')):.3f}): {len(examples)} held-out examples of "
-          f"{ctx.recipe.data.source}, {result.seconds:.0f} s")
+    print(
+        f"run {args.run}, step {step.folder} (dev {step.scores.get('dev', float('nan')):.3f}, "
+        f"test {step.scores.get('test', float('nan')):.3f}): {len(examples)} held-out examples of "
+        f"{ctx.recipe.data.source}, {result.seconds:.0f} s"
+    )
     if summary is not None:
-        print(f"answers: {format_answers(summary.answers)}; majority class '{summary.majority_label}' "
-              f"{summary.majority_score:.3f}")
+        print(
+            f"answers: {format_answers(summary.answers)}; majority class '{summary.majority_label}' "
+            f"{summary.majority_score:.3f}"
+        )
         for gold, (right, total) in recall_by_class(result.rows, field).items():
             print(f"recall '{gold}': {right / total:.3f} ({right} of {total})")
     majority = f" (majority {summary.majority_score:.3f})" if summary is not None else ""

@@ -38,8 +38,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def joint(home: Path, runs: Path, overrides: list[str]) -> float:
     env = {**os.environ, "JOINTOPT_HOME": str(home)}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jointcli.cli", "joint", str(ROOT / "recipes" / "sst2.yaml"),
-                           *overrides, "--runs-dir", str(runs)], env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jointcli.cli",
+            "joint",
+            str(ROOT / "recipes" / "sst2.yaml"),
+            *overrides,
+            "--runs-dir",
+            str(runs),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"jointopt joint failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -61,7 +75,7 @@ def main() -> None:
     dev_only = "--dev-only" in sys.argv[1:]
     overrides = [a for a in sys.argv[1:] if not a.startswith("--keep=") and a != "--dev-only"]
     keep = next((Path(a.split("=", 1)[1]) for a in sys.argv[1:] if a.startswith("--keep=")), None)
-    from jointcli.models.embedded import jointopt_home, resolve_checkpoint
+    from jointcli.weights.checkpoint import jointopt_home, resolve_checkpoint
 
     resolve_checkpoint("builtin:smollm2-135m-instruct")  # convert once, outside the timed run
     with tempfile.TemporaryDirectory(prefix="jointopt-bench-") as tmp:
@@ -76,7 +90,7 @@ def main() -> None:
         if keep is not None:
             shutil.copytree(runs / "sst2", keep)
 
-    from jointcli.models.device import cpu_kind, resolve_dtype
+    from jointcli.weights.device import cpu_kind, resolve_dtype
 
     where = f"[cpu {cpu_kind()}; engine {str(resolve_dtype('auto', 'cpu'))[6:]}, LoRA float32]"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {where}")

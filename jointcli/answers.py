@@ -31,8 +31,12 @@ class AnswerSummary:
     labels: int  # distinct gold values
 
     def to_json(self) -> dict:
-        return {"answers": self.answers, "majority_label": self.majority_label,
-                "majority_score": round(self.majority_score, 4), "labels": self.labels}
+        return {
+            "answers": self.answers,
+            "majority_label": self.majority_label,
+            "majority_score": round(self.majority_score, 4),
+            "labels": self.labels,
+        }
 
 
 def answer_summary(rows: list[dict], field: str | None) -> AnswerSummary | None:
@@ -46,8 +50,9 @@ def answer_summary(rows: list[dict], field: str | None) -> AnswerSummary | None:
         return None
     label, count = min(gold.items(), key=lambda kv: (-kv[1], kv[0]))
     answers = Counter(_answer(r, field) for r in rows)
-    return AnswerSummary(dict(sorted(answers.items(), key=lambda kv: (-kv[1], kv[0]))), label,
-                         count / len(rows), len(gold))
+    return AnswerSummary(
+        dict(sorted(answers.items(), key=lambda kv: (-kv[1], kv[0]))), label, count / len(rows), len(gold)
+    )
 
 
 def _answer(row: dict, field: str) -> str:
@@ -73,6 +78,8 @@ def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[
         warnings.append(f"answers {given[0]!r} to every example it answers")
     mean, low, high = bootstrap_ci(scores)
     if low <= summary.majority_score <= high:
-        warnings.append(f"{mean:.3f} is within the 95% interval [{low:.3f}, {high:.3f}] of always answering "
-                        f"{summary.majority_label!r} ({summary.majority_score:.3f})")
+        warnings.append(
+            f"{mean:.3f} is within the 95% interval [{low:.3f}, {high:.3f}] of always answering "
+            f"{summary.majority_label!r} ({summary.majority_score:.3f})"
+        )
     return warnings

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from .errors import InputError
 from .recipe import LocalModel, PromptOptimizer, Recipe, Select, WeightOptimizer, did_you_mean
@@ -70,8 +71,10 @@ def step_optimizer(recipe: Recipe, key: str, kind: type) -> PromptOptimizer | We
     strategy is (check_recipe has checked the optimizer itself)."""
     spec = recipe.optimizers.get(key)
     if spec is None:
-        raise InputError(f"optimizers.{key}: no such optimizer in the recipe (it has "
-                         f"{', '.join(recipe.optimizers) or 'none'}){did_you_mean(key, recipe.optimizers)}")
+        raise InputError(
+            f"optimizers.{key}: no such optimizer in the recipe (it has "
+            f"{', '.join(recipe.optimizers) or 'none'}){did_you_mean(key, recipe.optimizers)}"
+        )
     if not isinstance(spec, kind):
         wanted = "prompt" if kind is PromptOptimizer else "weight"
         raise InputError(f"optimizers.{key}: is a {spec.type} optimizer; this command needs a {wanted} one")
@@ -91,33 +94,44 @@ def check_select(select: Select | None) -> None:
         name = select.maximize.lstrip("-")
         if name in OBJECTIVES:
             right, worst = ("score", "lowest dev score") if name == "score" else (f"-{name}", f"most {name}")
-            raise InputError(f"{where}.maximize: {select.maximize!r} would choose the step with the {worst}; "
-                             f"write {right!r}")
-        raise InputError(f"{where}.maximize: unknown objective {select.maximize!r}; write one of "
-                         f"{', '.join(MAXIMIZE)}{did_you_mean(select.maximize, MAXIMIZE)}")
+            raise InputError(
+                f"{where}.maximize: {select.maximize!r} would choose the step with the {worst}; write {right!r}"
+            )
+        raise InputError(
+            f"{where}.maximize: unknown objective {select.maximize!r}; write one of "
+            f"{', '.join(MAXIMIZE)}{did_you_mean(select.maximize, MAXIMIZE)}"
+        )
     if select.weights == {}:
-        raise InputError(f"{where}.weights: empty; give the score or a cost a weight, "
-                         "e.g. {score: 1.0, tokens: -0.001}")
+        raise InputError(
+            f"{where}.weights: empty; give the score or a cost a weight, e.g. {{score: 1.0, tokens: -0.001}}"
+        )
     for name, weight in (select.weights or {}).items():
         if name not in OBJECTIVES:
-            raise InputError(f"{where}.weights: unknown objective {name!r}; objectives are "
-                             f"{', '.join(OBJECTIVES)}{did_you_mean(name, OBJECTIVES)}")
+            raise InputError(
+                f"{where}.weights: unknown objective {name!r}; objectives are "
+                f"{', '.join(OBJECTIVES)}{did_you_mean(name, OBJECTIVES)}"
+            )
         if weight == 0:
             raise InputError(f"{where}.weights.{name}: 0 counts nothing; leave it out")
         if (weight > 0) != (name == "score"):
-            better = "a lower dev score; the score's weight is positive" if name == "score" else \
-                f"more {name}; a cost's weight is negative (e.g. -0.001)"
+            better = (
+                "a lower dev score; the score's weight is positive"
+                if name == "score"
+                else f"more {name}; a cost's weight is negative (e.g. -0.001)"
+            )
             raise InputError(f"{where}.weights.{name}: {weight:g} would prefer {better}")
     for name in select.constraints:
         if name not in COSTS:
-            raise InputError(f"{where}.constraints: unknown cost {name!r}; constraints are upper bounds on "
-                             f"{', '.join(COSTS)}{did_you_mean(name, COSTS)}")
+            raise InputError(
+                f"{where}.constraints: unknown cost {name!r}; constraints are upper bounds on "
+                f"{', '.join(COSTS)}{did_you_mean(name, COSTS)}"
+            )
 
 
 # ---------------------------------------------------------------- models and program
 def _check_models(recipe: Recipe) -> None:
-    from .models.embedded import check_model_path
-    from .models.model_id import check_model_name
+    from .inference.model_id import check_model_name
+    from .weights.checkpoint import check_model_path
 
     for name, model in recipe.models.items():
         if isinstance(model, LocalModel):
@@ -151,8 +165,7 @@ def _check_signatures(recipe: Recipe) -> None:
                 dspy.ChainOfThought(signature)
         except Exception as err:  # noqa: BLE001 - DSPy raises several types on a bad signature
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"program.modules.{m.name}.signature: DSPy cannot use {m.signature!r}: {reason}") \
-                from None
+            raise InputError(f"program.modules.{m.name}.signature: DSPy cannot use {m.signature!r}: {reason}") from None
 
 
 def _check_text_modules(recipe: Recipe) -> None:
@@ -161,23 +174,30 @@ def _check_text_modules(recipe: Recipe) -> None:
     for m in (m for m in recipe.program.modules if m.adapter == "text"):
         where, outputs = f"program.modules.{m.name}.adapter", m.fields()[1]
         if m.type != "predict":
-            raise InputError(f"{where}: text works for a `predict` module; a {m.type} module answers its "
-                             "reasoning first (use adapter: chat)")
+            raise InputError(
+                f"{where}: text works for a `predict` module; a {m.type} module answers its "
+                "reasoning first (use adapter: chat)"
+            )
         if len(outputs) != 1:
-            raise InputError(f"{where}: text needs exactly one output field, the whole answer; {m.name} has "
-                             f"{len(outputs)} ({', '.join(outputs)})")
+            raise InputError(
+                f"{where}: text needs exactly one output field, the whole answer; {m.name} has "
+                f"{len(outputs)} ({', '.join(outputs)})"
+            )
 
 
 def _check_class_program(recipe: Recipe, program: Any, names: list[str]) -> None:
     ref = recipe.program.class_
     if not names:
-        raise InputError(f"program.class: {ref} has no predictors (dspy.Predict and the like); "
-                         "nothing would run on a model")
+        raise InputError(
+            f"program.class: {ref} has no predictors (dspy.Predict and the like); nothing would run on a model"
+        )
     try:  # the class's forward: DSPy warns when an instance's forward is read outside a call
         inspect.signature(type(program).forward).bind(program, **{f: None for f in recipe.data.inputs})
     except TypeError as err:
-        raise InputError(f"program.class: {ref}.forward cannot take the data inputs "
-                         f"{', '.join(recipe.data.inputs)} as keywords ({err})") from None
+        raise InputError(
+            f"program.class: {ref}.forward cannot take the data inputs "
+            f"{', '.join(recipe.data.inputs)} as keywords ({err})"
+        ) from None
     except ValueError:  # no signature to read (a builtin): the first call will tell
         pass
 
@@ -202,8 +222,10 @@ def _check_optimizer(recipe: Recipe, key: str, spec: Any, module_models: dict[st
             raise InputError(f"optimizers.{key}.modules: empty; name modules, or write all")
         unknown = [m for m in spec.modules if m not in module_models]
         if unknown:
-            raise InputError(f"optimizers.{key}.modules: unknown modules {unknown}; the program has "
-                             f"{', '.join(module_models)}{did_you_mean(unknown[0], module_models)}")
+            raise InputError(
+                f"optimizers.{key}.modules: unknown modules {unknown}; the program has "
+                f"{', '.join(module_models)}{did_you_mean(unknown[0], module_models)}"
+            )
     if isinstance(spec, PromptOptimizer):
         _check_prompt_optimizer(key, spec)
     else:
@@ -214,20 +236,25 @@ def _check_prompt_optimizer(key: str, spec: PromptOptimizer) -> None:
     from .steps.prompts import PROMPT_OPTIMIZERS, SUPPLIED, optimizer_class, parameters
 
     if spec.optimizer not in PROMPT_OPTIMIZERS:
-        raise InputError(f"optimizers.{key}.optimizer: unknown prompt optimizer {spec.optimizer!r}; available: "
-                         f"{', '.join(PROMPT_OPTIMIZERS)}{did_you_mean(spec.optimizer, PROMPT_OPTIMIZERS)}")
+        raise InputError(
+            f"optimizers.{key}.optimizer: unknown prompt optimizer {spec.optimizer!r}; available: "
+            f"{', '.join(PROMPT_OPTIMIZERS)}{did_you_mean(spec.optimizer, PROMPT_OPTIMIZERS)}"
+        )
     cls = optimizer_class(spec.optimizer)
     for where, given, fn in (("args", spec.args, cls.__init__), ("compile_args", spec.compile_args, cls.compile)):
         accepted = {n: p for n, p in parameters(fn).items() if n not in SUPPLIED}
         unknown = sorted(set(given) - set(accepted))
         if unknown:
-            raise InputError(f"optimizers.{key}.{where}: {spec.optimizer} does not accept {unknown}; it accepts: "
-                             f"{', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}")
+            raise InputError(
+                f"optimizers.{key}.{where}: {spec.optimizer} does not accept {unknown}; it accepts: "
+                f"{', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}"
+            )
         for name, value in given.items():
             allowed = _allowed(accepted[name])
             if allowed is not None and not _fits(value, allowed):
-                raise InputError(f"optimizers.{key}.{where}.{name}: {spec.optimizer} expects {_describe(allowed)}, "
-                                 f"got {value!r}")
+                raise InputError(
+                    f"optimizers.{key}.{where}.{name}: {spec.optimizer} expects {_describe(allowed)}, got {value!r}"
+                )
     if spec.optimizer == "GEPA":
         _check_gepa(key, spec)
 
@@ -243,15 +270,18 @@ def _check_gepa(key: str, spec: PromptOptimizer) -> None:
 def _check_weight_optimizer(recipe: Recipe, key: str, spec: WeightOptimizer, module_models: dict[str, str]) -> None:
     one_predict = len(recipe.program.modules) == 1 and recipe.program.modules[0].type == "predict"
     if spec.traces.source == "labels" and not one_predict:
-        raise InputError(f"optimizers.{key}.traces.source: labels works for a program of one `predict` "
-                         "module; use program+labels, program or teacher")
+        raise InputError(
+            f"optimizers.{key}.traces.source: labels works for a program of one `predict` "
+            "module; use program+labels, program or teacher"
+        )
     if spec.traces.source == "teacher" and not spec.traces.teacher:
         raise InputError(f"optimizers.{key}.traces.teacher: source=teacher needs a model name")
     if spec.modules != "all":
         remote = sorted(m for m in spec.modules if not _local(recipe, module_models[m]))
         if remote:
-            raise InputError(f"optimizers.{key}.modules: {remote} run on LiteLLM models, which jointopt "
-                             "cannot fine-tune")
+            raise InputError(
+                f"optimizers.{key}.modules: {remote} run on LiteLLM models, which jointopt cannot fine-tune"
+            )
 
 
 def _check_step(recipe: Recipe, key: str, spec: Any, module_models: dict[str, str]) -> None:
@@ -271,8 +301,15 @@ def _local(recipe: Recipe, model: str) -> bool:
 # The rule: a parameter's annotation says what an argument may be, when it is made of these simple
 # types, None and Literal values; else its default does (an int default: an integer). Anything
 # else (Any, a class, no default) is not checked here: the optimizer's constructor will say.
-_SIMPLE = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-           dict: "a mapping", list: "a list", type(None): "null"}
+_SIMPLE = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+    type(None): "null",
+}
 
 
 def _allowed(param: inspect.Parameter) -> list | None:

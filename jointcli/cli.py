@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,16 +30,22 @@ from .console import console, quiet_libraries
 from .errors import InputError, JointoptError
 from .sweep import DEFAULT_STRATEGIES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Jointly optimize the prompts and the weights of DSPy programs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Jointly optimize the prompts and the weights of DSPy programs.",
+)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. data.split.train=16",
-                                                          show_default=False)]
-NameOpt = Annotated[Optional[str], typer.Option("--name", help="run name (default: the recipe's name)")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="key.path=value overrides, e.g. data.split.train=16", show_default=False)
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="run name (default: the recipe's name)")]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", envvar="JOINTOPT_RUNS", help="root of run directories")]
-OptimizerOpt = Annotated[Optional[str], typer.Option("--optimizer", help="key under `optimizers` "
-                                                    "(default: the first of the right type)")]
+OptimizerOpt = Annotated[
+    str | None, typer.Option("--optimizer", help="key under `optimizers` (default: the first of the right type)")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="continue a run directory made by a different recipe")]
 
 
@@ -49,8 +55,16 @@ def _recipe(path: Path, overrides: list[str] | None):
     return load_recipe(path, overrides or [])
 
 
-def _one_step(step, kind: str, recipe: Path, overrides: list[str] | None, name: str | None, runs_dir: Path,
-              force: bool, optimizer: str | None) -> None:
+def _one_step(
+    step,
+    kind: str,
+    recipe: Path,
+    overrides: list[str] | None,
+    name: str | None,
+    runs_dir: Path,
+    force: bool,
+    optimizer: str | None,
+) -> None:
     """A step command: its optimizer (--optimizer, or the recipe's first of `kind`) checked before the
     run directory opens (bad input leaves no run behind), `step(ctx, key)`, then the run's table."""
     from .checks import step_optimizer
@@ -73,16 +87,25 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 
     r = _recipe(recipe, overrides)
     check_recipe(r)
-    console.print(f"[green]ok[/]: {recipe} ({r.name}: {len(r.program.modules) or 'class'} module(s), "
-                  f"{len(r.models)} model(s), strategy {r.schedule.strategy!r})")
+    console.print(
+        f"[green]ok[/]: {recipe} ({r.name}: {len(r.program.modules) or 'class'} module(s), "
+        f"{len(r.models)} model(s), strategy {r.schedule.strategy!r})"
+    )
 
 
 @app.command()
-def plan(recipe: RecipeArg, overrides: Overrides = None,
-         probe: Annotated[Optional[bool], typer.Option("--probe/--no-probe", help="time a few generations and a "
-                                                       "LoRA step here (default: when every module is local)")]
-         = None,
-         as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON to stdout")] = False) -> None:
+def plan(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    probe: Annotated[
+        bool | None,
+        typer.Option(
+            "--probe/--no-probe",
+            help="time a few generations and a LoRA step here (default: when every module is local)",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON to stdout")] = False,
+) -> None:
     """What each step of the schedule will cost: LM calls, tokens, LoRA parameters, memory, seconds.
 
     jointopt plan recipes/sst2.yaml
@@ -111,8 +134,14 @@ def schema() -> None:
 
 
 @app.command("eval")
-def eval_(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
-          split: Annotated[str, typer.Option(help="dev or test")] = "dev", force: ForceOpt = False) -> None:
+def eval_(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    split: Annotated[str, typer.Option(help="dev or test")] = "dev",
+    force: ForceOpt = False,
+) -> None:
     """Evaluate the run's current program (the recipe's, before any step) on a split.
 
     jointopt eval recipes/sst2.yaml data.split.dev=20 --name quick
@@ -128,8 +157,14 @@ def eval_(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
 
 
 @app.command("optimize-prompts")
-def optimize_prompts(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
-                     runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False) -> None:
+def optimize_prompts(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    optimizer: OptimizerOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """A prompt step (NN-p): run the recipe's DSPy prompt optimizer on the current program.
 
     jointopt optimize-prompts recipes/sst2.yaml optimizers.p.optimizer=LabeledFewShot
@@ -140,8 +175,14 @@ def optimize_prompts(recipe: RecipeArg, overrides: Overrides = None, name: NameO
 
 
 @app.command()
-def bootstrap(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
-              runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False) -> None:
+def bootstrap(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    optimizer: OptimizerOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Record the passing traces of the current program (or teacher, or labels) on the training split.
 
     jointopt bootstrap recipes/sst2.yaml optimizers.w.traces.source=labels
@@ -152,10 +193,15 @@ def bootstrap(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = No
 
 
 @app.command()
-def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None,
-             runs_dir: RunsOpt = Path("runs"), optimizer: OptimizerOpt = None, force: ForceOpt = False,
-             traces: Annotated[Optional[Path], typer.Option(help="traces.jsonl to train on (e.g. from another run)")]
-             = None) -> None:
+def finetune(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    optimizer: OptimizerOpt = None,
+    force: ForceOpt = False,
+    traces: Annotated[Path | None, typer.Option(help="traces.jsonl to train on (e.g. from another run)")] = None,
+) -> None:
     """A weight step (NN-w): LoRA fine-tuning on the run's latest traces (bootstrapping first if none);
     NN-s with a simultaneous optimizer: a soft prompt trained with the LoRA adapter.
 
@@ -164,16 +210,23 @@ def finetune(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = Non
     """
     from .steps.kinds import weight_step
 
-    _one_step(lambda ctx, key: weight_step(ctx, key, traces), "weight", recipe, overrides, name, runs_dir, force, optimizer)
+    _one_step(
+        lambda ctx, key: weight_step(ctx, key, traces), "weight", recipe, overrides, name, runs_dir, force, optimizer
+    )
 
 
 @app.command()
-def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
-          force: ForceOpt = False,
-          seeds: Annotated[Optional[str], typer.Option(help="run once per seed, e.g. 0,1,2 -> NAME/seed-0, ...")]
-          = None,
-          init_from: Annotated[Optional[Path], typer.Option("--init-from", help="start from another run's best "
-                                                            "program (prompts and adapters)")] = None) -> None:
+def joint(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    force: ForceOpt = False,
+    seeds: Annotated[str | None, typer.Option(help="run once per seed, e.g. 0,1,2 -> NAME/seed-0, ...")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="start from another run's best program (prompts and adapters)")
+    ] = None,
+) -> None:
     """Run the recipe's schedule (e.g. p -> w -> p) end to end; run it again to resume.
 
     jointopt joint recipes/sst2.yaml
@@ -185,21 +238,40 @@ def joint(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, 
     run_joint_seeds(recipe, overrides, name, runs_dir, force, seeds=seeds, init_from=start, after=_print_steps)
 
 
-RequireOpt = Annotated[Optional[list[str]], typer.Option(
-    "--require", help="gate: 'A > B' (A significantly better on test) or 'A >= B' (not significantly worse); "
-                      "exit code 3 when it fails; repeatable")]
-MinScoreOpt = Annotated[Optional[list[str]], typer.Option(
-    "--min-score", help="gate: every run's test score >= X, or NAME=X for one run; exit code 3; repeatable")]
+RequireOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--require",
+        help="gate: 'A > B' (A significantly better on test) or 'A >= B' (not significantly worse); "
+        "exit code 3 when it fails; repeatable",
+    ),
+]
+MinScoreOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--min-score", help="gate: every run's test score >= X, or NAME=X for one run; exit code 3; repeatable"
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole report as JSON to stdout")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="write score-by-step and quality/cost plots "
-                                                 "to this PNG file")]
+PlotOpt = Annotated[
+    Path | None, typer.Option("--plot", help="write score-by-step and quality/cost plots to this PNG file")
+]
 
 
 @app.command()
-def compare(runs: Annotated[list[str], typer.Argument(help="run names (under the runs root) or paths; a folder "
-                                                      "of seed runs counts as one", show_default=False)],
-            runs_dir: RunsOpt = Path("runs"), as_json: JsonOpt = False, plot: PlotOpt = None,
-            require: RequireOpt = None, min_score: MinScoreOpt = None) -> None:
+def compare(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="run names (under the runs root) or paths; a folder of seed runs counts as one", show_default=False
+        ),
+    ],
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: JsonOpt = False,
+    plot: PlotOpt = None,
+    require: RequireOpt = None,
+    min_score: MinScoreOpt = None,
+) -> None:
     """Runs side by side: test scores with 95% intervals, paired significance, the quality/cost front.
 
     jointopt compare seq joint
@@ -212,16 +284,25 @@ def compare(runs: Annotated[list[str], typer.Argument(help="run names (under the
 
 
 @app.command()
-def sweep(recipe: RecipeArg, overrides: Overrides = None, name: NameOpt = None, runs_dir: RunsOpt = Path("runs"),
-          force: ForceOpt = False,
-          strategies: Annotated[str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")]
-          = DEFAULT_STRATEGIES,
-          seeds: Annotated[Optional[str], typer.Option(help="comma-separated seeds (default: the recipe's)")] = None,
-          as_json: JsonOpt = False, plot: PlotOpt = None, require: RequireOpt = None,
-          min_score: MinScoreOpt = None) -> None:
+def sweep(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    name: NameOpt = None,
+    runs_dir: RunsOpt = Path("runs"),
+    force: ForceOpt = False,
+    strategies: Annotated[
+        str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")
+    ] = DEFAULT_STRATEGIES,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (default: the recipe's)")] = None,
+    as_json: JsonOpt = False,
+    plot: PlotOpt = None,
+    require: RequireOpt = None,
+    min_score: MinScoreOpt = None,
+) -> None:
     """Run the recipe under each strategy and seed (resumably), then compare them.
 
-    jointopt sweep recipes/sst2.yaml --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    jointopt sweep recipes/sst2.yaml --seeds 0,1,2 \
+        --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p"
     makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
     """
     from .compare import check_gate_syntax
@@ -254,9 +335,11 @@ def _report(groups, as_json: bool, plot: Path | None, require: list[str], min_sc
 
 
 @app.command()
-def status(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
-           runs_dir: RunsOpt = Path("runs"),
-           as_json: Annotated[bool, typer.Option("--json", help="print JSON to stdout")] = False) -> None:
+def status(
+    run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
+    runs_dir: RunsOpt = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON to stdout")] = False,
+) -> None:
     """Show the steps of a run: kind, status, scores, time, tokens; what is damaged (then exit code 2)."""
     from .rundir import RunDir
 
@@ -302,15 +385,26 @@ def _run_path(run: Path, runs_dir: Path) -> Path:
 
 
 @app.command()
-def export(run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
-           out: Annotated[Path, typer.Option("--out", help="folder to write; replaced only with --force if it "
-                                             "exists and is not empty", show_default=False)],
-           runs_dir: RunsOpt = Path("runs"),
-           step: Annotated[str, typer.Option(help="best (by dev score), or a step's index or folder, e.g. 02-w")]
-           = "best",
-           format_: Annotated[str, typer.Option("--format", help="peft: the LoRA adapters as they are; merged: "
-                                                "a full checkpoint per fine-tuned module")] = "peft",
-           force: Annotated[bool, typer.Option("--force", help="replace --out if it is not empty")] = False) -> None:
+def export(
+    run: Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="folder to write; replaced only with --force if it exists and is not empty",
+            show_default=False,
+        ),
+    ],
+    runs_dir: RunsOpt = Path("runs"),
+    step: Annotated[str, typer.Option(help="best (by dev score), or a step's index or folder, e.g. 02-w")] = "best",
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format", help="peft: the LoRA adapters as they are; merged: a full checkpoint per fine-tuned module"
+        ),
+    ] = "peft",
+    force: Annotated[bool, typer.Option("--force", help="replace --out if it is not empty")] = False,
+) -> None:
     """Write a step's program, recipe and weights to a folder, with a README that says how to serve them.
 
     jointopt export sst2 --out exported/sst2
@@ -320,8 +414,12 @@ def export(run: Annotated[Path, typer.Argument(help="run directory (or a name un
 
     manifest = export_step(_run_path(run, runs_dir), step, format_, out, force)
     modules = ", ".join(f"{m}: {v['weights']}" for m, v in manifest["modules"].items())
-    console.print(f"exported {manifest['step']} of {manifest['run']} to {out} ({manifest['format']}; {modules}); "
-                  f"how to serve it: {out / 'README.md'}", highlight=False, soft_wrap=True)
+    console.print(
+        f"exported {manifest['step']} of {manifest['run']} to {out} ({manifest['format']}; {modules}); "
+        f"how to serve it: {out / 'README.md'}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_steps(run, notes: dict[str, str] | None = None) -> None:
@@ -343,14 +441,23 @@ def _print_steps(run, notes: dict[str, str] | None = None) -> None:
         table.add_column(col, justify="right" if col in ("dev", "test", "seconds") else "left")
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     for s in steps:
-        note = s.error or (f"{s.info.get('dev_parse_failures')} parse failures"
-                           if s.info.get("dev_parse_failures") else "")
+        note = s.error or (
+            f"{s.info.get('dev_parse_failures')} parse failures" if s.info.get("dev_parse_failures") else ""
+        )
         if s.folder == best:
             note = ("best " + note).strip()
         note = "; ".join(n for n in (note, (notes or {}).get(s.folder)) if n)
         answers = (format_answers(s.info.get("dev_answers", {})),) if labelled else ()
-        table.add_row(s.folder, s.status, fmt(s.scores.get("dev")), fmt(s.scores.get("test")),
-                      fmt(s.seconds), f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}", *answers, note)
+        table.add_row(
+            s.folder,
+            s.status,
+            fmt(s.scores.get("dev")),
+            fmt(s.scores.get("test")),
+            fmt(s.seconds),
+            f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}",
+            *answers,
+            note,
+        )
     out.print(table)
     if line := _selection_line(run):
         console.print(line, highlight=False, soft_wrap=True)
@@ -387,17 +494,20 @@ def _traces_line(counts: dict) -> str:
     pipeline), then the rows per source."""
     if "modules" not in counts:
         return ""
-    modules = "; ".join(f"{m} ran {c['ran']}, parsed {c['parsed']}, passed {c['passed']}"
-                        for m, c in counts["modules"].items())
+    modules = "; ".join(
+        f"{m} ran {c['ran']}, parsed {c['parsed']}, passed {c['passed']}" for m, c in counts["modules"].items()
+    )
     sources = ", ".join(f"{k} {v}" for k, v in counts.get("per_source", {}).items()) or "none"
     return "; ".join(part for part in (f"{counts['run']} examples", modules, f"rows: {sources}") if part)
 
 
 # The libraries whose deprecation notices main() hides (by the module a warning is attributed to):
 # jointcli's own and a user's module (a metric, a program class) still show theirs.
-LIBRARIES_NOTICES = (r"(dspy|litellm|openai|httpx|httpcore|aiohttp|pydantic|transformers|peft|accelerate|torch"
-                     r"|huggingface_hub|tokenizers|safetensors|gguf|numpy|scipy|sklearn|pandas|pyarrow|datasets"
-                     r"|matplotlib|optuna|tqdm|jinja2|diskcache|gepa)(\.|$)")
+LIBRARIES_NOTICES = (
+    r"(dspy|litellm|openai|httpx|httpcore|aiohttp|pydantic|transformers|peft|accelerate|torch"
+    r"|huggingface_hub|tokenizers|safetensors|gguf|numpy|scipy|sklearn|pandas|pyarrow|datasets"
+    r"|matplotlib|optuna|tqdm|jinja2|diskcache|gepa)(\.|$)"
+)
 
 
 def _interrupt(signum, frame):
@@ -410,7 +520,7 @@ def _app() -> int | None:
     try:
         return app(standalone_mode=False)  # typer turns Ctrl-C into a returned 130
     except OSError as err:
-        from .rundir import WRITE_ERRNOS, disk_error
+        from .files import WRITE_ERRNOS, disk_error
 
         if err.errno not in WRITE_ERRNOS:
             raise
@@ -419,7 +529,7 @@ def _app() -> int | None:
 
 def main() -> None:
     """Entry point: one place maps every error to an exit code and a one-line message."""
-    from .models.device import set_process_defaults
+    from .weights.device import set_process_defaults
 
     set_process_defaults()  # OMP_WAIT_POLICY, offline hub: before any command imports torch
     quiet_libraries()
@@ -456,8 +566,11 @@ def main() -> None:
     except Exception as err:
         if debug:
             raise
-        console.print(f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
 
 

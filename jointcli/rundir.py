@@ -17,190 +17,24 @@ and starts any other step over. A full disk or an unwritable folder is bad input
 
 from __future__ import annotations
 
-import datetime as dt
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import InputError
 from .failpoints import failpoint
+from .files import disk_errors, now, remove_temporaries, write_atomic, write_json
 from .recipe import Recipe, recipe_to_yaml, validate_recipe
 
 MANIFEST_VERSION = 1
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# What to do when the file system refuses a write, by errno: the user's to fix, like bad input
-_DISK_ADVICE = {
-    errno.ENOSPC: "no space left on the device; free some space and run the same command again (it resumes)",
-    errno.EDQUOT: "disk quota exceeded; free some space and run the same command again (it resumes)",
-    errno.EROFS: "read-only file system; use another --runs-dir",
-    errno.EACCES: "permission denied; fix the folder's permissions or use another --runs-dir",
-    errno.EPERM: "operation not permitted; fix the folder's permissions or use another --runs-dir",
-    errno.ENOTDIR: "part of the path is a file, not a folder; use another --runs-dir",
-}
-
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # met by writes only, wherever they are
-
-
-def disk_error(err: OSError, path: Path | str | None = None) -> InputError | None:
-    """The one-line InputError for a full disk or an unwritable folder; None for other OSErrors."""
-    advice = _DISK_ADVICE.get(err.errno)
-    if advice is None:
-        return None
-    where = path or err.filename
-    return InputError(f"{where}: cannot write: {advice}" if where else f"cannot write: {advice}")
-
-
-@contextmanager
-def disk_errors(path: Path):
-    """Turn a full disk or an unwritable folder, while writing `path`, into a one-line InputError."""
-    try:
-        yield
-    except OSError as err:
-        mapped = disk_error(err, path)
-        if mapped is None:
-            raise
-        raise mapped from err
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
-    with disk_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes files private; these are ordinary files
-            with os.fdopen(fd, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-                f.flush()
-                os.fsync(f.fileno())
-            failpoint(f"write/{path.name}")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-@contextmanager
-def atomic_target(path: Path):
-    """Yield a temporary path (same folder, same suffix) that becomes `path` only on success;
-    for writers that take a path, like `program.save` or `save_pretrained`."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with disk_errors(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            yield tmp
-            failpoint(f"write/{path.name}")
-            if tmp.is_dir():
-                replace_dir(tmp, path)
-            else:
-                os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst` (same file system), replacing whatever is at `dst`. `dst` is never
-    half-written: the old one is renamed aside first, then `src` renamed into place (put back on
-    failure). Between the two renames `dst` is briefly absent."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, trash / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        os.replace(trash / dst.name, dst)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextmanager
-def staged_dir(dst: Path):
-    """Yield a new empty folder next to `dst` (`.NAME.tmp-*`, ordinary permissions) to fill; on
-    success it replaces `dst` (`replace_dir`), on failure it is removed. For writers of a whole
-    folder that may be killed midway (an adapter, a converted model)."""
-    with disk_errors(dst):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the folder is an ordinary one
-        try:
-            yield tmp
-            failpoint(f"write/{dst.name}")
-            replace_dir(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-
-def remove_stale_staged(dst: Path) -> None:
-    """Remove the `staged_dir` folders of `dst` left by killed writers; only while holding a lock
-    that keeps every other writer of `dst` out."""
-    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-# What the writers above leave when killed: write_atomic's `.NAME.*.tmp`, atomic_target's
-# `.tmp-PID-NAME`, staged_dir's `.NAME.tmp-*` and replace_dir's `.NAME.old-*`
-TEMPORARIES = (".*.tmp", ".tmp-*", ".*.tmp-*", ".*.old-*")
-
-
-def remove_temporaries(folder: Path, recursive: bool = True) -> None:
-    """Remove what killed writers left in `folder`; only while holding the lock of its run."""
-    for pattern in TEMPORARIES:
-        for stale in list(folder.rglob(pattern) if recursive else folder.glob(pattern)):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: damaged or unreadable ({err.__class__.__name__}: {err})") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: damaged or unreadable ({err.__class__.__name__}: {err})") from None
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -240,7 +74,12 @@ class Step:
 
 
 STATUSES = ("running", "done", "failed")
-STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)  # the steps that save a program state
+STATE_KINDS = (
+    StepKind.INIT,
+    StepKind.PROMPT,
+    StepKind.WEIGHT,
+    StepKind.SIMULTANEOUS,
+)  # the steps that save a program state
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter, as lora.py saves it
 LOCK_GRACE_S = 0.5  # lock() retries this long: the holder may be letting go (a process ending, a status look)
 
@@ -259,8 +98,10 @@ def _parse_step(entry: Any) -> Step:
 
 
 def _damaged_manifest(path: Path, why: str) -> InputError:
-    return InputError(f"{path}: damaged or unreadable ({why}); the step folders cannot rebuild it: restore it "
-                      "from a copy, or start the run again under another --name")
+    return InputError(
+        f"{path}: damaged or unreadable ({why}); the step folders cannot rebuild it: restore it "
+        "from a copy, or start the run again under another --name"
+    )
 
 
 class RunDir:
@@ -272,7 +113,7 @@ class RunDir:
 
     # ------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: Path, name: str, recipe: Recipe, force: bool = False) -> "RunDir":
+    def open(cls, root: Path, name: str, recipe: Recipe, force: bool = False) -> RunDir:
         """Create `root/name` for `recipe`, or reopen it if it was made by the same recipe and its
         finished steps are whole; `force` accepts a changed recipe and redoes damaged steps."""
         run = cls(Path(root) / name)
@@ -284,8 +125,10 @@ class RunDir:
         try:
             run._freeze_recipe(recipe, force)
             if not (run.path / "manifest.json").exists():
-                write_json(run.path / "manifest.json", {"version": MANIFEST_VERSION, "name": name,
-                                                        "created": now(), "steps": []})
+                write_json(
+                    run.path / "manifest.json",
+                    {"version": MANIFEST_VERSION, "name": name, "created": now(), "steps": []},
+                )
             run._remove_leftovers()  # also fails early on a damaged manifest
             run._check_damage(force)
         except BaseException:
@@ -300,14 +143,16 @@ class RunDir:
             if recipe_digest(old) == recipe_digest(recipe):
                 return
             if not force:
-                raise InputError(f"{self.path}: made by a different recipe ({_first_difference(old, recipe)}); "
-                                 "use another --name, or --force to continue it with the new recipe")
+                raise InputError(
+                    f"{self.path}: made by a different recipe ({_first_difference(old, recipe)}); "
+                    "use another --name, or --force to continue it with the new recipe"
+                )
             with disk_errors(self.path):
                 shutil.copy2(frozen, self.path / f"recipe.{len(self.steps())}.yaml")  # keep the old one
         write_atomic(frozen, recipe_to_yaml(recipe))
 
     @classmethod
-    def existing(cls, path: Path) -> "RunDir":
+    def existing(cls, path: Path) -> RunDir:
         """A run directory to read (status, compare, --init-from); its manifest must be readable."""
         run = cls(Path(path))
         if not (run.path / "manifest.json").is_file() or not (run.path / "recipe.yaml").is_file():
@@ -361,8 +206,9 @@ class RunDir:
         try:
             data = json.loads(path.read_text())
             files = [data["program"]] if data.get("program") else []
-            files += [f"{m['adapter']}/{name}" for m in data["modules"].values() if m.get("adapter")
-                      for name in ADAPTER_FILES]
+            files += [
+                f"{m['adapter']}/{name}" for m in data["modules"].values() if m.get("adapter") for name in ADAPTER_FILES
+            ]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             return f"{path.relative_to(self.path)} is damaged ({type(err).__name__})"
         return next((f"{f} is missing" for f in files if not (self.path / f).is_file()), None)
@@ -370,8 +216,10 @@ class RunDir:
     def damage_error(self, damage: dict[str, str]) -> InputError:
         folder, problem = next(iter(damage.items()))
         more = f" (and {len(damage) - 1} more damaged step(s))" if len(damage) > 1 else ""
-        return InputError(f"{self.path}: step {folder} is done but {problem}{more}; run the command again with "
-                          f"--force to redo {folder} and the steps after it, or use another --name")
+        return InputError(
+            f"{self.path}: step {folder} is done but {problem}{more}; run the command again with "
+            f"--force to redo {folder} and the steps after it, or use another --name"
+        )
 
     def _check_damage(self, force: bool) -> None:
         """Refuse a run with damaged finished steps; with `force`, mark the first of them and every
@@ -443,6 +291,7 @@ class RunDir:
             return [_parse_step(s) for s in self.manifest()["steps"]]
         except (TypeError, ValueError) as err:
             raise _damaged_manifest(self.path / "manifest.json", f"a step entry: {err}") from None
+
     def _save_steps(self, steps: list[Step]) -> None:
         data = self.manifest()
         data["steps"] = [s.__dict__ for s in steps]
@@ -488,17 +337,14 @@ class RunDir:
     def step_dir(self, step: Step) -> Path:
         return self.path / step.folder
 
-    def adopt(self, donor: "RunDir", steps: list[Step]) -> None:
+    def adopt(self, donor: RunDir, steps: list[Step]) -> None:
         """Copy finished steps of another run in as this (empty) run's first steps: a sweep's
         `p -> w` starts from its sibling `p`'s folders instead of computing them again. Folders
         first, then the manifest, so a killed copy leaves an empty manifest and is redone."""
         for step in steps:
             shutil.rmtree(self.step_dir(step), ignore_errors=True)
             shutil.copytree(donor.step_dir(step), self.step_dir(step))
-        self._save_steps([Step(**{**s.__dict__, "info": {**s.info, "adopted_from": str(donor.path)}})
-                          for s in steps])
-
-
+        self._save_steps([Step(**{**s.__dict__, "info": {**s.info, "adopted_from": str(donor.path)}}) for s in steps])
 
 
 def _flock(fd: int, mode: int, grace: float) -> bool:

@@ -13,8 +13,9 @@ it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .recipe import PromptOptimizer, did_you_mean
@@ -23,8 +24,11 @@ from .rundir import RunDir, Step, StepKind
 if TYPE_CHECKING:
     from .context import Context
 
-STEP_KIND = {"prompt": StepKind.PROMPT, "weight": StepKind.WEIGHT,  # optimizer type -> its step's kind
-             "simultaneous": StepKind.SIMULTANEOUS}
+STEP_KIND = {
+    "prompt": StepKind.PROMPT,
+    "weight": StepKind.WEIGHT,  # optimizer type -> its step's kind
+    "simultaneous": StepKind.SIMULTANEOUS,
+}
 ZERO_SHOT = ("none", "zero-shot")  # an empty strategy is an error: a value lost on its way, not a choice
 # the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
 SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)
@@ -44,8 +48,10 @@ def parse_strategy(text: str, optimizers: dict, where: str = "schedule.strategy"
         if not key:
             raise InputError(f"{where}: {text!r} has an empty step; write steps like 'p -> w -> p'")
         if key not in optimizers:
-            raise InputError(f"{where}: unknown step {key!r} in {text!r}; steps are the keys of "
-                             f"optimizers: {', '.join(optimizers) or 'none'}{did_you_mean(key, optimizers)}")
+            raise InputError(
+                f"{where}: unknown step {key!r} in {text!r}; steps are the keys of "
+                f"optimizers: {', '.join(optimizers) or 'none'}{did_you_mean(key, optimizers)}"
+            )
     return keys
 
 
@@ -102,8 +108,10 @@ def _resume_position(run: RunDir, plan: list[PlanEntry]) -> int:
     done, n = plan_progress(run, plan)
     if n < len(done):
         made = " -> ".join(s.info.get("optimizer") or s.kind for s in done)
-        raise InputError(f"{run.path}: its finished steps ({made}) do not match schedule.strategy "
-                         f"{run.recipe().schedule.strategy!r}; use another --name")
+        raise InputError(
+            f"{run.path}: its finished steps ({made}) do not match schedule.strategy "
+            f"{run.recipe().schedule.strategy!r}; use another --name"
+        )
     return len(done)
 
 
@@ -168,10 +176,16 @@ def _select(ctx: Context, scored: list[Step]) -> Step:
     return next(s for s in scored if s.folder == chosen.folder)
 
 
-def run_joint_seeds(recipe_path: Path, overrides: list[str] | None = None, name: str | None = None,
-                    runs_dir: Path = Path("runs"), force: bool = False, seeds: str | None = None,
-                    init_from: Path | None = None,
-                    after: Callable[[RunDir], None] | None = None) -> list[RunDir]:
+def run_joint_seeds(
+    recipe_path: Path,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    runs_dir: Path = Path("runs"),
+    force: bool = False,
+    seeds: str | None = None,
+    init_from: Path | None = None,
+    after: Callable[[RunDir], None] | None = None,
+) -> list[RunDir]:
     """What `jointopt joint` does: run (or resume) the recipe's schedule as run NAME (default the
     recipe's name), or once per seed of `seeds` ("0,1,2") as NAME/seed-N; each run starts from
     `init_from`'s best program if given. `after(run)` is called when each run has finished. Returns

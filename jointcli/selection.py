@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .models.soft_prompt import SUBFOLDER
-from .rundir import STATE_KINDS, Step, read_json, read_jsonl
+from .files import read_json, read_jsonl
+from .rundir import STATE_KINDS, Step
+from .weights.soft_prompt import SUBFOLDER
 
 if TYPE_CHECKING:
     from .recipe import Select
@@ -124,8 +125,10 @@ def _why_none(candidates: list[Figures], constraints: dict[str, float], weights:
             continue
         low = min(known, key=attrgetter(name))  # min keeps the first of equals: the earlier step
         if name in constraints and getattr(low, name) > constraints[name]:
-            misses.append(f"no step has {name} <= {_number(constraints[name])} "
-                          f"(the lowest: {_number(getattr(low, name))}, {low.folder})")
+            misses.append(
+                f"no step has {name} <= {_number(constraints[name])} "
+                f"(the lowest: {_number(getattr(low, name))}, {low.folder})"
+            )
     return "; ".join(misses) or f"no step meets {_bounds(constraints)} at once"
 
 
@@ -138,8 +141,9 @@ def choose_step(run_path: Path, steps: list[Step], select: Select | None) -> Sel
     return select_step([figures_of(run_path, steps, s, needed) for s in steps if "dev" in s.scores], select)
 
 
-def figures_of(run_path: Path, steps: list[Step], step: Step, needed: frozenset[str] | set[str] = frozenset(COSTS)) \
-        -> Figures:
+def figures_of(
+    run_path: Path, steps: list[Step], step: Step, needed: frozenset[str] | set[str] = frozenset(COSTS)
+) -> Figures:
     """A dev-scored step's figures; only the costs in `needed` are read."""
     cost = dev_cost(run_path / step.folder) if needed & {"tokens", "seconds"} else {}
     parameters = program_parameters(run_path, steps, step) if "parameters" in needed else None
@@ -176,7 +180,9 @@ def adapter_parameters(adapter: Path) -> int:
     """The parameters a PEFT adapter folder holds, its soft prompt's (prompt_tuning/) included, from the
     safetensors headers (8 bytes of length, then JSON: tensor name -> dtype, shape, offsets); no torch needed."""
     soft = adapter / SUBFOLDER / "adapter_model.safetensors"
-    return _tensor_parameters(adapter / "adapter_model.safetensors") + (_tensor_parameters(soft) if soft.is_file() else 0)
+    return _tensor_parameters(adapter / "adapter_model.safetensors") + (
+        _tensor_parameters(soft) if soft.is_file() else 0
+    )
 
 
 def _tensor_parameters(path: Path) -> int:

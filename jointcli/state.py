@@ -20,9 +20,10 @@ from pathlib import Path
 import dspy
 
 from .errors import InputError
+from .files import atomic_target, read_json, write_json
 from .program import build_program, model_of, module_names, predictors_of
 from .recipe import Recipe
-from .rundir import STATE_KINDS, RunDir, atomic_target, read_json, write_json
+from .rundir import STATE_KINDS, RunDir
 
 
 @dataclass
@@ -37,14 +38,14 @@ class ProgramState:
     modules: dict[str, ModuleState] = field(default_factory=dict)
 
     @classmethod
-    def initial(cls, recipe: Recipe, program: dspy.Module) -> "ProgramState":
+    def initial(cls, recipe: Recipe, program: dspy.Module) -> ProgramState:
         return cls(None, {m: ModuleState(model_of(recipe, m)) for m in module_names(recipe, program)})
 
     def to_json(self) -> dict:
         return {"program": self.program_file, "modules": {k: vars(v) for k, v in self.modules.items()}}
 
     @classmethod
-    def from_json(cls, data: dict, where: Path) -> "ProgramState":
+    def from_json(cls, data: dict, where: Path) -> ProgramState:
         try:
             return cls(data.get("program"), {k: ModuleState(**v) for k, v in data["modules"].items()})
         except (KeyError, TypeError, AttributeError) as err:

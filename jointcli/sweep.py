@@ -1,6 +1,7 @@
 """Sweep: one recipe under several strategies and seeds, into sibling run folders, then compare.
 
-    jointopt sweep recipes/sst2.yaml --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p" --seeds 0,1,2
+    jointopt sweep recipes/sst2.yaml --seeds 0,1,2 \
+        --strategies "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p"
     result = run_sweep(Path("recipes/sst2.yaml"), strategies="p, p -> w", seeds="0,1")
 
 makes runs/<name>/<strategy>/seed-<n> (strategy "p -> w" -> folder "p-w", zero-shot -> "zero-shot").
@@ -34,8 +35,9 @@ def parse_strategies(text: str, optimizers: dict) -> list[str]:
     """'p, p -> w' -> ['p', 'p -> w'], each checked; duplicates refused."""
     from .schedule import parse_strategy
 
-    strategies = [" -> ".join(parse_strategy(part, optimizers, where="--strategies")) or "none"
-                  for part in text.split(",")]
+    strategies = [
+        " -> ".join(parse_strategy(part, optimizers, where="--strategies")) or "none" for part in text.split(",")
+    ]
     if len(set(strategies)) != len(strategies):
         raise InputError(f"--strategies: {text!r} names a strategy twice")
     return sorted(strategies, key=lambda s: 0 if s == "none" else s.count("->") + 1)  # prefixes first
@@ -92,20 +94,27 @@ class SweepResult:
         """The error a sweep with failed runs ends with (exit code 1), after its report."""
         if not self.failed:
             return None
-        return StepError(f"{len(self.failed)} run(s) failed ({', '.join(self.failed)}); "
-                         "the table shows what they finished")
+        return StepError(
+            f"{len(self.failed)} run(s) failed ({', '.join(self.failed)}); the table shows what they finished"
+        )
 
 
-def run_sweep(recipe_path: Path, overrides: list[str] | None = None, name: str | None = None,
-              runs_dir: Path = Path("runs"), force: bool = False, strategies: str = DEFAULT_STRATEGIES,
-              seeds: str | None = None) -> SweepResult:
+def run_sweep(
+    recipe_path: Path,
+    overrides: list[str] | None = None,
+    name: str | None = None,
+    runs_dir: Path = Path("runs"),
+    force: bool = False,
+    strategies: str = DEFAULT_STRATEGIES,
+    seeds: str | None = None,
+) -> SweepResult:
     """Run (or resume) the recipe under each strategy ("p, p -> w") and seed ("0,1"; default the
     recipe's) into runs_dir/NAME (default <recipe name>-sweep). A run whose step fails is reported
     and the sweep goes on: one strategy failing (e.g. no traces to train on) is a result too."""
-    from .compare import load_group
-    from .recipe import load_recipe
-    from .context import open_run
     from .checks import check_recipe
+    from .compare import load_group
+    from .context import open_run
+    from .recipe import load_recipe
     from .schedule import parse_seeds, parse_strategy, run_joint
 
     overrides = overrides or []
@@ -119,8 +128,9 @@ def run_sweep(recipe_path: Path, overrides: list[str] | None = None, name: str |
     for strategy in plan:
         for seed in values:
             extra = [f"schedule.strategy={strategy}", f"seed={seed}"]
-            with open_run(recipe_path, overrides + extra, f"{root_name}/{slug(strategy)}/seed-{seed}",
-                          runs_dir, force) as ctx:
+            with open_run(
+                recipe_path, overrides + extra, f"{root_name}/{slug(strategy)}/seed-{seed}", runs_dir, force
+            ) as ctx:
                 console.rule(f"{strategy if strategy != 'none' else 'zero-shot'} (seed {seed})")
                 if adopted := adopt_prefix(ctx, sibling_runs(root, seed)):
                     console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")

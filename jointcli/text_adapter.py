@@ -44,8 +44,11 @@ class TextAdapter(dspy.ChatAdapter):
         return signature.instructions
 
     def format_user_message_content(self, signature, inputs, prefix="", suffix="", main_request=False) -> str:
-        lines = [f"{_label(name, field)}: {format_field_value(field, inputs[name])}"
-                 for name, field in signature.input_fields.items() if name in inputs]
+        lines = [
+            f"{_label(name, field)}: {format_field_value(field, inputs[name])}"
+            for name, field in signature.input_fields.items()
+            if name in inputs
+        ]
         return "\n".join(part for part in (prefix, *lines, suffix) if part)
 
     def format_assistant_message_content(self, signature, outputs, missing_field_message=None) -> str:

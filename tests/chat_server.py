@@ -39,8 +39,9 @@ class ChatServer:
         self.delay = 0.0  # seconds to wait before answering
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name="chat-server")  # a short poll: a quick shutdown
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="chat-server"
+        )  # a short poll: a quick shutdown
 
     @property
     def api_base(self) -> str:
@@ -54,8 +55,14 @@ class ChatServer:
         """Recipe overrides that declare `models.<name>` as a LiteLLM model served here, its API key
         in the environment variable `key_env` (an openai/ model needs one); `settings` are more of the
         model's fields (timeout=0.5, num_retries=0)."""
-        spec = {"type": "litellm", "model": self.model, "api_base": self.api_base,
-                "api_key_env": key_env, "max_tokens": 32, **settings}
+        spec = {
+            "type": "litellm",
+            "model": self.model,
+            "api_base": self.api_base,
+            "api_key_env": key_env,
+            "max_tokens": 32,
+            **settings,
+        }
         return [f"models.{name}={json.dumps(spec)}"]
 
     def _record(self, authorization: str | None, body: dict) -> None:
@@ -66,18 +73,29 @@ class ChatServer:
     def _reply(self, authorization: str | None, body: dict) -> tuple[int, dict]:
         """(HTTP status, JSON body) for one request, as the server is set now."""
         if self.status is not None:
-            return self.status, {"error": {"message": "Internal error: the stub was told to fail",
-                                           "type": "server_error", "code": None}}
+            return self.status, {
+                "error": {"message": "Internal error: the stub was told to fail", "type": "server_error", "code": None}
+            }
         if self.key is not None and authorization != f"Bearer {self.key}":
             # as OpenAI's does, the refusal quotes the key it was given, masked: jointopt leaves it out
             given = str(authorization).removeprefix("Bearer ")
-            return 401, {"error": {"message": f"Incorrect API key provided: {given[:3]}****{given[-4:]}",
-                                   "type": "invalid_request_error", "code": "invalid_api_key"}}
-        return 200, {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": 0,
-                     "model": body.get("model", "stub-model"),
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": self.answer}}],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}}
+            return 401, {
+                "error": {
+                    "message": f"Incorrect API key provided: {given[:3]}****{given[-4:]}",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            }
+        return 200, {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "stub-model"),
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": self.answer}}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
+        }
 
     def _handler(self):
         server = self
@@ -103,7 +121,7 @@ class ChatServer:
 
         return Handler
 
-    def __enter__(self) -> "ChatServer":
+    def __enter__(self) -> ChatServer:
         self._thread.start()
         return self
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.device import BF16_SWITCH, cpu_has_native_bf16, set_process_defaults
+from jointcli.weights.device import BF16_SWITCH, cpu_has_native_bf16, set_process_defaults
 
 
 def _one_share_of_the_cpus_per_worker() -> None:
@@ -32,7 +32,7 @@ def _one_share_of_the_cpus_per_worker() -> None:
     share = len(cpus) // count
     if share >= 1:
         index = int(worker[2:]) % count
-        os.sched_setaffinity(0, cpus[index * share:(index + 1) * share])
+        os.sched_setaffinity(0, cpus[index * share : (index + 1) * share])
 
 
 _one_share_of_the_cpus_per_worker()
@@ -44,13 +44,19 @@ RECIPES = ROOT / "recipes"
 requires_native_bf16 = pytest.mark.skipif(
     not cpu_has_native_bf16(),
     reason=f"the bf16 path is checked where bf16 is native (avx512_bf16 or AMX); this CPU has none, "
-           f"or {BF16_SWITCH}=0 forces the fp32 path")
+    f"or {BF16_SWITCH}=0 forces the fp32 path",
+)
 
 
 def tiny(train: int = 6, dev: int = 4, test: int = 4, *extra: str) -> list[str]:
     """Overrides that make recipes/sst2.yaml run in seconds: a few examples, short answers."""
-    return [f"data.split.train={train}", f"data.split.dev={dev}", f"data.split.test={test}",
-            "models.small.max_tokens=24", *extra]
+    return [
+        f"data.split.train={train}",
+        f"data.split.dev={dev}",
+        f"data.split.test={test}",
+        "models.small.max_tokens=24",
+        *extra,
+    ]
 
 
 def manifest(run: Path) -> dict:
@@ -63,8 +69,14 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     import os
 
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "jointcli.cli", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jointcli.cli", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def cli(*args) -> int:
@@ -106,6 +118,8 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_sessionfinish(session, exitstatus):
     """The fast tier promises no model: make that a check, not a hope."""
     if _fast_tier(session.config) and "transformers" in sys.modules:
-        print("\nerror: a test outside the `model` tier imported transformers; mark it "
-              "@pytest.mark.model", file=sys.stderr)
+        print(
+            "\nerror: a test outside the `model` tier imported transformers; mark it @pytest.mark.model",
+            file=sys.stderr,
+        )
         session.exitstatus = 1

@@ -10,8 +10,15 @@ def _rows(pairs):
 
 
 def test_summary_counts_answers_as_exact_match_compares_them():
-    rows = _rows([("positive", "Positive."), ("positive", "positive"), ("negative", None), ("negative", "negative"),
-                  ("positive", " 'positive' ")])
+    rows = _rows(
+        [
+            ("positive", "Positive."),
+            ("positive", "positive"),
+            ("negative", None),
+            ("negative", "negative"),
+            ("positive", " 'positive' "),
+        ]
+    )
     s = answer_summary(rows, "sentiment")
     assert s.answers == {"positive": 3, NO_ANSWER: 1, "negative": 1}
     assert (s.majority_label, s.majority_score, s.labels) == ("positive", 0.6, 2)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.embedded import resolve_checkpoint
 from jointcli.models.pool import ModelPool
 from jointcli.recipe import load_recipe
+from jointcli.weights.checkpoint import resolve_checkpoint
 
 from .conftest import RECIPES, cli, tiny
 
@@ -37,8 +37,9 @@ def _random_lora(folder: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(resolve_checkpoint("builtin:smollm2-135m-instruct"))
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(folder)
     return folder
 
@@ -63,4 +64,3 @@ def test_new_adapter_weights_in_the_same_folder_miss_the_cache(tmp_path, monkeyp
     copy = tmp_path / "copy"
     _random_lora(copy, seed=2)
     assert ModelPool(recipe).get("small", copy).model == second.model
-

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import dspy
 import pytest
@@ -51,9 +50,18 @@ def test_eval_writes_a_complete_run_directory(runs, capsys):
 
 @pytest.mark.model
 def test_prompt_then_weight_steps_chain_state(runs, capsys):
-    args = [*TINY, "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 2}",
-            "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=1", "optimizers.w.train.batch_size=3",
-            "--runs-dir", runs, "--name", "chain"]
+    args = [
+        *TINY,
+        "optimizers.p.optimizer=LabeledFewShot",
+        "optimizers.p.args={k: 2}",
+        "optimizers.w.traces.source=labels",
+        "optimizers.w.train.epochs=1",
+        "optimizers.w.train.batch_size=3",
+        "--runs-dir",
+        runs,
+        "--name",
+        "chain",
+    ]
     assert cli("optimize-prompts", RECIPES / "sst2.yaml", *args) == 0
     run = runs / "chain"
     p = run / "00-p"
@@ -75,7 +83,11 @@ def test_prompt_then_weight_steps_chain_state(runs, capsys):
     assert counts["run"] == 6 and counts["passed"] == 6 and counts["per_module"] == {"classify": 6}
     trace = json.loads((run / "01-bootstrap" / "traces.jsonl").read_text().splitlines()[0])
     roles = [m["role"] for m in trace["messages"]]
-    assert roles[0] == "system" and roles[-1] == "assistant" and "[[ ## sentiment ## ]]" in trace["messages"][-1]["content"]
+    assert (
+        roles[0] == "system"
+        and roles[-1] == "assistant"
+        and "[[ ## sentiment ## ]]" in trace["messages"][-1]["content"]
+    )
     # the demos of the prompt step are in the recorded prompt: the traces are of the current program
     assert roles.count("user") == 3
 
@@ -100,20 +112,36 @@ def test_prompt_then_weight_steps_chain_state(runs, capsys):
 
 
 def test_optimizer_names_and_arguments_are_checked(runs, capsys):
-    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY, "optimizers.p.optimizer=Magic",
-               "--runs-dir", runs) == 2
+    assert (
+        cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY, "optimizers.p.optimizer=Magic", "--runs-dir", runs) == 2
+    )
     err = capsys.readouterr().err
     assert "unknown prompt optimizer 'Magic'" in err and "MIPROv2" in err and "Traceback" not in err
-    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY, "optimizers.p.args={max_labeled_demos: 2, bogus: 1}",
-               "--runs-dir", runs) == 2
+    assert (
+        cli(
+            "optimize-prompts",
+            RECIPES / "sst2.yaml",
+            *TINY,
+            "optimizers.p.args={max_labeled_demos: 2, bogus: 1}",
+            "--runs-dir",
+            runs,
+        )
+        == 2
+    )
     assert "does not accept ['bogus']" in capsys.readouterr().err
 
 
 @pytest.mark.model
 def test_zero_passing_traces_is_a_clear_failure(runs, capsys):
-    code = cli("bootstrap", RECIPES / "sst2.yaml", *TINY, "optimizers.w.traces.threshold=2.0",
-               "optimizers.w.traces.source=program",
-               "--runs-dir", runs)
+    code = cli(
+        "bootstrap",
+        RECIPES / "sst2.yaml",
+        *TINY,
+        "optimizers.w.traces.threshold=2.0",
+        "optimizers.w.traces.source=program",
+        "--runs-dir",
+        runs,
+    )
     err = capsys.readouterr().err
     assert code == 1 and "no traces to fine-tune on" in err
     assert "traces.source=program+labels" in err and "prompt step first" in err  # hints that apply here
@@ -133,16 +161,19 @@ def test_lock_names_the_holder(runs, capsys):
         holder.unlock()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["validate", "missing.yaml"], "no such recipe file"),
-    (["validate", "recipes/sst2.yaml", "data.split.train=abc"], "data.split.train"),
-    (["validate", "recipes/sst2.yaml", "nope.key=1"], "nope: unknown key"),
-    (["eval", "recipes/sst2.yaml", "data.split.dev=5000"], "only 872 rows"),
-    (["eval", "recipes/sst2.yaml", "--split", "train"], "--split"),
-    (["joint", "recipes/sst2.yaml", "schedule.strategy=p -> q"], "unknown step 'q'"),
-    (["status", "nowhere"], "not a run directory"),
-    (["eval", "recipes/sst2.yaml", "--bogus-flag"], "No such option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["validate", "missing.yaml"], "no such recipe file"),
+        (["validate", "recipes/sst2.yaml", "data.split.train=abc"], "data.split.train"),
+        (["validate", "recipes/sst2.yaml", "nope.key=1"], "nope: unknown key"),
+        (["eval", "recipes/sst2.yaml", "data.split.dev=5000"], "only 872 rows"),
+        (["eval", "recipes/sst2.yaml", "--split", "train"], "--split"),
+        (["joint", "recipes/sst2.yaml", "schedule.strategy=p -> q"], "unknown step 'q'"),
+        (["status", "nowhere"], "not a run directory"),
+        (["eval", "recipes/sst2.yaml", "--bogus-flag"], "No such option"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     result = run_cli(*args, "--runs-dir", str(tmp_path)) if args[0] != "validate" else run_cli(*args)
     assert result.returncode == 2, result.stderr
@@ -162,7 +193,9 @@ def test_damaged_manifest_is_bad_input(tmp_path):
 def test_two_module_pipeline_and_user_program_class(runs, tmp_path, monkeypatch, capsys):
     # the two-module recipe: the second module reads the first one's output
     assert cli("eval", RECIPES / "sst2-pipeline.yaml", "data.split.dev=2", "--runs-dir", runs) == 0
-    rows = [json.loads(x) for x in (runs / "sst2-pipeline" / "00-baseline" / "predictions.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (runs / "sst2-pipeline" / "00-baseline" / "predictions.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2
     # a user's own dspy.Module, with a per-predictor model map
     (tmp_path / "userprog.py").write_text(
@@ -172,15 +205,21 @@ def test_two_module_pipeline_and_user_program_class(runs, tmp_path, monkeypatch,
         "        super().__init__()\n"
         "        self.judge = dspy.Predict('sentence -> sentiment')\n"
         "    def forward(self, sentence):\n"
-        "        return self.judge(sentence=sentence)\n")
+        "        return self.judge(sentence=sentence)\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = tmp_path / "user.yaml"
-    recipe.write_text((RECIPES / "sst2.yaml").read_text().replace(
-        "  modules:\n    - name: classify\n      signature: \"sentence -> sentiment\"\n"
-        "      instructions: \"Classify the sentiment of the movie-review sentence as positive or negative.\"\n"
-        "      model: small\n",
-        "  class: userprog:Sentiment\n  models: {judge: small}\n"))
+    recipe.write_text(
+        (RECIPES / "sst2.yaml")
+        .read_text()
+        .replace(
+            '  modules:\n    - name: classify\n      signature: "sentence -> sentiment"\n'
+            '      instructions: "Classify the sentiment of the movie-review sentence as positive or negative."\n'
+            "      model: small\n",
+            "  class: userprog:Sentiment\n  models: {judge: small}\n",
+        )
+    )
     assert "class: userprog:Sentiment" in recipe.read_text()
     assert cli("eval", recipe, "data.split.dev=2", "--runs-dir", runs, "--name", "user") == 0
     (step,) = manifest(runs / "user")["steps"]

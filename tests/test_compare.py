@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jointcli.files import write_jsonl
 from jointcli.recipe import load_recipe
-from jointcli.rundir import RunDir, write_jsonl
+from jointcli.rundir import RunDir
 from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
 
 from .conftest import RECIPES, cli, manifest, tiny
@@ -83,8 +84,10 @@ def two_runs(tmp_path_factory) -> Path:
     """Two zero-shot runs of the same tiny recipe (baseline + test eval): identical programs."""
     runs = tmp_path_factory.mktemp("compare") / "runs"
     for name in ("a", "b"):
-        assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=none", "--name", name,
-                   "--runs-dir", runs) == 0
+        assert (
+            cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=none", "--name", name, "--runs-dir", runs)
+            == 0
+        )
     return runs
 
 
@@ -116,8 +119,20 @@ def test_compare_identical_runs_and_its_gates(two_runs, tmp_path, capsys):
 
 @pytest.mark.model
 def test_compare_refuses_incomparable_runs(two_runs, capsys):
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "data.split.seed=1", "schedule.strategy=none",
-               "--name", "other-split", "--runs-dir", two_runs) == 0
+    assert (
+        cli(
+            "joint",
+            RECIPES / "sst2.yaml",
+            *TINY,
+            "data.split.seed=1",
+            "schedule.strategy=none",
+            "--name",
+            "other-split",
+            "--runs-dir",
+            two_runs,
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli("compare", "a", "other-split", "--runs-dir", two_runs) == 2
     assert "different data splits" in capsys.readouterr().err
@@ -128,8 +143,18 @@ def test_compare_refuses_incomparable_runs(two_runs, capsys):
 @pytest.mark.model
 def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
     runs = tmp_path / "runs"
-    args = ["sweep", RECIPES / "sst2.yaml", *TINY, "--strategies", "p, none", "--seeds", "0,1",
-            "--runs-dir", runs, "--json"]
+    args = [
+        "sweep",
+        RECIPES / "sst2.yaml",
+        *TINY,
+        "--strategies",
+        "p, none",
+        "--seeds",
+        "0,1",
+        "--runs-dir",
+        runs,
+        "--json",
+    ]
     assert cli(*args) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in report["runs"]] == ["zero-shot", "p"]  # shortest strategy first
@@ -153,9 +178,20 @@ def test_sweep_runs_each_strategy_and_seed_sharing_prefixes(tmp_path, capsys):
 @pytest.mark.model
 def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
     # zero-shot, the tiny model passes no training example: from passing traces only, the w step fails (exit 1)
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY, "schedule.strategy=w", "optimizers.w.traces.source=program",
-               "--name", "failed",
-               "--runs-dir", two_runs) == 1
+    assert (
+        cli(
+            "joint",
+            RECIPES / "sst2.yaml",
+            *TINY,
+            "schedule.strategy=w",
+            "optimizers.w.traces.source=program",
+            "--name",
+            "failed",
+            "--runs-dir",
+            two_runs,
+        )
+        == 1
+    )
     capsys.readouterr()
     assert cli("compare", "a", "failed", "--runs-dir", two_runs, "--json") == 0
     report = json.loads(capsys.readouterr().out)
@@ -166,15 +202,24 @@ def test_a_run_that_failed_has_no_test_result(two_runs, capsys):
 
 
 # ---------------------------------------------------------------- the same on hand-made run directories (no model)
-def made_run(root: Path, name: str, test_scores: list[float], strategy: str = "none", seed: int = 0,
-             kinds: tuple[str, ...] = ("baseline",), answers: list[tuple[str, str]] | None = None) -> RunDir:
+def made_run(
+    root: Path,
+    name: str,
+    test_scores: list[float],
+    strategy: str = "none",
+    seed: int = 0,
+    kinds: tuple[str, ...] = ("baseline",),
+    answers: list[tuple[str, str]] | None = None,
+) -> RunDir:
     """A finished run directory written with RunDir, as `joint` writes one: every step scored on
     dev, the last one best and scored on test; `answers`: (gold, predicted) sentiment per example."""
     recipe = load_recipe(RECIPES / "sst2.yaml", [f"schedule.strategy={strategy}", f"seed={seed}"])
     run = RunDir.open(root, name, recipe)
     run.set_manifest_field("data_fingerprint", "one-split")
-    rows = [{"index": i, "score": s, "tokens_in": 100, "tokens_out": 20, "seconds": 0.5, "cached_calls": 0}
-            for i, s in enumerate(test_scores)]
+    rows = [
+        {"index": i, "score": s, "tokens_in": 100, "tokens_out": 20, "seconds": 0.5, "cached_calls": 0}
+        for i, s in enumerate(test_scores)
+    ]
     for row, (gold, predicted) in zip(rows, answers or []):
         row.update(gold={"sentiment": gold}, prediction={"sentiment": predicted})
     mean = sum(test_scores) / len(test_scores)
@@ -196,8 +241,12 @@ def made_run(root: Path, name: str, test_scores: list[float], strategy: str = "n
 def test_compare_shows_the_majority_class_and_warns_of_a_collapsed_program(tmp_path, capsys):
     gold = ["positive"] * 24 + ["negative"] * 16
     made_run(tmp_path, "constant", [1.0] * 24 + [0.0] * 16, answers=[(g, "Positive.") for g in gold])
-    made_run(tmp_path, "reader", [1.0] * 36 + [0.0] * 4,
-             answers=[(g, g if i < 36 else "neutral") for i, g in enumerate(gold)])
+    made_run(
+        tmp_path,
+        "reader",
+        [1.0] * 36 + [0.0] * 4,
+        answers=[(g, g if i < 36 else "neutral") for i, g in enumerate(gold)],
+    )
     assert cli("compare", "constant", "reader", "--runs-dir", tmp_path, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["majority"] == {"label": "positive", "test": 0.6, "n": 40}

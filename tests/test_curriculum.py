@@ -1,4 +1,4 @@
-"""Curriculum (`train.curriculum`, models/curriculum.py): easy rows first, in stages, deterministic."""
+"""Curriculum (`train.curriculum`, training/curriculum.py): easy rows first, in stages, deterministic."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.curriculum import curriculum_steps, rank, row_losses
-from jointcli.models.lora import plan_steps
 from jointcli.recipe import Curriculum, Lora, Train
+from jointcli.training.curriculum import curriculum_steps, rank, row_losses
+from jointcli.training.lora import plan_steps
 
 DIFFICULTY = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.05, 0.95, 0.35]  # 12 rows
 
@@ -21,7 +21,7 @@ def test_stages_draw_from_the_easy_rows_first_and_end_on_all():
     steps = curriculum_steps(rank(DIFFICULTY), rows_per_step=2, epochs=2, seed=0, stages=3)
     ranked = sorted(range(12), key=lambda i: DIFFICULTY[i])
     for stage, part in enumerate([steps[0:4], steps[4:8], steps[8:12]], start=1):
-        pool = set(ranked[:math.ceil(12 * stage / 3)])
+        pool = set(ranked[: math.ceil(12 * stage / 3)])
         rows = [i for step in part for i in step]
         assert set(rows) <= pool
         if stage < 3:  # 8 rows drawn from a pool of 4 or 8: all of it
@@ -71,18 +71,27 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     easiest half only."""
     import torch
 
-    from jointcli.models.embedded import load_tokenizer, resolve_checkpoint
-    from jointcli.models.lora import load_for_training, to_prompt_completion, tokenize_pair, train_lora
-    from jointcli.models.microbatch import collate, completion_nll
     from jointcli.recipe import EMBEDDED_MODEL
+    from jointcli.training.lora import load_for_training, to_prompt_completion, tokenize_pair, train_lora
+    from jointcli.training.microbatch import collate, completion_nll
+    from jointcli.weights.checkpoint import load_tokenizer, resolve_checkpoint
 
     from .test_lora import sentiment_rows
 
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
     out = tmp_path / "adapter"
     train = Train(epochs=1, batch_size=2, curriculum=Curriculum(by="loss", stages=2))
-    train_lora(checkpoint, sentiment_rows(), out, Lora(r=2, alpha=4), train, seed=0, device="cpu", dtype="float32",
-               log_path=tmp_path / "log.jsonl")
+    train_lora(
+        checkpoint,
+        sentiment_rows(),
+        out,
+        Lora(r=2, alpha=4),
+        train,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        log_path=tmp_path / "log.jsonl",
+    )
     order = json.loads((out / "training.json").read_text())["curriculum"]
 
     tokenizer = load_tokenizer(checkpoint)

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(source, inputs, labels, train=10, dev=5, test=7, seed=0):
-    return Data(source=str(source), inputs=inputs, labels=labels,
-                split=Split(train=train, dev=dev, test=test, seed=seed))
+    return Data(
+        source=str(source), inputs=inputs, labels=labels, split=Split(train=train, dev=dev, test=test, seed=seed)
+    )
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -86,7 +87,6 @@ def test_splits_sizes_disjoint_deterministic():
     assert set(ex.inputs().keys()) == {"sentence"} and set(ex.labels().keys()) == {"sentiment"}
 
 
-
 def test_held_out_is_the_rest_of_the_source():
     """data.held_out: the examples the split never uses (bench/held_out.py scores programs on them),
     disjoint from train, dev and test, and together with them the whole source."""
@@ -101,6 +101,7 @@ def test_held_out_is_the_rest_of_the_source():
     whole = make("builtin:iris", ["petal_length"], ["species"], train=50, dev=50, test=50)
     assert D.held_out(whole) == []
 
+
 def test_splits_only_selected_fields():
     s = D.load_splits(make("builtin:gsm8k", ["question"], ["answer"], train=3, dev=2, test=2))
     assert set(s.dev[0].keys()) == {"question", "answer"}
@@ -114,10 +115,12 @@ def test_fingerprint_changes_with_seed_and_counts():
 
 
 def test_splits_stable_across_processes():
-    code = ("from jointcli.data import load_splits; from jointcli.recipe import Data, Split;"
-            "s = load_splits(Data(source='builtin:iris', inputs=['sepal_length'], labels=['species'],"
-            " split=Split(train=10, dev=5, test=7, seed=3)));"
-            "print(s.fingerprint, s.indices['test'])")
+    code = (
+        "from jointcli.data import load_splits; from jointcli.recipe import Data, Split;"
+        "s = load_splits(Data(source='builtin:iris', inputs=['sepal_length'], labels=['species'],"
+        " split=Split(train=10, dev=5, test=7, seed=3)));"
+        "print(s.fingerprint, s.indices['test'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     s = D.load_splits(make("builtin:iris", ["sepal_length"], ["species"], seed=3))
     assert out.stdout.strip() == f"{s.fingerprint} {s.indices['test']}"
@@ -145,8 +148,7 @@ def test_missing_field():
 # ---------------------------------------------------------------- files
 def test_jsonl_file(tmp_path):
     path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"q": f"question {i}", "a": i, "extra": True}) + "\n"
-                            for i in range(30)) + "\n")
+    path.write_text("".join(json.dumps({"q": f"question {i}", "a": i, "extra": True}) + "\n" for i in range(30)) + "\n")
     rows = D.load_rows(str(path))
     assert len(rows) == 30 and rows[3] == {"q": "question 3", "a": 3, "extra": True}
     s = D.load_splits(make(path, ["q"], ["a"]))

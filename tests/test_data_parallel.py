@@ -1,4 +1,4 @@
-"""Data-parallel LoRA training (models/data_parallel.py): two real CPU processes (gloo) train the
+"""Data-parallel LoRA training (training/data_parallel.py): two real CPU processes (gloo) train the
 adapter that one process trains, and write the same files."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from jointcli.errors import StepError
-from jointcli.models.data_parallel import Ranks
-from jointcli.models.lora import SoftTraining, load_for_training, train_lora
-from jointcli.models.soft_prompt import init_soft_prompt, load_soft_prompt
 from jointcli.recipe import Groups, Lora, ParamGroup, SoftPrompt, Train
+from jointcli.training.data_parallel import Ranks
+from jointcli.training.lora import SoftTraining, load_for_training, train_lora
+from jointcli.weights.soft_prompt import init_soft_prompt, load_soft_prompt
 
 from .test_lora import checkpoint, sentiment_rows  # noqa: F401 - checkpoint is a fixture
 
@@ -34,14 +34,30 @@ def test_two_processes_train_the_adapter_of_one(tmp_path: Path, checkpoint: Path
 
     # 7 rows in steps of 4: the last step has 3 rows, so one process computes 2 and the other 1
     rows, lora = sentiment_rows()[:7], Lora(r=2, alpha=4)
-    soft = SoftTraining(SoftPrompt(virtual_tokens=4), Groups(soft_prompt=ParamGroup(learning_rate=3e-2)), 1e-2,
-                        "Classify the sentiment.") if soft_prompt else None
+    soft = (
+        SoftTraining(
+            SoftPrompt(virtual_tokens=4),
+            Groups(soft_prompt=ParamGroup(learning_rate=3e-2)),
+            1e-2,
+            "Classify the sentiment.",
+        )
+        if soft_prompt
+        else None
+    )
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
-        results[processes] = train_lora(checkpoint, rows, out / "adapter", lora,
-                                        Train(epochs=1, batch_size=4, learning_rate=1e-2, processes=processes),
-                                        seed=3, log_path=out / "log.jsonl", device="cpu", soft=soft)
+        results[processes] = train_lora(
+            checkpoint,
+            rows,
+            out / "adapter",
+            lora,
+            Train(epochs=1, batch_size=4, learning_rate=1e-2, processes=processes),
+            seed=3,
+            log_path=out / "log.jsonl",
+            device="cpu",
+            soft=soft,
+        )
     one, two = results[1], results[2]
     assert (one.processes, two.processes) == (1, 2) and one.steps == two.steps == 2
     assert one.train_tokens == two.train_tokens and one.rows == two.rows == 7
@@ -61,8 +77,13 @@ def test_two_processes_train_the_adapter_of_one(tmp_path: Path, checkpoint: Path
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2  # less than one step moves a weight (lr)
     if soft_prompt:
         soft_one, soft_two = (load_soft_prompt(tmp_path / f"p{n}" / "adapter") for n in (1, 2))
-        initial = init_soft_prompt(load_for_training(checkpoint, lora, "cpu", "float32", seed=3).get_base_model(),
-                                   AutoTokenizer.from_pretrained(checkpoint), 4, "Classify the sentiment.", seed=3)
+        initial = init_soft_prompt(
+            load_for_training(checkpoint, lora, "cpu", "float32", seed=3).get_base_model(),
+            AutoTokenizer.from_pretrained(checkpoint),
+            4,
+            "Classify the sentiment.",
+            seed=3,
+        )
         assert float((soft_one - initial).abs().max()) > 1e-2  # trained: moved by about its rate a step
         torch.testing.assert_close(soft_two, soft_one, rtol=1e-3, atol=1e-4)
     assert json.loads((tmp_path / "p2" / "adapter" / "training.json").read_text())["processes"] == 2
@@ -72,8 +93,17 @@ def test_two_processes_train_the_adapter_of_one(tmp_path: Path, checkpoint: Path
 
 @pytest.mark.model
 def test_a_failing_process_is_one_step_error(tmp_path: Path, checkpoint: Path):  # noqa: F811
-    with pytest.raises(StepError, match=r"LoRA training in 2 processes failed: process \d: .*longer than "
-                                        r"train.max_length=16"):
-        train_lora(checkpoint, sentiment_rows()[:2], tmp_path / "adapter", Lora(r=2, alpha=4),
-                   Train(max_length=16, processes=2), device="cpu")
+    with pytest.raises(
+        StepError,
+        match=r"LoRA training in 2 processes failed: process \d: .*longer than "
+        r"train.max_length=16",
+    ):
+        train_lora(
+            checkpoint,
+            sentiment_rows()[:2],
+            tmp_path / "adapter",
+            Lora(r=2, alpha=4),
+            Train(max_length=16, processes=2),
+            device="cpu",
+        )
     assert not (tmp_path / "adapter").exists()

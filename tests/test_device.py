@@ -1,11 +1,11 @@
-"""The CPU facts and the bf16 switch (jointcli/models/device.py): no model needed."""
+"""The CPU facts and the bf16 switch (jointcli/weights/device.py): no model needed."""
 
 from __future__ import annotations
 
 import pytest
 
 from jointcli.errors import InputError
-from jointcli.models.device import BF16_SWITCH, cpu_budget, cpu_has_native_bf16, cpu_kind, resolve_dtype
+from jointcli.weights.device import BF16_SWITCH, cpu_budget, cpu_has_native_bf16, cpu_kind, resolve_dtype
 
 
 def test_the_switch_forces_either_path(monkeypatch):

@@ -25,17 +25,21 @@ import pytest
 from dspy.lm15 import Config, Message, Request
 
 from jointcli.errors import InputError
-from jointcli.models import adapter_model_id, build_lm, resolve_checkpoint
-from jointcli.models.device import resolve_dtype
-from jointcli.models.engine import AsyncLocalEngine, LocalEngine, get_engine
+from jointcli.inference.engine import AsyncLocalEngine, LocalEngine, get_engine
+from jointcli.inference.model_id import adapter_model_id
+from jointcli.models import build_lm
 from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
+from jointcli.weights.checkpoint import resolve_checkpoint
+from jointcli.weights.device import resolve_dtype
 
 from .conftest import requires_native_bf16
 
 pytestmark = pytest.mark.model  # every test here runs the embedded model
 
-DEMOS = [dspy.Example(question="What is the capital of Italy?", answer="Rome"),
-         dspy.Example(question="What is the capital of Spain?", answer="Madrid")]
+DEMOS = [
+    dspy.Example(question="What is the capital of Italy?", answer="Rome"),
+    dspy.Example(question="What is the capital of Spain?", answer="Madrid"),
+]
 PROMPTS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello in French."]
 
 
@@ -121,7 +125,7 @@ def test_stop_string_cuts_the_output(engine):
     full = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12).text
     stop = middle_word(full)
     stopped = ask(engine, "Count from 1 to 10, separated by commas.", max_tokens=12, stop=(stop,))
-    assert stopped.text == full[:full.index(stop)] and stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index(stop)] and stopped.finish_reason == "stop"
     assert stopped.usage.output_tokens < 12
 
 
@@ -140,8 +144,12 @@ def test_evaluate_with_threads(lm):
     with dspy.context(lm=lm.copy(max_tokens=16), adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         alone = {q: predict(question=q).answer for q in questions}
         devset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in alone.items()]
-        result = dspy.Evaluate(devset=devset, metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
-                               num_threads=4, display_progress=False)(predict)
+        result = dspy.Evaluate(
+            devset=devset,
+            metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
+            num_threads=4,
+            display_progress=False,
+        )(predict)
     assert result.score == 100.0
 
 
@@ -195,7 +203,7 @@ def test_program_save_records_the_engine_without_secrets(lm, tmp_path):
     assert copy.deepcopy(predict).lm.engine is lm.engine  # DSPy deep-copies programs: weights stay shared
     predict.save(tmp_path / "p.json")
     state = json.loads((tmp_path / "p.json").read_text())["lm"]
-    assert state["engine"]["class"] == "jointcli.models.engine:LocalEngine"
+    assert state["engine"]["class"] == "jointcli.inference.engine:LocalEngine"
     assert state["engine"]["state"]["checkpoint"] == EMBEDDED_MODEL
     loaded = dspy.Predict("question -> answer")
     loaded.load(tmp_path / "p.json", allow_unsafe_lm_state=True)
@@ -223,13 +231,16 @@ def test_resolve_checkpoint_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- batching and prefix reuse (float32)
-SYSTEM = ("You are a precise assistant. Answer every question briefly, in one short sentence, "
-          "and never add commentary, greetings or follow-up questions.")  # ~30 tokens shared by every prompt
+SYSTEM = (
+    "You are a precise assistant. Answer every question briefly, in one short sentence, "
+    "and never add commentary, greetings or follow-up questions."
+)  # ~30 tokens shared by every prompt
 
 
 def request(text, model="local/smollm2", system=SYSTEM, **config):
-    return Request(model=model, system=system, messages=(Message.user(text),),
-                   config=Config(**{"max_tokens": 10, **config}))
+    return Request(
+        model=model, system=system, messages=(Message.user(text),), config=Config(**{"max_tokens": 10, **config})
+    )
 
 
 @contextmanager
@@ -260,8 +271,9 @@ def together(engine, requests):
 
 
 def same(a, b):
-    return [(r.text, r.finish_reason, r.usage.output_tokens) for r in a] == \
-        [(r.text, r.finish_reason, r.usage.output_tokens) for r in b]
+    return [(r.text, r.finish_reason, r.usage.output_tokens) for r in a] == [
+        (r.text, r.finish_reason, r.usage.output_tokens) for r in b
+    ]
 
 
 def test_batched_equals_unbatched(engine):
@@ -282,8 +294,10 @@ def test_prefix_reuse_equals_no_reuse(engine):
     with settings(engine, batch_window_s=0.3):
         before = dict(engine.decoder.stats)
         assert same(together(engine, requests), reference)  # shared prefix computed once for the batch
-        assert engine.decoder.stats["prefill_tokens"] - before.get("prefill_tokens", 0) < \
-            sum(r.usage.input_tokens for r in reference) - 3 * 30
+        assert (
+            engine.decoder.stats["prefill_tokens"] - before.get("prefill_tokens", 0)
+            < sum(r.usage.input_tokens for r in reference) - 3 * 30
+        )
         lone = [engine.complete(r) for r in requests]  # later lone calls take it from the LRU
         assert engine.decoder.stats["lru_tokens"] >= before.get("lru_tokens", 0) + 4 * 30
     assert same(lone, reference)
@@ -306,15 +320,16 @@ def test_each_row_stops_at_its_own_end(engine):
     count = "Count from 1 to 10, separated by commas."
     stop = middle_word(alone(engine, [request(count, system=None, max_tokens=16)])[0].text)
     configs = [dict(max_tokens=16), dict(max_tokens=16, stop=(stop,)), dict(max_tokens=3)]
-    requests = [request(count, system=None, **c) for c in configs] + \
-        [request("Write a long story about a dragon.", system=None, max_tokens=14),
-         request(PROMPTS[0], system=None, max_tokens=16)]
+    requests = [request(count, system=None, **c) for c in configs] + [
+        request("Write a long story about a dragon.", system=None, max_tokens=14),
+        request(PROMPTS[0], system=None, max_tokens=16),
+    ]
     reference = alone(engine, requests)
     with settings(engine, batch_window_s=0.3):
         batched = together(engine, requests)
     assert same(batched, reference)
     full, stopped, short, story, paris = batched
-    assert stopped.text == full.text[:full.text.index(stop)]
+    assert stopped.text == full.text[: full.text.index(stop)]
     assert stopped.finish_reason == "stop" and stopped.usage.output_tokens < full.usage.output_tokens
     assert short.finish_reason == "length" and short.usage.output_tokens == 3
     assert story.finish_reason == "length" and story.usage.output_tokens == 14
@@ -348,12 +363,18 @@ def test_decoding_matches_transformers_generate(engine):
 
     for text in PROMPTS[:2]:
         ours = ask(engine, text, max_tokens=12)
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                     add_generation_prompt=True)
+        prompt = engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         model, base_weights, _ = engine._weights("local/smollm2")  # earlier tests added adapters: base only
         with torch.inference_mode(), base_weights:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                        do_sample=False, pad_token_id=engine.tokenizer.pad_token_id)
-        theirs = engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=engine.tokenizer.pad_token_id,
+            )
+        theirs = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert ours.message.text == theirs

@@ -36,12 +36,22 @@ SECRET = f"sk-export-{uuid.uuid4().hex}"
 # a LiteLLM model no module runs on: its key is in the environment while the run and the export run
 REMOTE = f"models.big={{type: litellm, model: openai/gpt-4o-mini, api_key_env: {KEY_ENV}}}"
 # fp32 engine; one demo, then 4 gold rows and 2 optimizer steps; one dev sentence: 00-p, 01-w
-TINY_PW = tiny(4, 1, 1, "models.small.dtype=float32", "optimizers.p.optimizer=LabeledFewShot",
-               "optimizers.p.args={k: 1}", "optimizers.w.traces.source=labels", "optimizers.w.train.batch_size=2",
-               REMOTE)
+TINY_PW = tiny(
+    4,
+    1,
+    1,
+    "models.small.dtype=float32",
+    "optimizers.p.optimizer=LabeledFewShot",
+    "optimizers.p.args={k: 1}",
+    "optimizers.w.traces.source=labels",
+    "optimizers.w.train.batch_size=2",
+    REMOTE,
+)
 W = "01-w"
-MESSAGES = [{"role": "system", "content": "Classify the sentiment of the movie-review sentence."},
-            {"role": "user", "content": "Sentence: a gripping, funny and moving film.\nSentiment:"}]
+MESSAGES = [
+    {"role": "system", "content": "Classify the sentiment of the movie-review sentence."},
+    {"role": "user", "content": "Sentence: a gripping, funny and moving film.\nSentiment:"},
+]
 MAX_NEW = 16
 
 
@@ -73,15 +83,31 @@ BAD = [
     ("run-missing", None, ["nowhere"], "error: {tmp}/runs/nowhere: not a run directory"),
     ("baseline", finished_runs, ["a"], "error: {tmp}/runs/a: step 00-baseline has no program of its own"),
     ("baseline-by-index", finished_runs, ["a", "--step", "0"], "step 00-baseline has no program of its own"),
-    ("unknown-step", finished_runs, ["a", "--step", "07-w"],
-     "error: --step '07-w': no such step in {tmp}/runs/a (best, or one of: 00-baseline)"),
+    (
+        "unknown-step",
+        finished_runs,
+        ["a", "--step", "07-w"],
+        "error: --step '07-w': no such step in {tmp}/runs/a (best, or one of: 00-baseline)",
+    ),
     ("failed-step", prompt_run, ["p", "--step", "01-p"], "error: --step '01-p': 01-p is failed; only done steps"),
-    ("damaged-step", damaged_run, ["p", "--step", "00-p"],
-     "error: {tmp}/runs/p: step 00-p cannot be exported: 00-p is done but 00-p/program.json is missing"),
-    ("out-not-empty", full_out, ["p", "--step", "00-p"],
-     "error: --out {tmp}/out: exists and is not empty; choose another folder, or --force to replace it"),
-    ("out-holds-the-run", prompt_run, ["p", "--step", "00-p", "--force", "--out", "{tmp}"],
-     "error: --out {tmp}: overlaps {tmp}/runs/p, which the export reads"),
+    (
+        "damaged-step",
+        damaged_run,
+        ["p", "--step", "00-p"],
+        "error: {tmp}/runs/p: step 00-p cannot be exported: 00-p is done but 00-p/program.json is missing",
+    ),
+    (
+        "out-not-empty",
+        full_out,
+        ["p", "--step", "00-p"],
+        "error: --out {tmp}/out: exists and is not empty; choose another folder, or --force to replace it",
+    ),
+    (
+        "out-holds-the-run",
+        prompt_run,
+        ["p", "--step", "00-p", "--force", "--out", "{tmp}"],
+        "error: --out {tmp}: overlaps {tmp}/runs/p, which the export reads",
+    ),
     ("format", prompt_run, ["p", "--format", "gguf"], "error: --format: 'gguf' is not peft or merged"),
 ]
 
@@ -118,7 +144,7 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(run):
     """The run's own engine (fp32, as the recipe says) with the run's adapter."""
-    from jointcli.models.engine import get_engine
+    from jointcli.inference.engine import get_engine
     from jointcli.recipe import EMBEDDED_MODEL
 
     engine = get_engine(EMBEDDED_MODEL, "float32", "cpu")
@@ -130,10 +156,14 @@ def engine_ids(engine) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy new ids) of MESSAGES on the engine's adapter."""
     from dspy.lm15 import Config, Message, Request
 
-    from jointcli.models.batch_decoder import Job
+    from jointcli.inference.batch_decoder import Job
 
-    request = Request(model="local/small@exported", system=MESSAGES[0]["content"],
-                      messages=(Message.user(MESSAGES[1]["content"]),), config=Config(max_tokens=MAX_NEW))
+    request = Request(
+        model="local/small@exported",
+        system=MESSAGES[0]["content"],
+        messages=(Message.user(MESSAGES[1]["content"]),),
+        config=Config(max_tokens=MAX_NEW),
+    )
     job = Job(request, engine._prompt_ids(request), MAX_NEW, ())
     engine.decoder.submit(job).result()
     return job.prompt, job.new
@@ -144,9 +174,10 @@ def greedy(model, prompt: list[int]) -> list[int]:
 
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                             do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def logits(model, prompt: list[int]):
@@ -180,8 +211,9 @@ def test_peft_export_serves_the_runs_answers(run, engine, tmp_path, capsys):
     assert (manifest["format"], manifest["step"], module["weights"]) == ("peft", W, "adapters/classify")
     assert module["base"] == "builtin:smollm2-135m-instruct" and module["checkpoint"] == str(engine.checkpoint)
     adapter = tmp_path / "peft" / "adapters" / "classify"
-    assert (adapter / "adapter_model.safetensors").read_bytes() == \
-        (run / W / "adapters" / "classify" / "adapter_model.safetensors").read_bytes()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (
+        run / W / "adapters" / "classify" / "adapter_model.safetensors"
+    ).read_bytes()
     readme = (tmp_path / "peft" / "README.md").read_text()
     assert "--enable-lora" in readme and "--lora-modules classify=adapters/classify" in readme
     assert f"exported {W}" in capsys.readouterr().err
@@ -196,8 +228,9 @@ def test_peft_export_serves_the_runs_answers(run, engine, tmp_path, capsys):
 
     # the README's program runs as written against an OpenAI-compatible server (vLLM's stand-in)
     overrides = manifest["serve"]["overrides"]
-    assert load_recipe(tmp_path / "peft" / "recipe.yaml", overrides).models["served_classify"].model == \
-        "openai/classify"
+    assert (
+        load_recipe(tmp_path / "peft" / "recipe.yaml", overrides).models["served_classify"].model == "openai/classify"
+    )
     _readme_script_runs(tmp_path / "peft", readme)
 
     # again into the same folder: refused, then replaced with --force; the default step is the best by dev
@@ -250,12 +283,16 @@ def test_one_server_per_base_and_a_model_per_served_module(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text('{"r": 32}')
     checkpoint = tmp_path / "base"
-    entries = [Entry("summarize", "large", "builtin:x", checkpoint),
-               Entry("classify", "small", "builtin:x", checkpoint, tmp_path / "a", "classify")]
+    entries = [
+        Entry("summarize", "large", "builtin:x", checkpoint),
+        Entry("classify", "small", "builtin:x", checkpoint, tmp_path / "a", "classify"),
+    ]
     (server,) = plan_servers(entries, "peft")
-    assert vllm_command(server) == (f"vllm serve {checkpoint} --served-model-name large --port 8000 --enable-lora "
-                                    "--max-loras 1 --max-lora-rank 32 --lora-modules classify=adapters/classify "
-                                    '--api-key "$VLLM_API_KEY"')
+    assert vllm_command(server) == (
+        f"vllm serve {checkpoint} --served-model-name large --port 8000 --enable-lora "
+        "--max-loras 1 --max-lora-rank 32 --lora-modules classify=adapters/classify "
+        '--api-key "$VLLM_API_KEY"'
+    )
     recipe = load_recipe(RECIPES / "sst2-pipeline.yaml")
     overrides, models = served_overrides(recipe, entries)
     served = load_recipe(RECIPES / "sst2-pipeline.yaml", overrides)
@@ -264,5 +301,7 @@ def test_one_server_per_base_and_a_model_per_served_module(tmp_path):
     assert served.models["served_classify"].max_tokens == recipe.models["small"].max_tokens  # settings go along
 
     merged = plan_servers([Entry(**{**vars(e), "served": None, "port": None}) for e in entries], "merged")
-    assert [(s.model, s.served, s.port) for s in merged] == [(str(checkpoint), "large", 8000),
-                                                            ("models/classify", "classify", 8001)]
+    assert [(s.model, s.served, s.port) for s in merged] == [
+        (str(checkpoint), "large", 8000),
+        ("models/classify", "classify", 8001),
+    ]

@@ -24,8 +24,8 @@ from dspy.lm15 import Config, Message, Request
 
 from jointcli.errors import InputError
 from jointcli.models import build_lm
-from jointcli.models.embedded import check_model_path, resolve_checkpoint
-from jointcli.recipe import EMBEDDED_MODEL, Lora, LocalModel, Train
+from jointcli.recipe import EMBEDDED_MODEL, LocalModel, Lora, Train
+from jointcli.weights.checkpoint import check_model_path, resolve_checkpoint
 
 from . import test_lora as lora_tests
 
@@ -33,47 +33,101 @@ pytestmark = pytest.mark.model  # and importing this file imports no torch/trans
 
 SLIDING_WINDOW = 16  # Gemma's sliding layers: shorter than every prompt below, so the window matters
 
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-PLAIN = ("{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
-         "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
-QWEN2 = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-         "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-QWEN3 = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-         "{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
-         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+PLAIN = (
+    "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+QWEN2 = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3 = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}"
+)
 # Gemma 2's refuses a system message (the engine then folds it into the first user turn); Gemma 3's
 # puts it there itself
-GEMMA2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-          "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-          "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
-          "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-GEMMA3 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
-          "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
-          "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-          "{{ prefix if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
-          "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ prefix if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
-SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, initializer_range=0.1)
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+)
 # family -> (config class, its settings, chat template, special tokens added, end-of-turn token, marker
 # that only this family's prompts contain, pad token kept)
 FAMILIES = {
-    "llama": ("LlamaConfig", {}, LLAMA3, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-              "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", False),
-    "smollm": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1}, PLAIN, [], None,
-               "### User:\n", True),
-    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, QWEN2, [], "<|im_end|>",
-              "<|im_start|>system\nYou are a helpful assistant.", True),
+    "llama": (
+        "LlamaConfig",
+        {},
+        LLAMA3,
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+        "<|start_header_id|>user<|end_header_id|>",
+        False,
+    ),
+    "smollm": (
+        "LlamaConfig",
+        {"tie_word_embeddings": True, "num_key_value_heads": 1},
+        PLAIN,
+        [],
+        None,
+        "### User:\n",
+        True,
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        {"tie_word_embeddings": True},
+        QWEN2,
+        [],
+        "<|im_end|>",
+        "<|im_start|>system\nYou are a helpful assistant.",
+        True,
+    ),
     "qwen3": ("Qwen3Config", {}, QWEN3, ["<think>", "</think>"], "<|im_end|>", "<think>\n\n</think>", False),
-    "gemma2": ("Gemma2Config", {"sliding_window": SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
-               GEMMA2, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", "<start_of_turn>model\n", True),
-    "gemma3": ("Gemma3TextConfig", {"sliding_window": SLIDING_WINDOW,
-                                    "layer_types": ["sliding_attention", "full_attention"]},
-               GEMMA3, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", "<start_of_turn>model\n", False),
+    "gemma2": (
+        "Gemma2Config",
+        {"sliding_window": SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
+        GEMMA2,
+        ["<start_of_turn>", "<end_of_turn>"],
+        "<end_of_turn>",
+        "<start_of_turn>model\n",
+        True,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        {"sliding_window": SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
+        GEMMA3,
+        ["<start_of_turn>", "<end_of_turn>"],
+        "<end_of_turn>",
+        "<start_of_turn>model\n",
+        False,
+    ),
 }
 NAMES = list(FAMILIES)
 
@@ -94,8 +148,12 @@ def build_checkpoint(family: str, folder: Path) -> Path:
         tokenizer.pad_token = None
     eos = [tokenizer.eos_token_id] + ([tokenizer.convert_tokens_to_ids(end)] if end else [])
     config = getattr(transformers, config_class)(
-        **{**SIZES, **settings}, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        **{**SIZES, **settings},
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(sum(map(ord, family)))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = eos
@@ -116,7 +174,7 @@ def family(request, family_checkpoints) -> tuple[str, Path]:
 
 
 def get_engine(*args):
-    from jointcli.models import engine  # here: importing this file must not import transformers
+    from jointcli.inference import engine  # here: importing this file must not import transformers
 
     return engine.get_engine(*args)
 
@@ -125,8 +183,10 @@ def engine_of(folder: Path):
     return get_engine(str(folder), "float32", "cpu")
 
 
-SYSTEM = ("You are a precise assistant. Answer every question briefly, in one short sentence, and never "
-          "add commentary, greetings or follow-up questions.")
+SYSTEM = (
+    "You are a precise assistant. Answer every question briefly, in one short sentence, and never "
+    "add commentary, greetings or follow-up questions."
+)
 PROMPTS = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello in French, please."]
 
 
@@ -147,7 +207,7 @@ def messages_of(req: Request, folded: bool = False) -> list[dict]:
 
 def token_ids(engine, requests: list[Request], batch: bool, prefix_reuse: bool) -> list[list[int]]:
     """The generated token ids of each request: queued at once (one batch) or one at a time."""
-    from jointcli.models.batch_decoder import Job
+    from jointcli.inference.batch_decoder import Job
 
     decoder = engine.decoder
     old = decoder.max_batch, decoder.batch_window_s, decoder.prefix_reuse
@@ -173,13 +233,20 @@ def generate_ids(model, engine, req: Request) -> list[int]:
     import torch
 
     folded = "System role not supported" in engine.tokenizer.chat_template
-    ids = engine.tokenizer.apply_chat_template(messages_of(req, folded), add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")["input_ids"]
+    ids = engine.tokenizer.apply_chat_template(
+        messages_of(req, folded), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
     eos = sorted(engine.decoder.eos_ids)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.config.max_tokens,
-                             do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=req.config.max_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 # ---------------------------------------------------------------- the folder, the template, a DSPy call
@@ -189,14 +256,13 @@ def test_folder_is_accepted_and_the_prompt_is_its_chat_template(family):
     engine = engine_of(folder)
     assert type(engine.model).__name__.lower().startswith(FAMILIES[name][0][:5].lower())
     for req in (request(PROMPTS[0]), request(PROMPTS[1], system=None)):
-        expected = engine.tokenizer.apply_chat_template(messages_of(req, folded=name == "gemma2"),
-                                                        add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"]
+        expected = engine.tokenizer.apply_chat_template(
+            messages_of(req, folded=name == "gemma2"), add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         assert engine._prompt_ids(req) == list(expected)
     text = engine.tokenizer.decode(engine._prompt_ids(request(PROMPTS[1], system=None)))
     marker = FAMILIES[name][5]
-    assert marker in text and all(FAMILIES[other][5] not in text for other in FAMILIES
-                                  if FAMILIES[other][5] != marker)
+    assert marker in text and all(FAMILIES[other][5] not in text for other in FAMILIES if FAMILIES[other][5] != marker)
     if name.startswith("gemma"):  # the system message opens the first user turn, refused or not
         text = engine.tokenizer.decode(engine._prompt_ids(request(PROMPTS[1])))
         assert f"<start_of_turn>user\n{SYSTEM}\n\n{PROMPTS[1]}<end_of_turn>" in text
@@ -235,7 +301,7 @@ def test_batched_and_prefix_reuse_equal_one_by_one_and_generate(family):
 def test_other_attention_patterns_batch_only_rows_of_one_length(family_checkpoints):
     """A model whose attention the decoder cannot mask itself (a sliding window on every layer, chunked
     attention) is batched without padding: still the one-by-one answers. Here Gemma 2 forced onto that path."""
-    from jointcli.models.batch_decoder import UNPADDED, SlidingLayout, attention_layout
+    from jointcli.inference.batch_decoder import UNPADDED, SlidingLayout, attention_layout
 
     engine = engine_of(family_checkpoints["gemma2"])
     assert isinstance(attention_layout(engine.model.config), SlidingLayout)
@@ -254,7 +320,7 @@ def test_other_attention_patterns_batch_only_rows_of_one_length(family_checkpoin
 def test_attention_layouts_of_other_configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from jointcli.models.batch_decoder import UNPADDED, SlidingLayout, attention_layout
+    from jointcli.inference.batch_decoder import UNPADDED, SlidingLayout, attention_layout
 
     assert attention_layout(LlamaConfig()) is None and attention_layout(Qwen2Config()) is None
     qwen = Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2)
@@ -271,14 +337,22 @@ def rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def trained(family_checkpoints, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """Each family's adapter after 2 optimizer steps (2 rows each, sharing their prompt prefix)."""
-    from jointcli.models.lora import train_lora
+    from jointcli.training.lora import train_lora
 
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for name, folder in family_checkpoints.items():
-        result = train_lora(folder, rows(), root / name, Lora(r=4, alpha=16),
-                            Train(epochs=1, batch_size=2, learning_rate=5e-2), seed=0,
-                            log_path=root / f"{name}.log.jsonl", device="cpu", dtype="float32")
+        result = train_lora(
+            folder,
+            rows(),
+            root / name,
+            Lora(r=4, alpha=16),
+            Train(epochs=1, batch_size=2, learning_rate=5e-2),
+            seed=0,
+            log_path=root / f"{name}.log.jsonl",
+            device="cpu",
+            dtype="float32",
+        )
         out[name] = (root / name, result)
     return out
 
@@ -316,7 +390,7 @@ def test_shared_prefix_training_gives_the_loss_and_gradient_of_whole_rows(family
     and LoRA gradients of whole rows (Gemma's window is shorter than the shared prefix)."""
     from transformers import AutoTokenizer
 
-    from jointcli.models.lora import to_prompt_completion, tokenize_pair
+    from jointcli.training.lora import to_prompt_completion, tokenize_pair
 
     _, folder = family
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -346,12 +420,13 @@ def test_a_checkpoint_without_a_chat_template_is_refused_in_one_line(family_chec
 def test_a_template_that_refuses_the_messages_is_one_input_error(family_checkpoints):
     from transformers import AutoTokenizer
 
-    from jointcli.models.chat import chat_ids
+    from jointcli.weights.chat import chat_ids
 
     tokenizer = AutoTokenizer.from_pretrained(family_checkpoints["gemma2"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]
     assert chat_ids(tokenizer, messages, add_generation_prompt=True) == chat_ids(
-        tokenizer, [{"role": "user", "content": "Be brief.\n\nHi."}], add_generation_prompt=True)
+        tokenizer, [{"role": "user", "content": "Be brief.\n\nHi."}], add_generation_prompt=True
+    )
     tokenizer.chat_template = "{{ raise_exception('No chat here') }}"
     with pytest.raises(InputError, match="refused the messages: No chat here") as err:
         chat_ids(tokenizer, messages, add_generation_prompt=True)
@@ -364,8 +439,11 @@ def test_folders_that_are_not_causal_lm_checkpoints_are_refused_in_one_line(fami
     encoder = tmp_path / "t5"
     shutil.copytree(family_checkpoints["llama"], encoder)  # a tokenizer with a chat template, other weights
     (encoder / "model.safetensors").unlink()
-    (encoder / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8, "num_layers": 1,
-                                                     "num_heads": 1, "d_kv": 8, "d_ff": 8, "vocab_size": 10}))
+    (encoder / "config.json").write_text(
+        json.dumps(
+            {"model_type": "t5", "d_model": 8, "num_layers": 1, "num_heads": 1, "d_kv": 8, "d_ff": 8, "vocab_size": 10}
+        )
+    )
     check_model_path(str(encoder))  # validate reads config.json only; the load says what is wrong
     with pytest.raises(InputError, match="cannot load it as a causal LM") as err:
         get_engine(str(encoder), "float32", "cpu")

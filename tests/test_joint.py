@@ -21,27 +21,42 @@ from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
 
 # float32: the same answers in this process and in a child, however requests are batched
-TINY_JOINT = tiny(4, 3, 3, "models.small.dtype=float32", "optimizers.p.optimizer=LabeledFewShot",
-                  "optimizers.p.args={k: 1}", "optimizers.w.traces.source=labels", "optimizers.w.train.epochs=2",
-                  "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w")
+TINY_JOINT = tiny(
+    4,
+    3,
+    3,
+    "models.small.dtype=float32",
+    "optimizers.p.optimizer=LabeledFewShot",
+    "optimizers.p.args={k: 1}",
+    "optimizers.w.traces.source=labels",
+    "optimizers.w.train.epochs=2",
+    "optimizers.w.train.batch_size=2",
+    "schedule.strategy=p -> w",
+)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("p -> w -> p", ["p", "w", "p"]),
-    ("p->w", ["p", "w"]),
-    ("  w  ->p2 ", ["w", "p2"]),
-    ("p", ["p"]),
-    ("none", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("p -> w -> p", ["p", "w", "p"]),
+        ("p->w", ["p", "w"]),
+        ("  w  ->p2 ", ["w", "p2"]),
+        ("p", ["p"]),
+        ("none", []),
+    ],
+)
 def test_strategy_grammar(text, expected):
     assert parse_strategy(text, OPTIMIZERS) == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ("p -> x", "unknown step 'x'"),
-    ("p -> -> w", "empty step"),
-    ("p w", "unknown step 'p w'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("p -> x", "unknown step 'x'"),
+        ("p -> -> w", "empty step"),
+        ("p w", "unknown step 'p w'"),
+    ],
+)
 def test_strategy_errors(text, message):
     with pytest.raises(InputError, match=message):
         parse_strategy(text, OPTIMIZERS)
@@ -57,7 +72,7 @@ def test_best_step_prefers_the_earlier_on_ties():
 
 def test_early_stopping_counts_steps_without_improvement():
     assert not _stalled(_steps(0.2, 0.5), patience=1)
-    assert _stalled(_steps(0.2, 0.5, 0.5), patience=1)        # a tie is no improvement
+    assert _stalled(_steps(0.2, 0.5, 0.5), patience=1)  # a tie is no improvement
     assert not _stalled(_steps(0.2, 0.5, 0.4), patience=2)
     assert _stalled(_steps(0.2, 0.5, 0.4, 0.5), patience=2)
     assert not _stalled(_steps(0.2, 0.5, 0.5), patience=None)
@@ -70,9 +85,24 @@ def _scores(run: Path) -> list:
 def _start(runs: Path, *extra: str) -> subprocess.Popen:
     runs.mkdir(parents=True, exist_ok=True)
     log = open(runs / "stderr.log", "w")  # a file, not a pipe: a full pipe would block the child
-    return subprocess.Popen([sys.executable, "-m", "jointcli.cli", "joint", str(RECIPES / "sst2.yaml"), *TINY_JOINT,
-                             *extra, "--runs-dir", str(runs)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=log, text=True, preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jointcli.cli",
+            "joint",
+            str(RECIPES / "sst2.yaml"),
+            *TINY_JOINT,
+            *extra,
+            "--runs-dir",
+            str(runs),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def _default_sigint() -> None:
@@ -99,10 +129,10 @@ def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: flo
 # the kinds of the steps finished by then. Only two fall inside the weight step: a kill there costs
 # its training again.
 KILLS = [
-    ("example:2", []),                                 # the baseline evaluation, midway
-    ("finish/p", ["baseline"]),                        # the prompt step's files written, the manifest not yet `done`
-    ("write/traces.jsonl", ["baseline", "p"]),         # the weight step's bootstrap
-    ("train-step:2", ["baseline", "p"]),               # its training, midway
+    ("example:2", []),  # the baseline evaluation, midway
+    ("finish/p", ["baseline"]),  # the prompt step's files written, the manifest not yet `done`
+    ("write/traces.jsonl", ["baseline", "p"]),  # the weight step's bootstrap
+    ("train-step:2", ["baseline", "p"]),  # its training, midway
     ("write/eval-test.json", ["baseline", "p", "w"]),  # the best step's test evaluation, into a done folder
 ]
 
@@ -165,9 +195,19 @@ def test_sigint_stops_cleanly_with_130(tmp_path):
 
 @pytest.mark.model
 def test_failing_step_exits_1_and_keeps_earlier_steps(tmp_path, capsys):
-    assert cli("joint", RECIPES / "sst2.yaml", *TINY_JOINT, "schedule.strategy=w",
-               "optimizers.w.traces.source=program", "optimizers.w.traces.threshold=2.0",
-               "--runs-dir", tmp_path) == 1
+    assert (
+        cli(
+            "joint",
+            RECIPES / "sst2.yaml",
+            *TINY_JOINT,
+            "schedule.strategy=w",
+            "optimizers.w.traces.source=program",
+            "optimizers.w.traces.threshold=2.0",
+            "--runs-dir",
+            tmp_path,
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "no traces to fine-tune on" in err and "Traceback" not in err
     steps = manifest(tmp_path / "sst2")["steps"]
@@ -180,8 +220,18 @@ def test_init_from_starts_from_another_runs_program_and_resumes(tmp_path):
     """--init-from copies the source run's program in as step 00-init; the schedule then runs from
     it (its first evaluation is the baseline), and the same command again changes nothing."""
     assert cli("optimize-prompts", RECIPES / "sst2.yaml", *TINY_JOINT, "--name", "source", "--runs-dir", tmp_path) == 0
-    warm = ["joint", RECIPES / "sst2.yaml", *TINY_JOINT, "schedule.strategy=p", "--name", "warm",
-            "--init-from", "source", "--runs-dir", tmp_path]
+    warm = [
+        "joint",
+        RECIPES / "sst2.yaml",
+        *TINY_JOINT,
+        "schedule.strategy=p",
+        "--name",
+        "warm",
+        "--init-from",
+        "source",
+        "--runs-dir",
+        tmp_path,
+    ]
     assert cli(*warm) == 0
     run = tmp_path / "warm"
     steps = manifest(run)["steps"]

@@ -1,4 +1,4 @@
-"""LoRA training (models/lora.py, models/microbatch.py) and the DSPy fine-tuning provider
+"""LoRA training (training/lora.py, training/microbatch.py) and the DSPy fine-tuning provider
 (models/provider.py), with the real embedded model and real (tiny) training runs."""
 
 from __future__ import annotations
@@ -10,13 +10,29 @@ import dspy
 import pytest
 
 from jointcli.errors import StepError
-from jointcli.models.embedded import resolve_checkpoint
-from jointcli.models.device import resolve_train_dtype
-from jointcli.models.lora import (TrainResult, load_for_training, plan_steps, to_prompt_completion,
-                                  tokenize_pair, train_lora)
-from jointcli.models.microbatch import (MIN_SHARED_PREFIX, collate, collate_shared, completion_nll, micro_batch_losses,
-                                        micro_batches, plan_step, prefix_groups, shared_completion_nll, shared_prefix)
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
+from jointcli.training.lora import (
+    TrainResult,
+    load_for_training,
+    plan_steps,
+    to_prompt_completion,
+    tokenize_pair,
+    train_lora,
+)
+from jointcli.training.microbatch import (
+    MIN_SHARED_PREFIX,
+    collate,
+    collate_shared,
+    completion_nll,
+    micro_batch_losses,
+    micro_batches,
+    plan_step,
+    prefix_groups,
+    shared_completion_nll,
+    shared_prefix,
+)
+from jointcli.weights.checkpoint import resolve_checkpoint
+from jointcli.weights.device import resolve_train_dtype
 
 from .conftest import requires_native_bf16
 
@@ -40,8 +56,10 @@ def checkpoint() -> Path:
 def sentiment_rows() -> list[dict]:
     adapter = dspy.ChatAdapter()
     signature = dspy.Signature("sentence -> sentiment")
-    return [adapter.format_finetune_data(signature, demos=[], inputs={"sentence": s}, outputs={"sentiment": y})
-            for s, y in SENTENCES]
+    return [
+        adapter.format_finetune_data(signature, demos=[], inputs={"sentence": s}, outputs={"sentiment": y})
+        for s, y in SENTENCES
+    ]
 
 
 def model_with_gradients(checkpoint: Path):
@@ -66,8 +84,13 @@ def test_zero_rows_is_a_step_error(tmp_path: Path):
 
 def test_bad_row_is_a_step_error(tmp_path: Path):
     with pytest.raises(StepError, match="last message must be the assistant"):
-        train_lora(tmp_path / "no-model", [{"messages": [{"role": "user", "content": "hi"}] * 2}],
-                   tmp_path / "adapter", Lora(), Train())
+        train_lora(
+            tmp_path / "no-model",
+            [{"messages": [{"role": "user", "content": "hi"}] * 2}],
+            tmp_path / "adapter",
+            Lora(),
+            Train(),
+        )
 
 
 @pytest.mark.model
@@ -97,8 +120,16 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
 
     out = tmp_path / "adapters" / "classify"
     log = tmp_path / "train_log.jsonl"
-    result = train_lora(checkpoint, sentiment_rows(), out, Lora(r=4, alpha=8),
-                        Train(epochs=1, batch_size=4, learning_rate=1e-3), seed=0, log_path=log, device="cpu")
+    result = train_lora(
+        checkpoint,
+        sentiment_rows(),
+        out,
+        Lora(r=4, alpha=8),
+        Train(epochs=1, batch_size=4, learning_rate=1e-3),
+        seed=0,
+        log_path=log,
+        device="cpu",
+    )
 
     assert isinstance(result, TrainResult)
     assert result.adapter_dir == out and result.rows == 8 and result.dropped_rows == 0
@@ -119,8 +150,9 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
     # loads with plain peft, without jointopt; the trained B matrices moved away from their zero init
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template(sentiment_rows()[0]["messages"][:-1], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        sentiment_rows()[0]["messages"][:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         before = base(input_ids=ids).logits
     tuned = PeftModel.from_pretrained(base, str(out)).eval()
@@ -207,8 +239,10 @@ def demo_rows() -> list[dict]:
     adapter = dspy.ChatAdapter()
     signature = dspy.Signature("sentence -> sentiment")
     demos = [dspy.Example(sentence=s, sentiment=y) for s, y in SENTENCES[6:]]
-    return [adapter.format_finetune_data(signature, demos=demos, inputs={"sentence": s}, outputs={"sentiment": y})
-            for s, y in SENTENCES[:6]]
+    return [
+        adapter.format_finetune_data(signature, demos=demos, inputs={"sentence": s}, outputs={"sentiment": y})
+        for s, y in SENTENCES[:6]
+    ]
 
 
 def test_shared_prefix_is_capped_before_the_completions():
@@ -235,7 +269,9 @@ def test_a_step_computes_its_shared_prefix_once():
     assert plan_step(lengths, step, 900) == [(0, [[i] for i in step])]  # 2 x 460 padded tokens > 900
     # 400 + 3 x 60 = 580: 3, 3 and 2 rows a micro-batch, the prefix still computed once for all 8
     assert plan_step(lengths, step, 600, rows) == [(400, [[0, 1, 2], [3, 4, 5], [6, 7]])]
-    assert plan_step(lengths, step, 300, rows) == [(400, [[i] for i in step])]  # a prefix over the budget: rows one by one
+    assert plan_step(lengths, step, 300, rows) == [
+        (400, [[i] for i in step])
+    ]  # a prefix over the budget: rows one by one
     unrelated = [([7000 + 10 * i] + ids[1:], start) for i, (ids, start) in enumerate(rows)]  # first token differs
     assert plan_step(lengths, step, 900, unrelated) == plan_step(lengths, step, 900)
 
@@ -258,8 +294,8 @@ def test_rows_of_two_modules_form_two_groups():
 
 
 def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
-    import jointcli.models.microbatch as microbatch
-    import jointcli.models.lora as lora_module
+    import jointcli.training.lora as lora_module
+    import jointcli.training.microbatch as microbatch
 
     args = (tmp_path, sentiment_rows(), Lora(), Train(), 0, "cpu", "float32")
     shared = lora_module._resume_fingerprint(*args)
@@ -271,7 +307,7 @@ def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, mo
 def test_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
     """The adapter's folder (rundir.staged_dir, as _save_adapter writes it): a failed write keeps the
     old folder and leaves no temporary one; a finished one replaces it whole."""
-    from jointcli.rundir import staged_dir
+    from jointcli.files import staged_dir
 
     out = tmp_path / "adapter"
     out.mkdir()
@@ -371,8 +407,8 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
     runs their suffixes against it, and reports one progress tick per optimizer step, with its loss."""
     from contextlib import contextmanager
 
-    import jointcli.models.lora as lora_module
-    import jointcli.models.microbatch as microbatch
+    import jointcli.training.lora as lora_module
+    import jointcli.training.microbatch as microbatch
 
     prefixes, suffixes, phases = [], [], []
     real_init, real_nll = microbatch.SharedPrefix.__init__, microbatch.SharedPrefix.nll
@@ -395,8 +431,17 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
     monkeypatch.setattr(microbatch.SharedPrefix, "nll", counting_nll)
     monkeypatch.setattr(lora_module, "phase", recording)
     log = tmp_path / "log.jsonl"
-    train_lora(checkpoint, sentiment_rows()[:4], tmp_path / "adapter", Lora(r=2, alpha=4),
-               Train(epochs=1, batch_size=2), seed=0, log_path=log, device="cpu", dtype="float32")
+    train_lora(
+        checkpoint,
+        sentiment_rows()[:4],
+        tmp_path / "adapter",
+        Lora(r=2, alpha=4),
+        Train(epochs=1, batch_size=2),
+        seed=0,
+        log_path=log,
+        device="cpu",
+        dtype="float32",
+    )
     assert len(prefixes) == 2 and all(p >= MIN_SHARED_PREFIX for p in prefixes)  # one prefix per step
     assert suffixes == [2, 2]  # one micro-batch of 2 rows per step
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
@@ -409,9 +454,18 @@ def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
     """fp32 (the CPU default) and bf16 autocast (the GPU default, opt-in on CPU) with micro-batches:
     the training loss falls."""
     log = tmp_path / "log.jsonl"
-    result = train_lora(checkpoint, sentiment_rows(), tmp_path / "adapter", Lora(r=4, alpha=8),
-                        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3), seed=0, log_path=log,
-                        device="cpu", dtype=dtype, token_budget=400)
+    result = train_lora(
+        checkpoint,
+        sentiment_rows(),
+        tmp_path / "adapter",
+        Lora(r=4, alpha=8),
+        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3),
+        seed=0,
+        log_path=log,
+        device="cpu",
+        dtype=dtype,
+        token_budget=400,
+    )
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert result.steps == len(losses) == 4 and result.dtype == dtype
     assert losses[-1] < 0.5 * losses[0] and sum(losses[-2:]) < sum(losses[:2])
@@ -434,9 +488,11 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     teacher.set_lm(DummyLM({s: {"sentiment": y} for s, y in SENTENCES}))
     trainset = [dspy.Example(sentence=s, sentiment=y).with_inputs("sentence") for s, y in SENTENCES[:6]]
 
-    optimizer = dspy.BootstrapFinetune(metric=lambda example, prediction, trace=None: True,
-                                       train_kwargs={"epochs": 3, "batch_size": 6, "learning_rate": 2e-3},
-                                       num_threads=2)
+    optimizer = dspy.BootstrapFinetune(
+        metric=lambda example, prediction, trace=None: True,
+        train_kwargs={"epochs": 3, "batch_size": 6, "learning_rate": 2e-3},
+        num_threads=2,
+    )
     with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
         tuned = optimizer.compile(student, trainset=trainset, teacher=teacher)
         tuned_lm = tuned.predictors()[0].lm
@@ -450,10 +506,16 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
     assert isinstance(answer.sentiment, str) and answer.sentiment.strip()
     # the copy shares the engine, which serves the adapter's weights for the '@' model id
     system, user = dspy.ChatAdapter().format(student.signature, demos=[], inputs={"sentence": "a dull film."})
+
     def complete(model_lm):
-        return model_lm(lm15.Request(model=model_lm.model, system=system["content"],
-                                     messages=(lm15.Message.user(user["content"]),),
-                                     config=lm15.Config(max_tokens=24))).message.text  # not the 512 default
+        return model_lm(
+            lm15.Request(
+                model=model_lm.model,
+                system=system["content"],
+                messages=(lm15.Message.user(user["content"]),),
+                config=lm15.Config(max_tokens=24),
+            )
+        ).message.text  # not the 512 default
 
     tuned_text, base_text = complete(tuned_lm), complete(lm)
     assert "[[ ## sentiment ## ]]" in tuned_text and tuned_text != base_text
@@ -481,10 +543,12 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
     rows = sentiment_rows()[:4]
     args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1, batch_size=1), seed=0, device="cpu")
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    script = (f"import json, jointcli.models.lora as L; from jointcli.recipe import Lora, Train; L.SAVE_STEPS = 2; "
-              f"L.train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
-              f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1, batch_size=1), seed=0, "
-              f"device='cpu', log_path={str(tmp_path / 'log.jsonl')!r})")
+    script = (
+        f"import json, jointcli.training.lora as L; from jointcli.recipe import Lora, Train; L.SAVE_STEPS = 2; "
+        f"L.train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
+        f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1, batch_size=1), seed=0, "
+        f"device='cpu', log_path={str(tmp_path / 'log.jsonl')!r})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 600
     while not list(tmp_path.glob(".resumed.work/checkpoint-2.pt")):
@@ -494,7 +558,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
     proc.wait()
     assert not (tmp_path / "resumed").exists()
 
-    import jointcli.models.lora as lora_module
+    import jointcli.training.lora as lora_module
 
     lora_module.SAVE_STEPS, saved = 2, lora_module.SAVE_STEPS
     try:

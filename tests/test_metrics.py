@@ -18,17 +18,20 @@ def score(name, gold, pred, field="answer", **kw):
     return value
 
 
-@pytest.mark.parametrize("gold, pred, expected", [
-    ("positive", "positive", 1.0),
-    ("positive", "  Positive. ", 1.0),
-    ("positive", '"positive"', 1.0),
-    ("Paris France", "paris   france!", 1.0),
-    ("positive", "negative", 0.0),
-    ("positive", "positive sentiment", 0.0),
-    ("-5", "5", 0.0),
-    ("-5", "(-5)", 1.0),
-    ("0.5", ".5", 0.0),
-])
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        ("positive", "positive", 1.0),
+        ("positive", "  Positive. ", 1.0),
+        ("positive", '"positive"', 1.0),
+        ("Paris France", "paris   france!", 1.0),
+        ("positive", "negative", 0.0),
+        ("positive", "positive sentiment", 0.0),
+        ("-5", "5", 0.0),
+        ("-5", "(-5)", 1.0),
+        ("0.5", ".5", 0.0),
+    ],
+)
 def test_exact_match(gold, pred, expected):
     assert score("exact_match", gold, pred) == expected
 
@@ -41,20 +44,23 @@ def test_missing_prediction_field_scores_zero():
         assert metric(dspy.Example(answer="42"), dspy.Prediction(answer=None), trace=object()) == 0.0
 
 
-@pytest.mark.parametrize("gold, pred, expected", [
-    ("1234", "The answer is 1,234.", 1.0),
-    ("5", "$5", 1.0),
-    ("5", "5.0", 1.0),
-    ("18", "9 * 2 = 18 dollars", 1.0),
-    ("18", "18 eggs, then 9", 0.0),          # last number counts
-    ("-7", "it drops to -7", 1.0),
-    ("-7", "it drops to 7", 0.0),
-    ("1450000", "$1,450,000", 1.0),
-    ("0.5", "0.50", 1.0),
-    ("3", "no number here", 0.0),
-    ("3", "", 0.0),
-    ("#### 42", "42", 1.0),
-])
+@pytest.mark.parametrize(
+    "gold, pred, expected",
+    [
+        ("1234", "The answer is 1,234.", 1.0),
+        ("5", "$5", 1.0),
+        ("5", "5.0", 1.0),
+        ("18", "9 * 2 = 18 dollars", 1.0),
+        ("18", "18 eggs, then 9", 0.0),  # last number counts
+        ("-7", "it drops to -7", 1.0),
+        ("-7", "it drops to 7", 0.0),
+        ("1450000", "$1,450,000", 1.0),
+        ("0.5", "0.50", 1.0),
+        ("3", "no number here", 0.0),
+        ("3", "", 0.0),
+        ("#### 42", "42", 1.0),
+    ],
+)
 def test_numeric(gold, pred, expected):
     assert score("numeric", gold, pred) == expected
 
@@ -98,7 +104,8 @@ def user_module(tmp_path, monkeypatch):
         "    return 0.25\n"
         "def gepa(gold, pred, trace=None, pred_name=None, pred_trace=None):\n"
         "    return dspy.Prediction(score=0.5 if pred_name else 0.75, feedback='fine')\n"
-        "NOT_CALLABLE = 3\n")
+        "NOT_CALLABLE = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_metrics_jt"
     sys.modules.pop("my_metrics_jt", None)
@@ -124,11 +131,14 @@ def test_user_metric_from_cwd(tmp_path, monkeypatch):
         sys.modules.pop("cwd_metric_jt", None)
 
 
-@pytest.mark.parametrize("ref, reason", [
-    ("no_such_module_jt:f", "ModuleNotFoundError"),
-    ("my_metrics_jt:missing", "AttributeError"),
-    ("my_metrics_jt:NOT_CALLABLE", "not callable"),
-])
+@pytest.mark.parametrize(
+    "ref, reason",
+    [
+        ("no_such_module_jt:f", "ModuleNotFoundError"),
+        ("my_metrics_jt:missing", "AttributeError"),
+        ("my_metrics_jt:NOT_CALLABLE", "not callable"),
+    ],
+)
 def test_bad_reference(user_module, ref, reason):
     with pytest.raises(InputError) as err:
         build_metric(Metric(name=ref), "answer")

@@ -20,8 +20,10 @@ TEACHER_SAYS = {"sentiment": "positive", "opinion": "a warm and funny film"}
 
 
 # sst2 with a second module that explains the first one's answer, both on the small model
-TWO_MODULES = ("program.modules=[{name: classify, signature: 'sentence -> sentiment', model: small}, "
-               "{name: explain, signature: 'sentence, sentiment -> opinion', model: small}]")
+TWO_MODULES = (
+    "program.modules=[{name: classify, signature: 'sentence -> sentiment', model: small}, "
+    "{name: explain, signature: 'sentence, sentiment -> opinion', model: small}]"
+)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -32,9 +34,17 @@ def test_teacher_traces_from_a_file_train_one_shared_adapter(runs, monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", "stub")
     recipe = RECIPES / "sst2.yaml"
     with ChatServer(TEACHER_SAYS) as teacher:
-        args = [*tiny(1, 1, 1), TWO_MODULES, *teacher.model_overrides("teacher", "TEACHER_KEY"),
-                "optimizers.w.traces.source=teacher", "optimizers.w.traces.teacher=teacher",
-                "optimizers.w.traces.threshold=0.0", "optimizers.w.adapters=shared", "--runs-dir", runs]
+        args = [
+            *tiny(1, 1, 1),
+            TWO_MODULES,
+            *teacher.model_overrides("teacher", "TEACHER_KEY"),
+            "optimizers.w.traces.source=teacher",
+            "optimizers.w.traces.teacher=teacher",
+            "optimizers.w.traces.threshold=0.0",
+            "optimizers.w.adapters=shared",
+            "--runs-dir",
+            runs,
+        ]
         assert cli("bootstrap", recipe, *args, "--name", "teacher") == 0
         traces = runs / "teacher" / "00-bootstrap" / "traces.jsonl"
         # the program ran on the teacher: each module asked it once, and it answered
@@ -56,8 +66,10 @@ def test_teacher_traces_from_a_file_train_one_shared_adapter(runs, monkeypatch):
     # shared: one adapter for the base model, trained on both modules' rows, used by both modules
     assert set(step["info"]["training"]) == {"small"} and step["info"]["training"]["small"]["rows"] == 2
     state = json.loads((runs / "student" / "00-w" / "state.json").read_text())
-    assert {m: s["adapter"] for m, s in state["modules"].items()} == {"classify": "00-w/adapters/small",
-                                                                      "explain": "00-w/adapters/small"}
+    assert {m: s["adapter"] for m, s in state["modules"].items()} == {
+        "classify": "00-w/adapters/small",
+        "explain": "00-w/adapters/small",
+    }
     assert [p.name for p in (runs / "student" / "00-w" / "adapters").glob("[!.]*")] == ["small"]
     assert "dev" in step["scores"]
     assert pickled_files(runs) == []  # adapters are safetensors; the training checkpoints are gone
@@ -66,8 +78,15 @@ def test_teacher_traces_from_a_file_train_one_shared_adapter(runs, monkeypatch):
 def test_patience_stops_a_run_that_stops_improving(runs):
     # LabeledFewShot with k=0 leaves the program as it is: the same prompts, the same dev score (from
     # DSPy's cache), so with patience 1 the schedule stops after its first step
-    args = [*tiny(), "schedule.strategy=p -> p -> p", "schedule.patience=1",
-            "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 0}", "--runs-dir", runs]
+    args = [
+        *tiny(),
+        "schedule.strategy=p -> p -> p",
+        "schedule.patience=1",
+        "optimizers.p.optimizer=LabeledFewShot",
+        "optimizers.p.args={k: 0}",
+        "--runs-dir",
+        runs,
+    ]
     assert cli("joint", RECIPES / "sst2.yaml", *args) == 0
     run = manifest(runs / "sst2")
     baseline, prompt = run["steps"]

@@ -25,8 +25,9 @@ class _FormatFollowingLM(DummyLM):
     spaces a model adds around it), the chat module under its field header."""
 
     def __init__(self):
-        super().__init__({"Sentence: ": {"opinion": f"  {OPINION}\n"},
-                          "[[ ## opinion ## ]]": {"sentiment": "positive"}})
+        super().__init__(
+            {"Sentence: ": {"opinion": f"  {OPINION}\n"}, "[[ ## opinion ## ]]": {"sentiment": "positive"}}
+        )
 
     def _format_answer_fields(self, values):
         return values["opinion"] if "opinion" in values else super()._format_answer_fields(values)
@@ -40,8 +41,14 @@ def test_each_module_runs_and_is_trained_in_its_own_format():
     trainset = [dspy.Example(sentence="a charming film", sentiment="positive").with_inputs("sentence")]
     lm = _FormatFollowingLM()
     with dspy.context(lm=lm):
-        traces = collect_traces(program, trainset, lambda example, prediction, trace=None: 1.0,
-                                ["summarize", "classify"], threshold=1.0, num_threads=1)
+        traces = collect_traces(
+            program,
+            trainset,
+            lambda example, prediction, trace=None: 1.0,
+            ["summarize", "classify"],
+            threshold=1.0,
+            num_threads=1,
+        )
     rows = {row["module"]: row["messages"] for row in traces.rows}
     summarize, classify = rows["summarize"], rows["classify"]
     # plain: the instructions lead the first user message; a demo, then the input, then the whole answer
@@ -64,9 +71,18 @@ def test_a_module_without_the_text_adapter_runs_under_the_process_adapter():
 
 
 # as small as it gets: the test needs summarize to answer and classify to run, not classify to be right
-TINY_PIPELINE = tiny(2, 1, 1, "models.large.max_tokens=8", "models.small.max_tokens=12",
-                     "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 1}",
-                     "optimizers.w.train.epochs=1", "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w")
+TINY_PIPELINE = tiny(
+    2,
+    1,
+    1,
+    "models.large.max_tokens=8",
+    "models.small.max_tokens=12",
+    "optimizers.p.optimizer=LabeledFewShot",
+    "optimizers.p.args={k: 1}",
+    "optimizers.w.train.epochs=1",
+    "optimizers.w.train.batch_size=2",
+    "schedule.strategy=p -> w",
+)
 
 
 @pytest.mark.model

@@ -18,12 +18,28 @@ from jointcli.recipe import EMBEDDED_MODEL, Lora, load_recipe
 
 from .conftest import RECIPES, cli, run_cli, tiny
 
-LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "hidden_size": 64,
-         "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "max_position_embeddings": 2048, "tie_word_embeddings": True}
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
 # a model no machine here can train: about 10^12 parameters (config only: nothing is allocated)
-HUGE = {**LLAMA, "vocab_size": 32000, "hidden_size": 32768, "intermediate_size": 131072, "num_hidden_layers": 64,
-        "num_attention_heads": 64, "num_key_value_heads": 8}
+HUGE = {
+    **LLAMA,
+    "vocab_size": 32000,
+    "hidden_size": 32768,
+    "intermediate_size": 131072,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
 TOP_KEYS = {"recipe", "strategy", "machine", "modules", "steps", "seconds", "probe", "warnings"}
 STEP_KEYS = {"step", "kind", "optimizer", "method", "demos", "phases", "train", "warnings", "seconds"}
 PHASE_KEYS = {"calls", "tokens_in", "tokens_out", "seconds"}
@@ -53,15 +69,26 @@ def llama_parameters(config: dict) -> int:
 
 def test_pipeline_counts_and_json_without_weights(tmp_path):
     folder = config_only(tmp_path / "ckpt", LLAMA)
-    out = run_cli("plan", str(RECIPES / "sst2-pipeline.yaml"), f"models.large.path={folder}",
-                  f"models.small.path={folder}", "data.split.train=10", "data.split.dev=6", "data.split.test=4",
-                  "--no-probe", "--json", timeout=300)
+    out = run_cli(
+        "plan",
+        str(RECIPES / "sst2-pipeline.yaml"),
+        f"models.large.path={folder}",
+        f"models.small.path={folder}",
+        "data.split.train=10",
+        "data.split.dev=6",
+        "data.split.test=4",
+        "--no-probe",
+        "--json",
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert set(plan) == TOP_KEYS and plan["probe"] is None and plan["seconds"] is None
     assert plan["machine"]["tokens_approximate"] is True  # no tokenizer in the folder: characters / 4
     assert {m: (v["model"], v["parameters"]) for m, v in plan["modules"].items()} == {
-        "summarize": ("large", llama_parameters(LLAMA)), "classify": ("small", llama_parameters(LLAMA))}
+        "summarize": ("large", llama_parameters(LLAMA)),
+        "classify": ("small", llama_parameters(LLAMA)),
+    }
     steps = {s["step"]: s for s in plan["steps"]}
     assert list(steps) == ["00-baseline", "01-p", "02-w", "03-p", "test"]
     for s in plan["steps"]:
@@ -86,8 +113,16 @@ def test_pipeline_counts_and_json_without_weights(tmp_path):
 
 def test_a_model_that_cannot_fit_warns(tmp_path):
     folder = config_only(tmp_path / "huge", HUGE)
-    out = run_cli("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "data.split.train=8",
-                  "data.split.dev=2", "data.split.test=2", "--no-probe", timeout=300)
+    out = run_cli(
+        "plan",
+        str(RECIPES / "sst2.yaml"),
+        f"models.small.path={folder}",
+        "data.split.train=8",
+        "data.split.dev=2",
+        "data.split.test=2",
+        "--no-probe",
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
     assert len(lines) == 1 and "02-w: w (classify): LoRA training needs about" in lines[0], out.stderr
@@ -120,21 +155,28 @@ def test_a_config_transformers_cannot_build_exits_2(tmp_path):
     folder = config_only(tmp_path / "odd", {**LLAMA, "model_type": "no-such-model", "architectures": ["NoSuchModel"]})
     out = run_cli("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "--no-probe", timeout=300)
     assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith(f"error: model {folder}: transformers cannot build a causal LM") and \
-        out.stderr.count("\n") == 1, out.stderr
+    assert (
+        out.stderr.startswith(f"error: model {folder}: transformers cannot build a causal LM")
+        and out.stderr.count("\n") == 1
+    ), out.stderr
 
 
 LITELLM = "models.big={type: litellm, model: openai/gpt-4o-mini}"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["nothing.yaml"], "nothing.yaml: no such recipe file"),
-    (["{sst2}", "schedule.strategy=p -> x"], "schedule.strategy: unknown step 'x'"),
-    (["{sst2}", "data.split.train=-1"], "data.split.train: Input should be greater than or equal to 0"),
-    (["{sst2}", "optimizers.p.args.max_rounds=two"], "optimizers.p.args.max_rounds: BootstrapFewShot expects"),
-    (["{sst2}", LITELLM, "program.modules.classify.model=big", "schedule.strategy=p", "--probe"],
-     "--probe: it times local models, and classify run(s) on a LiteLLM model"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["nothing.yaml"], "nothing.yaml: no such recipe file"),
+        (["{sst2}", "schedule.strategy=p -> x"], "schedule.strategy: unknown step 'x'"),
+        (["{sst2}", "data.split.train=-1"], "data.split.train: Input should be greater than or equal to 0"),
+        (["{sst2}", "optimizers.p.args.max_rounds=two"], "optimizers.p.args.max_rounds: BootstrapFewShot expects"),
+        (
+            ["{sst2}", LITELLM, "program.modules.classify.model=big", "schedule.strategy=p", "--probe"],
+            "--probe: it times local models, and classify run(s) on a LiteLLM model",
+        ),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(argv, expected, capsys):
     before = "transformers" in sys.modules
     code = cli("plan", *(a.replace("{sst2}", str(RECIPES / "sst2.yaml")) for a in argv))
@@ -147,9 +189,9 @@ def test_bad_input_exits_2_with_one_line(argv, expected, capsys):
 # ---------------------------------------------------------------- on the real model
 @pytest.mark.model
 def test_lora_parameters_are_what_peft_trains_on_the_real_model():
-    from jointcli.models.embedded import resolve_checkpoint
-    from jointcli.models.lora import load_for_training
     from jointcli.plan import lora_parameters, model_facts
+    from jointcli.training.lora import load_for_training
+    from jointcli.weights.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
     for lora in (Lora(r=8, alpha=16), Lora(r=4, alpha=8, target_modules=["q_proj", "v_proj"])):
@@ -163,8 +205,10 @@ def test_lora_parameters_are_what_peft_trains_on_the_real_model():
 def test_the_probe_times_every_step_of_a_tiny_recipe():
     from jointcli.plan import build_plan
 
-    recipe = load_recipe(RECIPES / "sst2.yaml", tiny(6, 4, 4, "runtime.num_threads=2", "models.small.max_tokens=8",
-                                                      "optimizers.w.train.batch_size=2"))
+    recipe = load_recipe(
+        RECIPES / "sst2.yaml",
+        tiny(6, 4, 4, "runtime.num_threads=2", "models.small.max_tokens=8", "optimizers.w.train.batch_size=2"),
+    )
     plan = build_plan(recipe, probe=True)  # 2 threads, 4 examples a run, a LoRA step of 2 rows
     probe = plan.probe
     assert probe["step_seconds"] > 0 and probe["row_tokens"] > 0 and probe["adapter_factor"] > 0

@@ -38,8 +38,7 @@ def test_the_readme_shows_snippets_and_commands():
 def test_python_snippet_runs_as_pasted(snippet, tmp_path):
     """In a fresh process and an empty folder, as a user pasting it into a file would run it."""
     (tmp_path / "snippet.py").write_text(snippet)
-    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
 

@@ -19,8 +19,9 @@ import pytest
 
 from jointcli.errors import InputError
 from jointcli.failpoints import VARIABLE, _target
+from jointcli.files import write_json, write_jsonl
 from jointcli.recipe import load_recipe
-from jointcli.rundir import RunDir, write_json, write_jsonl
+from jointcli.rundir import RunDir
 
 from .conftest import RECIPES, ROOT, cli, manifest, tiny
 
@@ -43,8 +44,13 @@ def finished_run(root: Path) -> RunDir:
                 write_json(run.path / adapter / "adapter_config.json", {})
                 (run.path / adapter / "adapter_model.safetensors").write_bytes(b"weights")
             write_json(folder / "program.json", {})
-            write_json(folder / "state.json", {"program": f"{step.folder}/program.json",
-                                               "modules": {"classify": {"model": "small", "adapter": adapter}}})
+            write_json(
+                folder / "state.json",
+                {
+                    "program": f"{step.folder}/program.json",
+                    "modules": {"classify": {"model": "small", "adapter": adapter}},
+                },
+            )
         run.finish(step, 1.0)
     run.unlock()
     return run
@@ -57,14 +63,17 @@ def _open(root: Path, force: bool = False) -> RunDir:
 
 
 # ---------------------------------------------------------------- a damaged manifest
-@pytest.mark.parametrize("text, why", [
-    ('{"version": 1, "steps": [{"ind', "JSONDecodeError"),  # truncated
-    ("", "JSONDecodeError"),
-    ("[1, 2]", "no list of steps"),
-    ('{"steps": [{"index": 0}]}', "a step entry"),
-    ('{"steps": [{"index": "zero", "kind": "p"}]}', "a step entry"),
-    ('{"steps": [{"index": 0, "kind": "q"}]}', "a step entry"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ('{"version": 1, "steps": [{"ind', "JSONDecodeError"),  # truncated
+        ("", "JSONDecodeError"),
+        ("[1, 2]", "no list of steps"),
+        ('{"steps": [{"index": 0}]}', "a step entry"),
+        ('{"steps": [{"index": "zero", "kind": "p"}]}', "a step entry"),
+        ('{"steps": [{"index": 0, "kind": "q"}]}', "a step entry"),
+    ],
+)
 def test_a_damaged_manifest_is_refused_and_the_lock_let_go(tmp_path, text, why):
     run = finished_run(tmp_path)
     (run.path / "manifest.json").write_text(text)
@@ -146,8 +155,10 @@ def test_status_shows_the_damage_and_exits_2(tmp_path, capsys):
     assert cli("status", run.path) == 2
     err = capsys.readouterr().err
     assert "│ damaged" in err  # the table's note on 02-w
-    assert ("error: " + str(tmp_path / "sst2") + ": step 02-w is done but 02-w/adapters/classify/"
-            "adapter_model.safetensors is missing; run the command again with --force") in err
+    assert (
+        "error: " + str(tmp_path / "sst2") + ": step 02-w is done but 02-w/adapters/classify/"
+        "adapter_model.safetensors is missing; run the command again with --force"
+    ) in err
     assert cli("status", run.path, "--json") == 2
     out = json.loads(capsys.readouterr().out)
     assert list(out["damaged"]) == ["02-w"] and len(out["steps"]) == 3
@@ -180,8 +191,9 @@ def test_a_stale_lock_is_taken_over_and_status_says_interrupted(tmp_path, capsys
 def test_a_live_holder_in_another_process_is_never_taken_over(tmp_path):
     run = finished_run(tmp_path)
     code = "import sys, time\nfrom jointcli.rundir import RunDir\nRunDir(sys.argv[1]).lock(); print('locked', flush=True)\n"
-    holder = subprocess.Popen([sys.executable, "-c", code + "time.sleep(60)", str(run.path)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code + "time.sleep(60)", str(run.path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(InputError, match=f"in use by pid {holder.pid} since .*; wait for it or stop it"):
@@ -237,9 +249,13 @@ def test_of_writers_racing_for_a_stale_lock_exactly_one_gets_it(tmp_path):
 def test_opening_removes_what_killed_writers_left(tmp_path):
     run = finished_run(tmp_path)
     adapters = run.path / "02-w" / "adapters"
-    left = [run.path / ".manifest.json.x1.tmp", run.path / "00-baseline" / ".eval-test.json.x2.tmp",
-            run.path / "01-p" / ".tmp-123-program.json", adapters / ".classify.tmp-x3" / "adapter_config.json",
-            adapters / ".classify.old-x4" / "classify" / "adapter_config.json"]
+    left = [
+        run.path / ".manifest.json.x1.tmp",
+        run.path / "00-baseline" / ".eval-test.json.x2.tmp",
+        run.path / "01-p" / ".tmp-123-program.json",
+        adapters / ".classify.tmp-x3" / "adapter_config.json",
+        adapters / ".classify.old-x4" / "classify" / "adapter_config.json",
+    ]
     for path in left:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("half")
@@ -252,11 +268,14 @@ def test_opening_removes_what_killed_writers_left(tmp_path):
 
 
 # ---------------------------------------------------------------- a full disk, an unwritable runs root
-@pytest.mark.parametrize("code, advice", [
-    (errno.ENOSPC, "no space left on the device; free some space and run the same command again"),
-    (errno.EROFS, "read-only file system; use another --runs-dir"),
-    (errno.EACCES, "permission denied"),
-])
+@pytest.mark.parametrize(
+    "code, advice",
+    [
+        (errno.ENOSPC, "no space left on the device; free some space and run the same command again"),
+        (errno.EROFS, "read-only file system; use another --runs-dir"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_a_refused_write_is_bad_input_and_changes_nothing(tmp_path, monkeypatch, code, advice):
     run = finished_run(tmp_path)
     before = (run.path / "manifest.json").read_text()
@@ -312,8 +331,9 @@ def test_failpoint_names_and_counts():
 @pytest.mark.parametrize("spec, killed", [("b:2", True), ("b:3", False), ("c", False)])
 def test_a_failpoint_kills_its_process_at_the_nth_time(spec, killed):
     code = "from jointcli.failpoints import failpoint\nfailpoint('a'); failpoint('b'); failpoint('b'); print('ran')"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, VARIABLE: spec},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, VARIABLE: spec}, capture_output=True, text=True
+    )
     if killed:
         assert result.returncode == -signal.SIGKILL and result.stdout == ""
     else:

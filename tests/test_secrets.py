@@ -43,8 +43,15 @@ def test_the_api_key_is_sent_to_the_server_and_written_nowhere(runs, monkeypatch
     monkeypatch.setenv("MY_KEY", secret)
     with ChatServer({"sentiment": "positive"}) as server:
         # cache off: every call goes over HTTP, and no answer is kept outside the run directory
-        args = [*tiny(4, 2, 2), "runtime.cache=false", "program.modules.classify.model=remote",
-                "schedule.strategy=p", *server.model_overrides("remote", "MY_KEY"), "--runs-dir", runs]
+        args = [
+            *tiny(4, 2, 2),
+            "runtime.cache=false",
+            "program.modules.classify.model=remote",
+            "schedule.strategy=p",
+            *server.model_overrides("remote", "MY_KEY"),
+            "--runs-dir",
+            runs,
+        ]
         # baseline, a BootstrapFewShot step whose demos come from the server, test evaluations
         assert cli("joint", RECIPES / "sst2.yaml", *args) == 0
         assert cli("status", runs / "sst2", "--json") == 0
@@ -90,8 +97,9 @@ def _unsafe_uses(path: Path) -> list[str]:
         name, keywords = _call_name(node), {k.arg: k.value for k in node.keywords}
         if name in ("eval", "exec", "__import__"):
             found.append(f"{where} calls {name}")
-        if name == "torch.load" and not (isinstance(keywords.get("weights_only"), ast.Constant)
-                                         and keywords["weights_only"].value is True):
+        if name == "torch.load" and not (
+            isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is True
+        ):
             found.append(f"{where} torch.load without weights_only=True")
         for flag in UNSAFE_FLAGS & set(keywords):
             if not (isinstance(keywords[flag], ast.Constant) and keywords[flag].value is False):

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from jointcli.checks import check_select
 from jointcli.errors import InputError
+from jointcli.files import write_json, write_jsonl
 from jointcli.recipe import Select, load_recipe
-from jointcli.rundir import RunDir, write_json, write_jsonl
+from jointcli.rundir import RunDir
 from jointcli.schedule import _select, finished_steps
 from jointcli.selection import Figures, adapter_parameters, choose_step, describe, figures_of, select_step
 
@@ -23,8 +24,12 @@ from .conftest import RECIPES, cli, manifest
 
 # A schedule `p -> w -> p`: the prompt step adds demos (more tokens), the weight step an adapter of
 # 1,024 parameters (8 x 64 + 64 x 8) that the last prompt step keeps, with shorter prompts.
-SHOP = [Figures("00-baseline", 0.50, 120.0, 0.5, 0), Figures("01-p", 0.75, 400.0, 0.5, 0),
-        Figures("02-w", 0.80, 380.0, 0.5, 1024), Figures("03-p", 0.70, 250.0, 0.5, 1024)]
+SHOP = [
+    Figures("00-baseline", 0.50, 120.0, 0.5, 0),
+    Figures("01-p", 0.75, 400.0, 0.5, 0),
+    Figures("02-w", 0.80, 380.0, 0.5, 1024),
+    Figures("03-p", 0.70, 250.0, 0.5, 1024),
+]
 
 
 def chosen(select: Select | None, figures: list[Figures] = SHOP) -> str:
@@ -41,17 +46,20 @@ def test_without_a_rule_the_best_dev_score_ties_to_the_earlier_step():
     assert select_step([], Select()) is None
 
 
-@pytest.mark.parametrize("select, step", [
-    (Select(maximize="-tokens"), "00-baseline"),  # 120 tokens per example
-    (Select(maximize="-parameters"), "00-baseline"),  # 0, like 01-p: the earlier
-    (Select(maximize="score", constraints={"tokens": 300}), "03-p"),  # 0.70 beats the baseline's 0.50
-    (Select(constraints={"tokens": 250}), "03-p"),  # a bound is inclusive
-    (Select(constraints={"parameters": 0}), "01-p"),  # prompts only
-    (Select(maximize="-tokens", constraints={"parameters": 1024}), "00-baseline"),
-    (Select(weights={"score": 1.0, "tokens": -0.001}), "03-p"),  # 0.38, 0.35, 0.42, 0.45
-    (Select(weights={"score": 1.0, "tokens": -0.0001}), "02-w"),  # 0.488, 0.71, 0.762, 0.675
-    (Select(weights={"score": 1.0, "parameters": -0.001}), "01-p"),  # 0.5, 0.75, -0.224, -0.324
-])
+@pytest.mark.parametrize(
+    "select, step",
+    [
+        (Select(maximize="-tokens"), "00-baseline"),  # 120 tokens per example
+        (Select(maximize="-parameters"), "00-baseline"),  # 0, like 01-p: the earlier
+        (Select(maximize="score", constraints={"tokens": 300}), "03-p"),  # 0.70 beats the baseline's 0.50
+        (Select(constraints={"tokens": 250}), "03-p"),  # a bound is inclusive
+        (Select(constraints={"parameters": 0}), "01-p"),  # prompts only
+        (Select(maximize="-tokens", constraints={"parameters": 1024}), "00-baseline"),
+        (Select(weights={"score": 1.0, "tokens": -0.001}), "03-p"),  # 0.38, 0.35, 0.42, 0.45
+        (Select(weights={"score": 1.0, "tokens": -0.0001}), "02-w"),  # 0.488, 0.71, 0.762, 0.675
+        (Select(weights={"score": 1.0, "parameters": -0.001}), "01-p"),  # 0.5, 0.75, -0.224, -0.324
+    ],
+)
 def test_each_rule_chooses_its_documented_step(select, step):
     selection = select_step(SHOP, select)
     assert (selection.folder, selection.fallback) == (step, None)
@@ -69,17 +77,23 @@ def test_ties_go_to_the_earlier_step():
 def test_a_bound_no_step_meets_falls_back_to_the_best_dev_score_and_says_why():
     selection = select_step(SHOP, Select(maximize="-tokens", constraints={"tokens": 100}))
     assert selection.folder == "02-w"
-    assert selection.fallback == ("no step has tokens <= 100 (the lowest: 120, 00-baseline); "
-                                  "using the best dev score: 02-w")
+    assert selection.fallback == (
+        "no step has tokens <= 100 (the lowest: 120, 00-baseline); using the best dev score: 02-w"
+    )
     assert selection.rule == "maximize -tokens with tokens <= 100"
     both = select_step(SHOP, Select(constraints={"tokens": 100, "seconds": 0.25}))
-    assert both.fallback == ("no step has tokens <= 100 (the lowest: 120, 00-baseline); no step has "
-                             "seconds <= 0.25 (the lowest: 0.5, 00-baseline); using the best dev score: 02-w")
+    assert both.fallback == (
+        "no step has tokens <= 100 (the lowest: 120, 00-baseline); no step has "
+        "seconds <= 0.25 (the lowest: 0.5, 00-baseline); using the best dev score: 02-w"
+    )
     # each bound is met by some step, but never both by one
-    apart = [Figures("00-baseline", 0.5, tokens=300.0, parameters=0),
-             Figures("01-w", 0.6, tokens=100.0, parameters=1024)]
+    apart = [
+        Figures("00-baseline", 0.5, tokens=300.0, parameters=0),
+        Figures("01-w", 0.6, tokens=100.0, parameters=1024),
+    ]
     assert select_step(apart, Select(constraints={"tokens": 200, "parameters": 512})).fallback == (
-        "no step meets tokens <= 200, parameters <= 512 at once; using the best dev score: 01-w")
+        "no step meets tokens <= 200, parameters <= 512 at once; using the best dev score: 01-w"
+    )
 
 
 def test_a_step_without_a_figure_the_rule_uses_is_no_candidate():
@@ -89,37 +103,60 @@ def test_a_step_without_a_figure_the_rule_uses_is_no_candidate():
     every_call_cached = [Figures("00-baseline", 0.5, 120.0), Figures("01-p", 0.9, 400.0)]
     selection = select_step(every_call_cached, Select(maximize="-seconds"))
     assert selection.folder == "01-p"
-    assert selection.fallback == ("no step records seconds (only uncached calls are timed); "
-                                  "using the best dev score: 01-p")
+    assert selection.fallback == (
+        "no step records seconds (only uncached calls are timed); using the best dev score: 01-p"
+    )
 
 
 def test_the_rule_in_words():
-    assert describe(Select(weights={"score": 1.0, "tokens": -0.001}, constraints={"tokens": 300})) == \
-        "maximize 1*score - 0.001*tokens with tokens <= 300"
+    assert (
+        describe(Select(weights={"score": 1.0, "tokens": -0.001}, constraints={"tokens": 300}))
+        == "maximize 1*score - 0.001*tokens with tokens <= 300"
+    )
     assert describe(Select(weights={"tokens": -0.5, "score": 2})) == "maximize -0.5*tokens + 2*score"
-    assert describe(Select(maximize="-seconds", constraints={"seconds": 0.25, "parameters": 0})) == \
-        "maximize -seconds with seconds <= 0.25, parameters <= 0"
+    assert (
+        describe(Select(maximize="-seconds", constraints={"seconds": 0.25, "parameters": 0}))
+        == "maximize -seconds with seconds <= 0.25, parameters <= 0"
+    )
 
 
 # ---------------------------------------------------------------- the recipe's checks
-@pytest.mark.parametrize("select, message", [
-    (Select(maximize="scor"), "schedule.select.maximize: unknown objective 'scor'; write one of score, -tokens, "
-                              "-seconds, -parameters; did you mean 'score'?"),
-    (Select(maximize="tokens"), "schedule.select.maximize: 'tokens' would choose the step with the most tokens; "
-                                "write '-tokens'"),
-    (Select(maximize="-score"), "schedule.select.maximize: '-score' would choose the step with the lowest dev "
-                                "score; write 'score'"),
-    (Select(weights={}), "schedule.select.weights: empty; give the score or a cost a weight"),
-    (Select(weights={"tokns": -1.0}), "schedule.select.weights: unknown objective 'tokns'; objectives are score, "
-                                      "tokens, seconds, parameters; did you mean 'tokens'?"),
-    (Select(weights={"score": 1.0, "tokens": 0.001}), "schedule.select.weights.tokens: 0.001 would prefer more "
-                                                      "tokens; a cost's weight is negative (e.g. -0.001)"),
-    (Select(weights={"score": -1.0}), "schedule.select.weights.score: -1 would prefer a lower dev score"),
-    (Select(weights={"score": 1.0, "seconds": 0}), "schedule.select.weights.seconds: 0 counts nothing"),
-    (Select(constraints={"score": 0.8}), "schedule.select.constraints: unknown cost 'score'; constraints are upper "
-                                         "bounds on tokens, seconds, parameters"),
-    (Select(constraints={"parameter": 0}), "did you mean 'parameters'?"),
-])
+@pytest.mark.parametrize(
+    "select, message",
+    [
+        (
+            Select(maximize="scor"),
+            "schedule.select.maximize: unknown objective 'scor'; write one of score, -tokens, "
+            "-seconds, -parameters; did you mean 'score'?",
+        ),
+        (
+            Select(maximize="tokens"),
+            "schedule.select.maximize: 'tokens' would choose the step with the most tokens; write '-tokens'",
+        ),
+        (
+            Select(maximize="-score"),
+            "schedule.select.maximize: '-score' would choose the step with the lowest dev score; write 'score'",
+        ),
+        (Select(weights={}), "schedule.select.weights: empty; give the score or a cost a weight"),
+        (
+            Select(weights={"tokns": -1.0}),
+            "schedule.select.weights: unknown objective 'tokns'; objectives are score, "
+            "tokens, seconds, parameters; did you mean 'tokens'?",
+        ),
+        (
+            Select(weights={"score": 1.0, "tokens": 0.001}),
+            "schedule.select.weights.tokens: 0.001 would prefer more tokens; a cost's weight is negative (e.g. -0.001)",
+        ),
+        (Select(weights={"score": -1.0}), "schedule.select.weights.score: -1 would prefer a lower dev score"),
+        (Select(weights={"score": 1.0, "seconds": 0}), "schedule.select.weights.seconds: 0 counts nothing"),
+        (
+            Select(constraints={"score": 0.8}),
+            "schedule.select.constraints: unknown cost 'score'; constraints are upper "
+            "bounds on tokens, seconds, parameters",
+        ),
+        (Select(constraints={"parameter": 0}), "did you mean 'parameters'?"),
+    ],
+)
 def test_bad_rules_are_named_in_one_line(select, message):
     with pytest.raises(InputError) as err:
         check_select(select)
@@ -127,8 +164,12 @@ def test_bad_rules_are_named_in_one_line(select, message):
 
 
 def test_good_rules_pass_and_the_schema_refuses_the_rest():
-    for select in (None, Select(), Select(maximize="-parameters", constraints={"tokens": 300, "seconds": 0.5}),
-                   Select(weights={"score": 1.0, "tokens": -0.001})):
+    for select in (
+        None,
+        Select(),
+        Select(maximize="-parameters", constraints={"tokens": 300, "seconds": 0.5}),
+        Select(weights={"score": 1.0, "tokens": -0.001}),
+    ):
         check_select(select)
     with pytest.raises(ValidationError, match="give maximize or weights, not both"):
         Select(maximize="score", weights={"score": 1.0})
@@ -142,9 +183,11 @@ def adapter(folder: Path) -> None:
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"lora_A.weight": np.zeros((8, 64), dtype=np.float32),
-               "lora_B.weight": np.zeros((64, 8), dtype=np.float32)}, str(folder / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {"lora_A.weight": np.zeros((8, 64), dtype=np.float32), "lora_B.weight": np.zeros((64, 8), dtype=np.float32)},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     write_json(folder / "adapter_config.json", {"r": 8})
 
 
@@ -158,15 +201,26 @@ def shop_run(root: Path, name: str, select: str | None, finish: bool = True) -> 
     adapter_of = None
     for figures in SHOP:
         step = run.begin(figures.folder[3:])
-        rows = [{"index": i, "score": figures.score, "tokens_in": figures.tokens - 20, "tokens_out": 20,
-                 "seconds": figures.seconds, "cached_calls": 0} for i in range(4)]
+        rows = [
+            {
+                "index": i,
+                "score": figures.score,
+                "tokens_in": figures.tokens - 20,
+                "tokens_out": 20,
+                "seconds": figures.seconds,
+                "cached_calls": 0,
+            }
+            for i in range(4)
+        ]
         _record(run, step, "dev", rows)
         if step.kind == "w":
             adapter_of = f"{step.folder}/adapters/classify"
             adapter(run.path / adapter_of)
         if step.kind in ("p", "w"):
-            write_json(run.step_dir(step) / "state.json",
-                       {"program": None, "modules": {"classify": {"model": "small", "adapter": adapter_of}}})
+            write_json(
+                run.step_dir(step) / "state.json",
+                {"program": None, "modules": {"classify": {"model": "small", "adapter": adapter_of}}},
+            )
         run.finish(step, 1.0)
     if finish:
         scored = finished_steps(run)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.embedded import resolve_checkpoint
 from jointcli.recipe import EMBEDDED_MODEL
+from jointcli.weights.checkpoint import resolve_checkpoint
 
 from .chat_server import ChatServer
 from .conftest import RECIPES, cli, manifest, tiny
@@ -39,8 +39,10 @@ class Served:
     log: Path  # the server's stdout and stderr: uvicorn logs one line per request
 
     def requests(self) -> int:
-        return sum('"POST /v1/chat/completions HTTP/1.1" 200' in line
-                   for line in self.log.read_text(errors="replace").splitlines())
+        return sum(
+            '"POST /v1/chat/completions HTTP/1.1" 200' in line
+            for line in self.log.read_text(errors="replace").splitlines()
+        )
 
 
 def _free_port() -> int:
@@ -60,8 +62,11 @@ def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
                     return
         except OSError:
             time.sleep(0.5)
-    what = f"exited with code {process.returncode}" if process.poll() is not None else \
-        f"did not answer {url} within {START_TIMEOUT_S} s"
+    what = (
+        f"exited with code {process.returncode}"
+        if process.poll() is not None
+        else f"did not answer {url} within {START_TIMEOUT_S} s"
+    )
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
     pytest.fail(f"transformers serve {what}; its output ends with:\n{tail}", pytrace=False)
 
@@ -74,11 +79,27 @@ def served(tmp_path_factory) -> Served:
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)  # converted once per machine
     port = _free_port()
     log = tmp_path_factory.mktemp("served") / "server.log"
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", checkpoint.name,  # `transformers serve`
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        checkpoint.name,  # `transformers serve`
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=checkpoint.parent, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        process = subprocess.Popen(
+            command,
+            cwd=checkpoint.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     try:
         _wait_ready(process, f"http://127.0.0.1:{port}/health", log)
         yield Served(checkpoint.name, f"http://127.0.0.1:{port}/v1", log)
@@ -103,14 +124,29 @@ def _rows(path: Path) -> list[dict]:
 def test_summarize_runs_on_the_server_and_classify_is_fine_tuned_here(served, runs, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "not-checked-by-this-server")
     remote = f"openai/{served.name}"
-    large = {"type": "litellm", "model": remote, "api_base": served.api_base, "api_key_env": KEY_ENV,
-             "max_tokens": 8, "timeout": 60}
+    large = {
+        "type": "litellm",
+        "model": remote,
+        "api_base": served.api_base,
+        "api_key_env": KEY_ENV,
+        "max_tokens": 8,
+        "timeout": 60,
+    }
     # classify answers in plain text here: every prediction is then recorded, with summarize's opinion
     # (a ChatAdapter answer that does not parse leaves an example without its prediction)
-    args = tiny(2, 3, 2, f"models.large={json.dumps(large)}", "models.small.max_tokens=8",
-                "program.modules.classify.adapter=text", "runtime.cache=false",  # every call reaches the server
-                "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 1}",
-                "optimizers.w.train.batch_size=2", "schedule.strategy=p -> w")
+    args = tiny(
+        2,
+        3,
+        2,
+        f"models.large={json.dumps(large)}",
+        "models.small.max_tokens=8",
+        "program.modules.classify.adapter=text",
+        "runtime.cache=false",  # every call reaches the server
+        "optimizers.p.optimizer=LabeledFewShot",
+        "optimizers.p.args={k: 1}",
+        "optimizers.w.train.batch_size=2",
+        "schedule.strategy=p -> w",
+    )
     assert cli("joint", PIPELINE, *args, "--runs-dir", runs) == 0
     run = runs / "sst2-pipeline"
     assert manifest(run)["finished"] is True
@@ -172,9 +208,12 @@ def _fix(server: ChatServer, case: str, monkeypatch) -> ChatServer:
     return server
 
 
-CAUSES = {"refused": "the server did not answer (failed to connect to 127.0.0.1:",
-          "timeout": "the server did not answer (read timed out waiting for headers: no bytes for 0.5s)",
-          "http-500": "the server failed (HTTP 500", "wrong-key": "the server refused the API key (HTTP 401)"}
+CAUSES = {
+    "refused": "the server did not answer (failed to connect to 127.0.0.1:",
+    "timeout": "the server did not answer (read timed out waiting for headers: no bytes for 0.5s)",
+    "http-500": "the server failed (HTTP 500",
+    "wrong-key": "the server refused the API key (HTTP 401)",
+}
 
 
 @pytest.mark.parametrize("case", list(CAUSES))
@@ -184,9 +223,15 @@ def test_a_failing_server_fails_the_step_in_one_line_and_the_run_resumes(case, r
     server.key = RIGHT_KEY
     try:
         # retries off and a short timeout, so that each failure shows at once
-        args = [*tiny(4, 2, 2), "runtime.cache=false", "program.modules.classify.model=remote",
-                *server.model_overrides("remote", KEY_ENV, timeout=0.5, num_retries=0),
-                "schedule.strategy=p", "--runs-dir", runs]
+        args = [
+            *tiny(4, 2, 2),
+            "runtime.cache=false",
+            "program.modules.classify.model=remote",
+            *server.model_overrides("remote", KEY_ENV, timeout=0.5, num_retries=0),
+            "schedule.strategy=p",
+            "--runs-dir",
+            runs,
+        ]
         assert cli("eval", RECIPES / "sst2.yaml", *args) == 0  # the baseline, while the server works
         capfd.readouterr()
 
@@ -200,7 +245,7 @@ def test_a_failing_server_fails_the_step_in_one_line_and_the_run_resumes(case, r
         assert "Incorrect API key" not in errors[0]  # what the server said about the key is left out
         baseline, failed = manifest(runs / "sst2")["steps"]
         assert [(s["kind"], s["status"]) for s in (baseline, failed)] == [("baseline", "done"), ("p", "failed")]
-        assert failed["error"] == errors[0][len("error: "):]
+        assert failed["error"] == errors[0][len("error: ") :]
 
         server = _fix(server, case, monkeypatch)
         assert cli("joint", RECIPES / "sst2.yaml", *args) == 0  # the same command, resumed
@@ -220,8 +265,14 @@ def test_a_priced_model_records_what_its_calls_cost(runs, monkeypatch):
     stand-in answers as gpt-4o-mini would (10 tokens in, 8 out); a local server's model has no price."""
     monkeypatch.setenv(KEY_ENV, "stub")
     with ChatServer(FIELDS, model="openai/gpt-4o-mini") as server:
-        args = [*tiny(4, 3, 2), "runtime.cache=false", "program.modules.classify.model=remote",
-                *server.model_overrides("remote", KEY_ENV), "--runs-dir", runs]
+        args = [
+            *tiny(4, 3, 2),
+            "runtime.cache=false",
+            "program.modules.classify.model=remote",
+            *server.model_overrides("remote", KEY_ENV),
+            "--runs-dir",
+            runs,
+        ]
         assert cli("eval", RECIPES / "sst2.yaml", *args) == 0
     result = _json(runs / "sst2" / "00-baseline" / "eval.json")
     usage = result["usage"]["openai/gpt-4o-mini"]

@@ -1,5 +1,5 @@
 """The s step: a soft prompt (PEFT prompt tuning) trained with a LoRA adapter in one backward pass
-(models/lora.py, models/soft_prompt.py), served by the engine, loaded by plain PEFT, run as a step."""
+(training/lora.py, weights/soft_prompt.py), served by the engine, loaded by plain PEFT, run as a step."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from jointcli.models.embedded import resolve_checkpoint
-from jointcli.models.lora import SoftTraining, to_prompt_completion, tokenize_pair, train_lora
-from jointcli.models.microbatch import (collate, collate_shared, completion_nll, micro_batch_losses,
-                                        shared_completion_nll, shared_prefix)
-from jointcli.models.soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, virtual_ids
 from jointcli.recipe import EMBEDDED_MODEL, Groups, Lora, ParamGroup, SoftPrompt, Train
+from jointcli.training.lora import SoftTraining, to_prompt_completion, tokenize_pair, train_lora
+from jointcli.training.microbatch import (
+    collate,
+    collate_shared,
+    completion_nll,
+    micro_batch_losses,
+    shared_completion_nll,
+    shared_prefix,
+)
+from jointcli.weights.checkpoint import resolve_checkpoint
+from jointcli.weights.soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, virtual_ids
 
 from .conftest import RECIPES, cli, manifest, tiny
 from .test_lora import demo_rows, model_with_gradients, sentiment_rows
@@ -38,8 +44,17 @@ def checkpoint() -> Path:
 def adapter(tmp_path_factory, checkpoint: Path) -> Path:
     """An s adapter after one optimizer step on the 8 sentiment rows (fp32)."""
     out = tmp_path_factory.mktemp("s") / "classify"
-    train_lora(checkpoint, sentiment_rows(), out, Lora(r=4, alpha=8), Train(epochs=1, batch_size=8),
-               seed=0, device="cpu", dtype="float32", soft=soft_training())
+    train_lora(
+        checkpoint,
+        sentiment_rows(),
+        out,
+        Lora(r=4, alpha=8),
+        Train(epochs=1, batch_size=8),
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        soft=soft_training(),
+    )
     return out
 
 
@@ -50,13 +65,14 @@ def test_both_groups_train_at_their_own_rates(adapter: Path, checkpoint: Path):
     import torch
     from safetensors.torch import load_file
 
-    from jointcli.models.embedded import load_causal_lm, load_tokenizer
+    from jointcli.weights.checkpoint import load_causal_lm, load_tokenizer
 
     base = load_causal_lm(checkpoint, torch.float32)
     start = init_soft_prompt(base, load_tokenizer(checkpoint), 4, INSTRUCTIONS, seed=0)
     moved_soft = (load_soft_prompt(adapter) - start).abs()
-    lora_b = torch.cat([t.flatten() for name, t in load_file(str(adapter / "adapter_model.safetensors")).items()
-                        if "lora_B" in name]).abs()
+    lora_b = torch.cat(
+        [t.flatten() for name, t in load_file(str(adapter / "adapter_model.safetensors")).items() if "lora_B" in name]
+    ).abs()
     assert moved_soft.median() == pytest.approx(SOFT_RATE, rel=0.02)
     assert lora_b.median() == pytest.approx(LORA_RATE, rel=0.02)
     assert (adapter / "training.json").is_file() and '"virtual_tokens": 4' in (adapter / "training.json").read_text()
@@ -65,14 +81,24 @@ def test_both_groups_train_at_their_own_rates(adapter: Path, checkpoint: Path):
 def test_l2_penalty_and_weight_decay_pull_the_soft_prompt_in(tmp_path: Path, checkpoint: Path, adapter: Path):
     """The soft prompt group's L2 penalty and weight decay shrink it relative to the same step without them."""
     out = tmp_path / "decayed"
-    train_lora(checkpoint, sentiment_rows(), out, Lora(r=4, alpha=8), Train(epochs=1, batch_size=8), seed=0,
-               device="cpu", dtype="float32", soft=soft_training(l2=10.0, weight_decay=5.0))
+    train_lora(
+        checkpoint,
+        sentiment_rows(),
+        out,
+        Lora(r=4, alpha=8),
+        Train(epochs=1, batch_size=8),
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        soft=soft_training(l2=10.0, weight_decay=5.0),
+    )
     assert load_soft_prompt(out).norm() < load_soft_prompt(adapter).norm() * 0.9
 
 
 @pytest.mark.parametrize("micro_batches", [1, 3])
-def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_prompt(checkpoint: Path,
-                                                                                    micro_batches: int):
+def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_prompt(
+    checkpoint: Path, micro_batches: int
+):
     """Virtual tokens before every row: computing them with the shared prefix once gives the loss, the
     LoRA gradients and the soft prompt's gradient of whole rows, in one micro-batch or in three (the
     prefix's gradient summed over them, then sent through it once)."""
@@ -80,8 +106,10 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_pr
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    rows = [(virtual_ids(4) + ids, start + 4) for ids, start in
-            (tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()))]
+    rows = [
+        (virtual_ids(4) + ids, start + 4)
+        for ids, start in (tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()))
+    ]
     prefix = shared_prefix(rows)
     assert prefix > 4
     model, params = model_with_gradients(checkpoint)
@@ -114,13 +142,17 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_whole_rows_with_a_soft_pr
 
 
 # ---------------------------------------------------------------- serving
-PROMPTS = ["a gorgeous, witty, seductive movie.", "the plot is dull and the acting is worse.",
-           "What is the capital of France?", "Name a colour."]
+PROMPTS = [
+    "a gorgeous, witty, seductive movie.",
+    "the plot is dull and the acting is worse.",
+    "What is the capital of France?",
+    "Name a colour.",
+]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from jointcli.models.engine import get_engine
+    from jointcli.inference.engine import get_engine
 
     return get_engine(EMBEDDED_MODEL, "float32", "cpu")
 
@@ -128,8 +160,10 @@ def engine():
 def _ask(engine, model: str, texts: list[str], together: bool = False) -> list[str]:
     from dspy.lm15 import Config, Message, Request
 
-    requests = [Request(model=model, system=INSTRUCTIONS, messages=(Message.user(t),), config=Config(max_tokens=12))
-                for t in texts]
+    requests = [
+        Request(model=model, system=INSTRUCTIONS, messages=(Message.user(t),), config=Config(max_tokens=12))
+        for t in texts
+    ]
     if together:
         return [f.result().message.text for f in [engine._submit_request(r) for r in requests]]
     return [engine.complete(r).message.text for r in requests]
@@ -141,7 +175,7 @@ def test_the_engine_serves_the_soft_prompt_as_plain_peft_does(engine, adapter: P
     import torch
     from peft import PeftModel
 
-    from jointcli.models.embedded import load_causal_lm
+    from jointcli.weights.checkpoint import load_causal_lm
 
     bare = tmp_path / "bare"
     shutil.copytree(adapter, bare, ignore=shutil.ignore_patterns(SUBFOLDER))
@@ -156,9 +190,11 @@ def test_the_engine_serves_the_soft_prompt_as_plain_peft_does(engine, adapter: P
     torch.testing.assert_close(plain.prompt_encoder["default"].embedding.weight.detach(), load_soft_prompt(adapter))
     eos = engine.decoder.eos_ids
     for text, ours in zip(PROMPTS, with_soft):
-        ids = engine.tokenizer.apply_chat_template([{"role": "system", "content": INSTRUCTIONS},
-                                                    {"role": "user", "content": text}],
-                                                   add_generation_prompt=True, return_dict=True)["input_ids"]
+        ids = engine.tokenizer.apply_chat_template(
+            [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": text}],
+            add_generation_prompt=True,
+            return_dict=True,
+        )["input_ids"]
         # greedy over PEFT's forward, without a cache: PEFT 0.21's generate() with prompt tuning and
         # transformers 5 misplaces the cached positions and answers otherwise (seen: "The movie-positive.")
         new: list[int] = []
@@ -191,8 +227,12 @@ def test_sampled_requests_use_the_soft_prompt_too(engine, adapter: Path):
     from dspy.lm15 import Config, Message, Request
 
     engine.add_adapter("s-soft", adapter)
-    request = Request(model="local/smollm2@s-soft", system=INSTRUCTIONS, messages=(Message.user(PROMPTS[0]),),
-                      config=Config(max_tokens=12, temperature=0.7, seed=3, stop=("\n\n",)))
+    request = Request(
+        model="local/smollm2@s-soft",
+        system=INSTRUCTIONS,
+        messages=(Message.user(PROMPTS[0]),),
+        config=Config(max_tokens=12, temperature=0.7, seed=3, stop=("\n\n",)),
+    )
     before = engine.decoder.stats["sampled"]
     first, second = engine.complete(request), engine.complete(request)
     assert engine.decoder.stats["sampled"] == before + 2
@@ -208,9 +248,23 @@ def test_s_step_in_a_run(runs: Path):
 
     from jointcli.selection import adapter_parameters
 
-    args = ["joint", RECIPES / "sst2.yaml", *tiny(4, 3, 3, "models.small.dtype=float32",
-            "optimizers.p.optimizer=LabeledFewShot", "optimizers.p.args={k: 1}", "optimizers.s.train.batch_size=2",
-            "optimizers.s.soft_prompt.virtual_tokens=3", "schedule.strategy=p -> s"), "--runs-dir", runs]
+    args = [
+        "joint",
+        RECIPES / "sst2.yaml",
+        *tiny(
+            4,
+            3,
+            3,
+            "models.small.dtype=float32",
+            "optimizers.p.optimizer=LabeledFewShot",
+            "optimizers.p.args={k: 1}",
+            "optimizers.s.train.batch_size=2",
+            "optimizers.s.soft_prompt.virtual_tokens=3",
+            "schedule.strategy=p -> s",
+        ),
+        "--runs-dir",
+        runs,
+    ]
     assert cli(*args) == 0
     run = runs / "sst2"
     steps = manifest(run)["steps"]

@@ -13,11 +13,11 @@ from .chat_server import ChatServer
 from .conftest import RECIPES, run_cli, tiny
 
 # a metric that prints, as users' metrics do while they are written
-PRINTING_METRIC = '''
+PRINTING_METRIC = """
 def score(example, pred, trace=None):
     print("metric saw", getattr(pred, "sentiment", None))
     return float(getattr(pred, "sentiment", None) == example.sentiment)
-'''
+"""
 
 
 @pytest.fixture
@@ -26,8 +26,13 @@ def remote_recipe(tmp_path: Path):
     (overrides, {cwd, env})."""
     (tmp_path / "printing.py").write_text(PRINTING_METRIC)
     with ChatServer({"sentiment": "positive"}) as server:
-        overrides = [*tiny(4, 2, 2), "runtime.cache=false", "metric.name=printing:score",
-                     "program.modules.classify.model=remote", *server.model_overrides("remote", "STUB_KEY")]
+        overrides = [
+            *tiny(4, 2, 2),
+            "runtime.cache=false",
+            "metric.name=printing:score",
+            "program.modules.classify.model=remote",
+            *server.model_overrides("remote", "STUB_KEY"),
+        ]
         yield overrides, {"cwd": tmp_path, "env": {"STUB_KEY": "stub"}, "timeout": 120}
 
 

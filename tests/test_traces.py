@@ -30,11 +30,31 @@ def test_failed_examples_get_the_gold_answer_inside_the_current_prompt(runs):
     # a prompt step first: the module's current prompt carries two demos
     assert cli("optimize-prompts", RECIPES / "sst2.yaml", *PROMPTED, "--runs-dir", runs) == 0
     # nothing reaches a score of 2: every example failed, so every row is a gold one
-    assert cli("bootstrap", RECIPES / "sst2.yaml", *PROMPTED, "optimizers.w.traces.threshold=2.0",
-               "--runs-dir", runs, "--force") == 0
+    assert (
+        cli(
+            "bootstrap",
+            RECIPES / "sst2.yaml",
+            *PROMPTED,
+            "optimizers.w.traces.threshold=2.0",
+            "--runs-dir",
+            runs,
+            "--force",
+        )
+        == 0
+    )
     # the same split, gold labels only (the single-module source): the reference rows
-    assert cli("bootstrap", RECIPES / "sst2.yaml", *PROMPTED, "optimizers.w.traces.source=labels",
-               "--runs-dir", runs, "--force") == 0
+    assert (
+        cli(
+            "bootstrap",
+            RECIPES / "sst2.yaml",
+            *PROMPTED,
+            "optimizers.w.traces.source=labels",
+            "--runs-dir",
+            runs,
+            "--force",
+        )
+        == 0
+    )
     run = runs / "sst2"
     mixed, gold = _rows(run / "01-bootstrap"), _rows(run / "02-bootstrap")
     assert len(mixed) == 4 and {r["source"] for r in mixed} == {"labels"}
@@ -65,10 +85,19 @@ def test_modules_that_output_no_label_learn_from_passing_traces_only(runs, tmp_p
     the examples that passed."""
     tree = yaml.safe_load((RECIPES / "sst2-pipeline.yaml").read_text())
     tree["program"]["modules"] = [
-        {"name": "classify", "signature": "sentence -> sentiment", "model": "small",
-         "instructions": "Classify the sentiment of the review as positive or negative."},
-        {"name": "explain", "signature": "sentence, sentiment -> opinion", "model": "large",
-         "instructions": "In a few words, say why the review has this sentiment."}]
+        {
+            "name": "classify",
+            "signature": "sentence -> sentiment",
+            "model": "small",
+            "instructions": "Classify the sentiment of the review as positive or negative.",
+        },
+        {
+            "name": "explain",
+            "signature": "sentence, sentiment -> opinion",
+            "model": "large",
+            "instructions": "In a few words, say why the review has this sentiment.",
+        },
+    ]
     recipe = tmp_path / "explained.yaml"
     recipe.write_text(yaml.safe_dump(tree))
     args = [*tiny(6, 2, 2), "models.large.max_tokens=24", "optimizers.w.modules=all", "--runs-dir", runs]
@@ -86,18 +115,35 @@ def test_modules_that_output_no_label_learn_from_passing_traces_only(runs, tmp_p
 TALLY = {"summarize": {"ran": 6, "parsed": 0, "passed": 0}, "classify": {"ran": 0, "parsed": 0, "passed": 0}}
 
 
-@pytest.mark.parametrize("modules, source, prompted, says, not_says", [
-    # a pipeline whose first module never parses: name it, whatever the hints would be
-    (TALLY, "program+labels", True, ["module 'summarize' answered none of its 6", "failures.jsonl"],
-     ["prompt step first"]),
-    # one module: the hints that apply to the run as it is
-    ({"classify": {"ran": 6, "parsed": 0, "passed": 0}}, "program", False,
-     ["traces.source=program+labels", "a prompt step first"], ["summarize"]),
-    ({"classify": {"ran": 6, "parsed": 6, "passed": 0}}, "program+labels", True,
-     ["a teacher", "a lower traces.threshold"], ["program+labels", "prompt step first"]),
-])
-def test_no_traces_error_names_the_blocking_module_and_only_hints_that_apply(modules, source, prompted, says,
-                                                                             not_says):
+@pytest.mark.parametrize(
+    "modules, source, prompted, says, not_says",
+    [
+        # a pipeline whose first module never parses: name it, whatever the hints would be
+        (
+            TALLY,
+            "program+labels",
+            True,
+            ["module 'summarize' answered none of its 6", "failures.jsonl"],
+            ["prompt step first"],
+        ),
+        # one module: the hints that apply to the run as it is
+        (
+            {"classify": {"ran": 6, "parsed": 0, "passed": 0}},
+            "program",
+            False,
+            ["traces.source=program+labels", "a prompt step first"],
+            ["summarize"],
+        ),
+        (
+            {"classify": {"ran": 6, "parsed": 6, "passed": 0}},
+            "program+labels",
+            True,
+            ["a teacher", "a lower traces.threshold"],
+            ["program+labels", "prompt step first"],
+        ),
+    ],
+)
+def test_no_traces_error_names_the_blocking_module_and_only_hints_that_apply(modules, source, prompted, says, not_says):
     from jointcli.recipe import load_recipe
     from jointcli.steps.weights import no_traces_error
 

@@ -11,18 +11,27 @@ import dspy
 import pytest
 
 from jointcli.context import open_run
+from jointcli.files import write_json
 from jointcli.program import build_program
 from jointcli.recipe import load_recipe
-from jointcli.rundir import RunDir, write_json
+from jointcli.rundir import RunDir
 from jointcli.state import ModuleState, ProgramState, save_state
 from jointcli.steps.kinds import init_step
 
 from .conftest import RECIPES, cli, manifest, tiny
 
 # another task than recipes/sst2.yaml's: another name, another split of the data, and a second module
-OTHER = tiny(4, 1, 1, "name=sst2-notes", "data.split.seed=1", "models.small.max_tokens=8", "schedule.strategy=none",
-             'program.modules=[{name: classify, signature: "sentence -> sentiment", model: small}, '
-             '{name: note, signature: "sentence, sentiment -> note", instructions: "Say why.", model: small}]')
+OTHER = tiny(
+    4,
+    1,
+    1,
+    "name=sst2-notes",
+    "data.split.seed=1",
+    "models.small.max_tokens=8",
+    "schedule.strategy=none",
+    'program.modules=[{name: classify, signature: "sentence -> sentiment", model: small}, '
+    '{name: note, signature: "sentence, sentiment -> note", instructions: "Say why.", model: small}]',
+)
 
 
 def hand_made_source(root: Path) -> Path:
@@ -54,7 +63,8 @@ def test_init_from_another_recipe_copies_the_matching_module(tmp_path, capsys):
     assert mine["note"]["demos"] == [] and mine["note"]["signature"]["instructions"] == "Say why."
     assert json.loads((folder / "state.json").read_text())["modules"] == {
         "classify": {"model": "small", "adapter": "00-init/adapters/classify"},
-        "note": {"model": "small", "adapter": None}}
+        "note": {"model": "small", "adapter": None},
+    }
     assert (folder / "adapters" / "classify" / "adapter_config.json").is_file()
 
 

@@ -7,26 +7,16 @@ different weights that happen to sit at the same path.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
 import dspy
 
 from ..errors import InputError
+from ..inference.model_id import adapter_model_id
 from ..recipe import LocalModel, Recipe
-from .model_id import adapter_model_id
-from .soft_prompt import soft_prompt_files
-
-
-def adapter_digest(adapter_dir: Path) -> str:
-    weights = sorted(Path(adapter_dir).glob("adapter_model.*"))
-    if not weights:
-        raise InputError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_model.*); the run directory is damaged")
-    h = hashlib.sha256()
-    for path in weights + [Path(adapter_dir) / "adapter_config.json"] + soft_prompt_files(adapter_dir):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
+from ..weights.adapter import adapter_digest
+from .build import build_lm
 
 
 class ModelPool:
@@ -44,8 +34,6 @@ class ModelPool:
             return self._lms[key]
 
     def _build(self, name: str, adapter: Path | None, digest: str | None) -> dspy.LM:
-        from . import build_lm
-
         spec = self.recipe.models.get(name)
         if spec is None:
             raise InputError(f"models.{name}: no such model in the recipe")

@@ -39,21 +39,25 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat
 from pydantic import ValidationError
 
-from .pool import adapter_digest
 from ..errors import InputError, StepError
-from ..recipe import EMBEDDED_MODEL, Lora, LocalModel, Train
-from . import build_lm
-from .embedded import jointopt_home
-from .hashing import fingerprint
-from .lora import TrainResult, is_adapter_dir, train_lora
-from .model_id import adapter_model_id, split_model_id
+from ..inference.model_id import adapter_model_id, split_model_id
+from ..recipe import EMBEDDED_MODEL, LocalModel, Lora, Train
+from ..training.hashing import fingerprint
+from ..training.lora import TrainResult, is_adapter_dir, train_lora
+from ..weights.adapter import adapter_digest
+from ..weights.checkpoint import jointopt_home
+from .local import engine_lm
 
 logger = logging.getLogger(__name__)
 
 _ALIASES = {
-    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
-    "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
 }
 _TRAIN_LOCK = threading.Lock()  # one training at a time per process: each already uses every core
 
@@ -120,17 +124,27 @@ class LocalProvider(Provider):
     def kill(lm, launch_kwargs: dict[str, Any] | None = None):
         """Nothing to stop: the engine is shared by every LM of that checkpoint (see engine.get_engine)."""
 
-    def finetune(self, job: TrainingJob, model: str, train_data: list[dict[str, Any]],
-                 train_data_format: TrainDataFormat | str | None, train_kwargs: dict[str, Any] | None = None) -> str:
+    def finetune(
+        self,
+        job: TrainingJob,
+        model: str,
+        train_data: list[dict[str, Any]],
+        train_data_format: TrainDataFormat | str | None,
+        train_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         """Train (or reuse) a LoRA adapter on train_data; return `model` with '@<adapter>'."""
         engine = self.engine
         if engine is None or not hasattr(engine, "add_adapter"):
-            raise StepError(f"{model}: LocalProvider needs the LocalEngine of the model; build the LM with "
-                            "jointcli.models.provider.local_lm(...) or LocalProvider(engine)")
+            raise StepError(
+                f"{model}: LocalProvider needs the LocalEngine of the model; build the LM with "
+                "jointcli.models.provider.local_lm(...) or LocalProvider(engine)"
+            )
         fmt = getattr(train_data_format, "value", train_data_format)
         if fmt not in (None, TrainDataFormat.CHAT.value):
-            raise StepError(f"{model}: the local provider trains on chat data, not {fmt!r}; "
-                            "use a ChatAdapter (or JSONAdapter) for fine-tuning")
+            raise StepError(
+                f"{model}: the local provider trains on chat data, not {fmt!r}; "
+                "use a ChatAdapter (or JSONAdapter) for fine-tuning"
+            )
         lora, train, seed = parse_train_kwargs(train_kwargs)
         if not train_data:
             raise StepError(f"no training rows for {model}: no trace passed the metric, nothing to fine-tune on")
@@ -149,15 +163,35 @@ class LocalProvider(Provider):
             if is_adapter_dir(folder):
                 logger.info("fine-tune of %s: reusing %s (same weights, data and settings)", model, folder)
             else:
-                logger.info("fine-tune of %s: %d rows, LoRA r=%d, %s epochs -> %s",
-                            model, len(train_data), lora.r, train.epochs, folder)
-                result = train_lora(engine.checkpoint, train_data, folder, lora, train, seed=seed,
-                                    log_path=root / f"{key}.train_log.jsonl", device=engine.device,
-                                    init_adapter=init_adapter, dtype=train.dtype)
+                logger.info(
+                    "fine-tune of %s: %d rows, LoRA r=%d, %s epochs -> %s",
+                    model,
+                    len(train_data),
+                    lora.r,
+                    train.epochs,
+                    folder,
+                )
+                result = train_lora(
+                    engine.checkpoint,
+                    train_data,
+                    folder,
+                    lora,
+                    train,
+                    seed=seed,
+                    log_path=root / f"{key}.train_log.jsonl",
+                    device=engine.device,
+                    init_adapter=init_adapter,
+                    dtype=train.dtype,
+                )
                 if isinstance(job, LocalTrainingJob):
                     job.train_result = result
-                logger.info("fine-tune of %s: %d steps in %.0f s, final loss %s",
-                            model, result.steps, result.seconds, result.final_loss)
+                logger.info(
+                    "fine-tune of %s: %d steps in %.0f s, final loss %s",
+                    model,
+                    result.steps,
+                    result.seconds,
+                    result.final_loss,
+                )
         name = f"ft-{adapter_digest(folder)}"
         engine.add_adapter(name, folder)
         return adapter_model_id(base_id, name)
@@ -166,24 +200,39 @@ class LocalProvider(Provider):
 def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, train: Train, seed: int) -> str:
     """The adapter folder's name: the same base weights, starting adapter, rows and settings give the
     same name, so the finished adapter is reused."""
-    settings = {"weights": getattr(engine, "weights_id", str(engine.checkpoint)), "device": str(engine.device),
-                "lora": lora.model_dump(mode="json"), "train": train.identity(), "seed": seed}
+    settings = {
+        "weights": getattr(engine, "weights_id", str(engine.checkpoint)),
+        "device": str(engine.device),
+        "lora": lora.model_dump(mode="json"),
+        "train": train.identity(),
+        "seed": seed,
+    }
     if init_adapter is not None:  # only then: the names of adapters trained from the base weights stay as they were
         settings["init_adapter"] = adapter_digest(init_adapter)
     return fingerprint(settings, rows)[:20]
 
 
-def local_lm(checkpoint_or_builtin: str = EMBEDDED_MODEL, *, name: str | None = None, dtype: str = "auto",
-             device: str = "auto", adapters_dir: str | Path | None = None, **lm_kwargs):
+def local_lm(
+    checkpoint_or_builtin: str = EMBEDDED_MODEL,
+    *,
+    name: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    adapters_dir: str | Path | None = None,
+    **lm_kwargs,
+):
     """A dspy.LM on the in-process engine for a checkpoint, fine-tunable with dspy.BootstrapFinetune.
 
     name: the model id is "local/<name>" (default: the built-in's or the folder's name).
     Other keywords (max_tokens, temperature, cache, ...) go to dspy.LM."""
-    from .engine import get_engine
+    from ..inference.engine import get_engine  # torch and transformers: only once a local model is built
 
     if name is None:
-        name = checkpoint_or_builtin.split(":", 1)[1] if checkpoint_or_builtin.startswith("builtin:") \
+        name = (
+            checkpoint_or_builtin.split(":", 1)[1]
+            if checkpoint_or_builtin.startswith("builtin:")
             else Path(checkpoint_or_builtin).expanduser().resolve().name
+        )
         name = re.sub(r"[^\w.-]+", "-", name) or "model"
     spec_fields = {k: lm_kwargs.pop(k) for k in ("max_tokens", "temperature") if k in lm_kwargs}
     try:
@@ -191,4 +240,4 @@ def local_lm(checkpoint_or_builtin: str = EMBEDDED_MODEL, *, name: str | None = 
     except ValidationError as err:
         raise InputError(f"local_lm: {err}") from None
     engine = get_engine(spec.path, spec.dtype, spec.device)
-    return build_lm(name, spec, provider=LocalProvider(engine, adapters_dir), **lm_kwargs)
+    return engine_lm(name, spec, engine, provider=LocalProvider(engine, adapters_dir), **lm_kwargs)

@@ -26,16 +26,23 @@ def build_litellm_lm(spec: LiteLLMModel, **lm_kwargs):
     if spec.api_key_env:
         key = os.environ.get(spec.api_key_env)
         if not key:
-            raise InputError(f"model {spec.model}: the environment variable {spec.api_key_env} "
-                             "is not set; it must hold the API key")
+            raise InputError(
+                f"model {spec.model}: the environment variable {spec.api_key_env} is not set; it must hold the API key"
+            )
         client["api_key"] = key
     if spec.api_base:
         client["api_base"] = spec.api_base
     if spec.timeout is not None:
         client["timeout"] = spec.timeout
     try:
-        return dspy.LM(spec.model, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                       num_retries=spec.num_retries, **client, **lm_kwargs)
+        return dspy.LM(
+            spec.model,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            num_retries=spec.num_retries,
+            **client,
+            **lm_kwargs,
+        )
     except (ValueError, LMConfigurationError) as exc:
         raise InputError(f"model {spec.model}: {exc}") from None
 
@@ -47,11 +54,16 @@ def server_failure(err: BaseException) -> StepError | None:
     as a prompt too long for the model): those are one example's errors."""
     from dspy.utils import exceptions as lm
 
-    causes = ((lm.LMTransportError, "the server did not answer"), (lm.LMTimeoutError, "the server timed out"),
-              (lm.LMAuthError, "the server refused the API key"), (lm.LMBillingError, "the account's quota is spent"),
-              (lm.LMRateLimitError, "rate-limited by the server"), (lm.LMServerError, "the server failed"),
-              (lm.LMUnsupportedModelError, "the server does not serve this model"),
-              (lm.LMNotConfiguredError, "not configured"))
+    causes = (
+        (lm.LMTransportError, "the server did not answer"),
+        (lm.LMTimeoutError, "the server timed out"),
+        (lm.LMAuthError, "the server refused the API key"),
+        (lm.LMBillingError, "the account's quota is spent"),
+        (lm.LMRateLimitError, "rate-limited by the server"),
+        (lm.LMServerError, "the server failed"),
+        (lm.LMUnsupportedModelError, "the server does not serve this model"),
+        (lm.LMNotConfiguredError, "not configured"),
+    )
     cause = next((text for kind, text in causes if isinstance(err, kind)), None)
     if cause is None:
         return None
@@ -59,7 +71,7 @@ def server_failure(err: BaseException) -> StepError | None:
     # what a server says about a refused key may quote the key: only its status is kept
     said = "" if isinstance(err, (lm.LMAuthError, lm.LMBillingError)) else _first_line(err.message)
     if isinstance(err, lm.LMTransportError):  # "failed to connect to HOST:PORT: ...", "read timed out ...;
-        said = said.split("; ")[0]            # this is lm15's read timeout": the rest names lm15's settings
+        said = said.split("; ")[0]  # this is lm15's read timeout": the rest names lm15's settings
     detail = "; ".join(part for part in (status, said) if part)
     return StepError(f"model {err.model}: {cause}" + (f" ({detail})" if detail else ""))
 

@@ -13,8 +13,8 @@ better than always answering the majority class (answers.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
@@ -48,12 +48,21 @@ class EvalResult:
 
     def summary(self) -> dict:
         """eval.json: everything but the per-example rows."""
-        return {"score": self.score, "n": self.n, "scores": self.scores,
-                "parse_failures": self.parse_failures, "errors": self.errors,
-                "seconds": round(self.seconds, 3), "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                "cached_calls": self.cached_calls, "cost_usd": self.cost_usd, "usage": self.usage,
-                "answers": self.answer_summary.to_json() if self.answer_summary else None,
-                "warnings": self.warnings}
+        return {
+            "score": self.score,
+            "n": self.n,
+            "scores": self.scores,
+            "parse_failures": self.parse_failures,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cached_calls": self.cached_calls,
+            "cost_usd": self.cost_usd,
+            "usage": self.usage,
+            "answers": self.answer_summary.to_json() if self.answer_summary else None,
+            "warnings": self.warnings,
+        }
 
 
 class _CallLog:
@@ -77,8 +86,10 @@ class _CallLog:
         for entry in self.history:
             tokens_in, tokens_out, _ = _entry_tokens(entry)
             name = str(entry.get("model"))
-            models[name] = _add_usage(models.get(name), {"calls": 1, "tokens_in": tokens_in,
-                                                         "tokens_out": tokens_out, "cost_usd": entry.get("cost")})
+            models[name] = _add_usage(
+                models.get(name),
+                {"calls": 1, "tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": entry.get("cost")},
+            )
         return models
 
 
@@ -101,14 +112,25 @@ def _add_usage(total: dict | None, usage: dict) -> dict:
     if total is None:
         return dict(usage)
     costs = [c for c in (total["cost_usd"], usage["cost_usd"]) if c is not None]
-    return {"calls": total["calls"] + usage["calls"], "tokens_in": total["tokens_in"] + usage["tokens_in"],
-            "tokens_out": total["tokens_out"] + usage["tokens_out"], "cost_usd": sum(costs) if costs else None}
+    return {
+        "calls": total["calls"] + usage["calls"],
+        "tokens_in": total["tokens_in"] + usage["tokens_in"],
+        "tokens_out": total["tokens_out"] + usage["tokens_out"],
+        "cost_usd": sum(costs) if costs else None,
+    }
 
 
 def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Example) -> dict:
     inputs = example.inputs().toDict()
-    row = {"index": index, "inputs": inputs, "gold": example.labels().toDict(),
-           "prediction": None, "score": 0.0, "error": None, "parse_failure": False}
+    row = {
+        "index": index,
+        "inputs": inputs,
+        "gold": example.labels().toDict(),
+        "prediction": None,
+        "score": 0.0,
+        "error": None,
+        "parse_failure": False,
+    }
     start = time.perf_counter()
     calls = _CallLog()
     with dspy.context(caller_modules=[calls]):
@@ -127,8 +149,13 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
     return row
 
 
-def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callable,
-             num_threads: int = 4, label: str = "evaluating") -> EvalResult:
+def evaluate(
+    program: dspy.Module,
+    examples: list[dspy.Example],
+    metric: Callable,
+    num_threads: int = 4,
+    label: str = "evaluating",
+) -> EvalResult:
     """Score `program` on `examples`; raises StepError when every example failed to run, or when a
     model's server failed (parallel_map)."""
     start = time.perf_counter()
@@ -144,12 +171,21 @@ def evaluate(program: dspy.Module, examples: list[dspy.Example], metric: Callabl
     for row in rows:
         for model, counts in row["usage"].items():
             usage[model] = _add_usage(usage.get(model), counts)
-    return EvalResult(score=sum(scores) / len(scores) if scores else 0.0, n=len(rows), scores=scores,
-                      parse_failures=sum(r["parse_failure"] for r in rows), errors=len(errors),
-                      seconds=seconds, tokens_in=sum(r["tokens_in"] for r in rows),
-                      tokens_out=sum(r["tokens_out"] for r in rows),
-                      cached_calls=sum(r["cached_calls"] for r in rows), rows=rows,
-                      answer_summary=summary, warnings=answer_warnings(summary, scores), usage=usage)
+    return EvalResult(
+        score=sum(scores) / len(scores) if scores else 0.0,
+        n=len(rows),
+        scores=scores,
+        parse_failures=sum(r["parse_failure"] for r in rows),
+        errors=len(errors),
+        seconds=seconds,
+        tokens_in=sum(r["tokens_in"] for r in rows),
+        tokens_out=sum(r["tokens_out"] for r in rows),
+        cached_calls=sum(r["cached_calls"] for r in rows),
+        rows=rows,
+        answer_summary=summary,
+        warnings=answer_warnings(summary, scores),
+        usage=usage,
+    )
 
 
 def _plain(value):

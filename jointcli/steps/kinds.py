@@ -13,20 +13,22 @@ import copy
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import dspy
 
 from ..checks import step_optimizer
 from ..console import console, phase, step_log
 from ..errors import InputError, JointoptError, StepError
-from ..models.embedded import resolve_checkpoint
+from ..files import read_jsonl, write_json, write_jsonl
 from ..program import build_program, model_of, module_names, predictors_of
 from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, WeightOptimizer
-from ..rundir import RunDir, Step, StepKind, read_jsonl, write_json, write_jsonl
+from ..rundir import RunDir, Step, StepKind
 from ..state import ModuleState, ProgramState, current_state, load_program, save_state
+from ..weights.checkpoint import resolve_checkpoint
 
 if TYPE_CHECKING:
     from ..data import Splits
@@ -143,9 +145,17 @@ def _collect(ctx: StepContext, spec: WeightOptimizer, step_index: int):
         teacher_state = ProgramState(state.program_file, {m: ModuleState(spec.traces.teacher) for m in state.modules})
         program = ctx.program_for(teacher_state)
     gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
-    return collect_traces(program, trainset, ctx.metric, modules, spec.traces.threshold,
-                          ctx.recipe.runtime.num_threads, gold, source="teacher" if source == "teacher" else "program",
-                          all_modules=names)
+    return collect_traces(
+        program,
+        trainset,
+        ctx.metric,
+        modules,
+        spec.traces.threshold,
+        ctx.recipe.runtime.num_threads,
+        gold,
+        source="teacher" if source == "teacher" else "program",
+        all_modules=names,
+    )
 
 
 def _write_traces(folder: Path, traces) -> dict:
@@ -158,9 +168,13 @@ def _write_traces(folder: Path, traces) -> dict:
         write_jsonl(folder / "failures.jsonl", traces.failures)
         where = Counter(f["module"] for f in traces.failures)
         first = traces.failures[0]["error"].splitlines()[0][:160]
-        console.print(f"{len(traces.failures)} of {traces.run} examples failed to run (in "
-                      f"{', '.join(f'{m}: {n}' for m, n in where.most_common())}), e.g. {first}; all in "
-                      f"{folder.name}/failures.jsonl", highlight=False, soft_wrap=True)
+        console.print(
+            f"{len(traces.failures)} of {traces.run} examples failed to run (in "
+            f"{', '.join(f'{m}: {n}' for m, n in where.most_common())}), e.g. {first}; all in "
+            f"{folder.name}/failures.jsonl",
+            highlight=False,
+            soft_wrap=True,
+        )
     return counts
 
 
@@ -219,8 +233,9 @@ def weight_step(ctx: StepContext, key: str, traces_path: Path | None = None) -> 
         if not groups:
             raise no_traces_error(counts, spec, _prompted(ctx.run))
         instructions = {m: predictors_of(program, m)[0].signature.instructions for m in modules}
-        step.info["training"] = train_adapters(ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index,
-                                               instructions)
+        step.info["training"] = train_adapters(
+            ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index, instructions
+        )
         _merge_logs(folder, list(groups))
         new = ProgramState(state.program_file, dict(state.modules))
         for module in modules:
@@ -266,8 +281,10 @@ def _signatures(recipe: Recipe, program: dspy.Module) -> dict[str, str]:
     if recipe.program.modules:
         fields = {m.name: m.fields() for m in recipe.program.modules}
     else:
-        fields = {name: (list(p.signature.input_fields), list(p.signature.output_fields))
-                  for name, p in program.named_predictors()}
+        fields = {
+            name: (list(p.signature.input_fields), list(p.signature.output_fields))
+            for name, p in program.named_predictors()
+        }
     return {name: f"{', '.join(ins)} -> {', '.join(outs)}" for name, (ins, outs) in fields.items()}
 
 
@@ -301,18 +318,24 @@ def warm_start(recipe: Recipe, source_path: Path) -> WarmStart:
         if module not in there or module not in state.modules:
             continue
         if there[module] != signature:
-            raise InputError(f"--init-from: module {module!r}: signature {signature!r} here, "
-                             f"{there[module]!r} in {source.path}")
+            raise InputError(
+                f"--init-from: module {module!r}: signature {signature!r} here, {there[module]!r} in {source.path}"
+            )
         ms = state.modules[module]
         if ms.adapter and not _same_base(recipe, model_of(recipe, module), theirs, ms.model):
-            raise InputError(f"--init-from: module {module!r}: its adapter in {source.path} was trained on "
-                             f"{_base(theirs, ms.model)}, here it runs on {_base(recipe, model_of(recipe, module))}")
+            raise InputError(
+                f"--init-from: module {module!r}: its adapter in {source.path} was trained on "
+                f"{_base(theirs, ms.model)}, here it runs on {_base(recipe, model_of(recipe, module))}"
+            )
         copied[module] = bool(ms.adapter)
     if not copied:
-        raise InputError(f"--init-from: no module of {source.path} ({', '.join(there)}) matches this recipe's "
-                         f"({', '.join(here)}) by name and signature")
-    return WarmStart(source, theirs, best, state, copied, [m for m in here if m not in copied],
-                     [m for m in there if m not in here])
+        raise InputError(
+            f"--init-from: no module of {source.path} ({', '.join(there)}) matches this recipe's "
+            f"({', '.join(here)}) by name and signature"
+        )
+    return WarmStart(
+        source, theirs, best, state, copied, [m for m in here if m not in copied], [m for m in there if m not in here]
+    )
 
 
 def _copy_prompts(start: WarmStart, recipe: Recipe) -> dspy.Module:
@@ -336,11 +359,18 @@ def init_step(ctx: StepContext, source_path: Path) -> Step | None:
     start = warm_start(ctx.recipe, source_path)
     source, state = start.source, start.state
     if start.kept:
-        console.print(f"--init-from: {', '.join(start.kept)} not in {source.path} with this signature: kept as "
-                      "this recipe has it (its instructions, no demos, no adapter)", highlight=False, soft_wrap=True)
+        console.print(
+            f"--init-from: {', '.join(start.kept)} not in {source.path} with this signature: kept as "
+            "this recipe has it (its instructions, no demos, no adapter)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if start.ignored:
-        console.print(f"--init-from: {source.path}'s {', '.join(start.ignored)} not in this recipe: ignored",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"--init-from: {source.path}'s {', '.join(start.ignored)} not in this recipe: ignored",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def body(step: Step) -> None:
         folder = ctx.run.step_dir(step)
@@ -356,5 +386,15 @@ def init_step(ctx: StepContext, source_path: Path) -> Step | None:
 
     prompts = ["prompts"] if state.program_file else []
     copied = {m: prompts + (["adapter"] if a else []) for m, a in start.copied.items()}
-    return run_step(ctx, StepKind.INIT, body, {"from": str(source.path), "from_step": start.best, "copied": copied,
-                                               "kept": start.kept, "ignored": start.ignored})
+    return run_step(
+        ctx,
+        StepKind.INIT,
+        body,
+        {
+            "from": str(source.path),
+            "from_step": start.best,
+            "copied": copied,
+            "kept": start.kept,
+            "ignored": start.ignored,
+        },
+    )

@@ -15,9 +15,10 @@ is down is a failed step, to resume once it is back, not a row of examples that 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import dspy
 from dspy.dsp.utils.settings import thread_local_overrides

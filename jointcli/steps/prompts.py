@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import dspy
 
@@ -20,8 +21,15 @@ from ..errors import InputError
 from ..recipe import PromptOptimizer
 from .parallel import watching_servers
 
-PROMPT_OPTIMIZERS = ("LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch",
-                     "MIPROv2", "COPRO", "SIMBA", "GEPA")
+PROMPT_OPTIMIZERS = (
+    "LabeledFewShot",
+    "BootstrapFewShot",
+    "BootstrapFewShotWithRandomSearch",
+    "MIPROv2",
+    "COPRO",
+    "SIMBA",
+    "GEPA",
+)
 SUPPLIED = ("student", "trainset", "teacher", "metric")  # jointopt passes these; a recipe does not
 
 
@@ -32,12 +40,16 @@ def optimizer_class(name: str):
 
 def parameters(fn) -> dict[str, inspect.Parameter]:
     """Named parameters of `fn`; a **kwargs catch-all does not count (it would swallow typos)."""
-    return {n: p for n, p in inspect.signature(fn).parameters.items()
-            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        n: p
+        for n, p in inspect.signature(fn).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
-def make_optimizer(key: str, spec: PromptOptimizer, metric: Callable, num_threads: int, seed: int,
-                   reflection_lm: dspy.LM | None = None):
+def make_optimizer(
+    key: str, spec: PromptOptimizer, metric: Callable, num_threads: int, seed: int, reflection_lm: dspy.LM | None = None
+):
     """The DSPy optimizer object: the recipe's args plus what jointopt supplies (metric, threads, seed)."""
     cls = optimizer_class(spec.optimizer)
     accepted = parameters(cls.__init__)
@@ -49,12 +61,20 @@ def make_optimizer(key: str, spec: PromptOptimizer, metric: Callable, num_thread
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, AssertionError) as err:  # what checks.py's rules do not know of
-        raise InputError(f"optimizers.{key}: {spec.optimizer}({', '.join(kwargs)}) rejected its arguments: {err}") \
-            from None
+        raise InputError(
+            f"optimizers.{key}: {spec.optimizer}({', '.join(kwargs)}) rejected its arguments: {err}"
+        ) from None
 
 
-def optimize_prompts(program: dspy.Module, spec: PromptOptimizer, optimizer, trainset: list[dspy.Example],
-                     modules: list[str], all_modules: list[str], seed: int) -> dspy.Module:
+def optimize_prompts(
+    program: dspy.Module,
+    spec: PromptOptimizer,
+    optimizer,
+    trainset: list[dspy.Example],
+    modules: list[str],
+    all_modules: list[str],
+    seed: int,
+) -> dspy.Module:
     """Compile `program` with `optimizer`; modules not in `modules` keep their prompts."""
     kwargs = dict(spec.compile_args)
     if "seed" in parameters(type(optimizer).compile):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import dspy
 
-from .parallel import parallel_map
 from ..program import module_adapter, predictors_of
+from .parallel import parallel_map
 
 
 @dataclass
@@ -43,14 +43,21 @@ class Traces:
     def counts(self) -> dict:
         """traces.json: examples run and passed, rows per module and per source (program, teacher or
         labels), and each module's ran/parsed/passed."""
-        return {"run": self.run, "passed": self.passed, "rows": len(self.rows), "per_module": self.per_module,
-                "per_source": dict(Counter(row["source"] for row in self.rows)), "errors": self.errors,
-                "modules": self.modules}
+        return {
+            "run": self.run,
+            "passed": self.passed,
+            "rows": len(self.rows),
+            "per_module": self.per_module,
+            "per_source": dict(Counter(row["source"] for row in self.rows)),
+            "errors": self.errors,
+            "modules": self.modules,
+        }
 
 
 def _messages(predictor: dspy.Predict, inputs: dict, outputs: dict) -> list[dict]:
-    data = module_adapter(predictor).format_finetune_data(signature=predictor.signature, demos=predictor.demos,
-                                                          inputs=inputs, outputs=outputs)
+    data = module_adapter(predictor).format_finetune_data(
+        signature=predictor.signature, demos=predictor.demos, inputs=inputs, outputs=outputs
+    )
     return data["messages"]
 
 
@@ -68,9 +75,17 @@ def label_fields(program: dspy.Module, modules: list[str], labels: list[str]) ->
     return out
 
 
-def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, modules: list[str],
-                   threshold: float, num_threads: int = 4, gold: dict[str, list[str]] | None = None,
-                   source: str = "program", all_modules: list[str] | None = None) -> Traces:
+def collect_traces(
+    program: dspy.Module,
+    trainset: list[dspy.Example],
+    metric,
+    modules: list[str],
+    threshold: float,
+    num_threads: int = 4,
+    gold: dict[str, list[str]] | None = None,
+    source: str = "program",
+    all_modules: list[str] | None = None,
+) -> Traces:
     """Run `program` over `trainset` and keep, per module, the calls of examples that pass (rows of
     `source`: "program", or "teacher" when `program` runs on a teacher model); with `gold` (module ->
     its label fields: `label_fields`), failed examples teach those modules the gold labels inside
@@ -91,8 +106,7 @@ def collect_traces(program: dspy.Module, trainset: list[dspy.Example], metric, m
 
     rows, passed, errors, failures = [], 0, 0, []
     per_module = {m: 0 for m in modules}
-    for index, score, calls, error in parallel_map(one, list(enumerate(trainset)), num_threads,
-                                                   "bootstrapping traces"):
+    for index, score, calls, error in parallel_map(one, list(enumerate(trainset)), num_threads, "bootstrapping traces"):
         errors += score is None
         failed_in = tally.add(calls, passed=score is not None and score >= threshold, failed=error is not None)
         if error is not None:
@@ -140,12 +154,18 @@ def blocking_module(counts: dict) -> str | None:
 
 
 def _row(module: str, index: int, score: float, source: str, predictor, inputs: dict, outputs: dict) -> dict:
-    return {"module": module, "example": index, "score": score, "source": source,
-            "messages": _messages(predictor, inputs, outputs)}
+    return {
+        "module": module,
+        "example": index,
+        "score": score,
+        "source": source,
+        "messages": _messages(predictor, inputs, outputs),
+    }
 
 
-def _gold_rows(program: dspy.Module, example: dspy.Example, index: int, score: float, calls: list,
-               gold: dict[str, list[str]]) -> list[dict]:
+def _gold_rows(
+    program: dspy.Module, example: dspy.Example, index: int, score: float, calls: list, gold: dict[str, list[str]]
+) -> list[dict]:
     """For a failed example: each label module's prompt, on the inputs it was given, with the gold
     answer. A module that failed to parse left no call: its inputs are then the example's inputs and
     the outputs of the calls before it (modules read fields by name). A module whose inputs or other
@@ -158,8 +178,10 @@ def _gold_rows(program: dspy.Module, example: dspy.Example, index: int, score: f
             seen = next(((dict(i), o.toDict()) for p, i, o in calls if p is predictor), None)
             wanted = list(predictor.signature.input_fields)
             inputs = seen[0] if seen else {k: known[k] for k in wanted if k in known}
-            outputs = {f: labels[f] if f in fields else (seen[1].get(f) if seen else None)
-                       for f in predictor.signature.output_fields}
+            outputs = {
+                f: labels[f] if f in fields else (seen[1].get(f) if seen else None)
+                for f in predictor.signature.output_fields
+            }
             if set(wanted) <= set(inputs) and all(v is not None for v in outputs.values()):
                 rows.append(_row(module, index, score, "labels", predictor, inputs, outputs))
     return rows
@@ -168,6 +190,8 @@ def _gold_rows(program: dspy.Module, example: dspy.Example, index: int, score: f
 def label_traces(program: dspy.Module, trainset: list[dspy.Example], module: str) -> Traces:
     """Rows from the gold labels: the module's prompt with the right answer (single-module programs)."""
     (predictor,) = predictors_of(program, module)
-    rows = [_row(module, i, 1.0, "labels", predictor, example.inputs().toDict(), example.labels().toDict())
-            for i, example in enumerate(trainset)]
+    rows = [
+        _row(module, i, 1.0, "labels", predictor, example.inputs().toDict(), example.labels().toDict())
+        for i, example in enumerate(trainset)
+    ]
     return Traces(rows, len(trainset), len(trainset), {module: len(rows)})

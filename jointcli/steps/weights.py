@@ -42,10 +42,12 @@ def no_traces_error(counts: dict, spec: WeightOptimizer, prompted: bool) -> Step
     what = f"{counts.get('run', 0)} examples run, {counts.get('passed', 0)} passed the metric"
     if blocked := blocking_module(counts):
         ran = counts["modules"][blocked]["ran"]
-        return StepError(f"no traces to fine-tune on ({what}): module {blocked!r} answered none of its {ran} "
-                         "examples in a form DSPy could parse, so the modules after it never ran (its answers: "
-                         "failures.jsonl in the step folder); give it a larger model, a prompt it can follow, "
-                         "or a teacher for the traces (traces.source=teacher)")
+        return StepError(
+            f"no traces to fine-tune on ({what}): module {blocked!r} answered none of its {ran} "
+            "examples in a form DSPy could parse, so the modules after it never ran (its answers: "
+            "failures.jsonl in the step folder); give it a larger model, a prompt it can follow, "
+            "or a teacher for the traces (traces.source=teacher)"
+        )
     source, hints = spec.traces.source, []
     if source != "program+labels":
         hints.append("the gold answers for failed examples (traces.source=program+labels)")
@@ -58,13 +60,19 @@ def no_traces_error(counts: dict, spec: WeightOptimizer, prompted: bool) -> Step
     return StepError(f"no traces to fine-tune on ({what}); try {', or '.join(hints) or 'more training examples'}")
 
 
-def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: Path, seed: int,
-                   instructions: dict[str, str] | None = None) -> dict[str, dict]:
+def train_adapters(
+    recipe: Recipe,
+    spec: WeightOptimizer,
+    groups: dict,
+    folder: Path,
+    seed: int,
+    instructions: dict[str, str] | None = None,
+) -> dict[str, dict]:
     """Train one adapter per group into `folder/adapters/<name>`; returns the training figures. An s step
     (SimultaneousOptimizer) trains a soft prompt with each, initialized from its module's `instructions`
     (a shared adapter: from those of the first module on its model)."""
-    from ..models.embedded import resolve_checkpoint
-    from ..models.lora import SoftTraining, train_lora
+    from ..training.lora import SoftTraining, train_lora
+    from ..weights.checkpoint import resolve_checkpoint
 
     results = {}
     for name, (model, rows) in groups.items():
@@ -73,14 +81,30 @@ def train_adapters(recipe: Recipe, spec: WeightOptimizer, groups: dict, folder: 
         if isinstance(spec, SimultaneousOptimizer):
             text = (instructions or {}).get(name) or next(iter((instructions or {}).values()), None)
             soft = SoftTraining(spec.soft_prompt, spec.groups, spec.lora_rate, text)
-        result = train_lora(resolve_checkpoint(local.path), rows, folder / "adapters" / name, spec.lora, spec.train,
-                            seed=seed, log_path=folder / f"train_log-{name}.jsonl", device=local.device,
-                            dtype=spec.train.dtype, soft=soft)
-        results[name] = {"rows": result.rows, "dropped_rows": result.dropped_rows, "steps": result.steps,
-                         "train_tokens": result.train_tokens,
-                         "tokens_per_second": round(result.tokens_per_second, 1),
-                         "seconds": round(result.seconds, 2), "peak_rss_mb": round(result.peak_rss_mb),
-                         "peak_cuda_mb": result.peak_cuda_mb, "final_loss": result.final_loss,
-                         "device": result.device, "dtype": result.dtype,
-                         **({"virtual_tokens": result.virtual_tokens} if result.virtual_tokens else {})}
+        result = train_lora(
+            resolve_checkpoint(local.path),
+            rows,
+            folder / "adapters" / name,
+            spec.lora,
+            spec.train,
+            seed=seed,
+            log_path=folder / f"train_log-{name}.jsonl",
+            device=local.device,
+            dtype=spec.train.dtype,
+            soft=soft,
+        )
+        results[name] = {
+            "rows": result.rows,
+            "dropped_rows": result.dropped_rows,
+            "steps": result.steps,
+            "train_tokens": result.train_tokens,
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "seconds": round(result.seconds, 2),
+            "peak_rss_mb": round(result.peak_rss_mb),
+            "peak_cuda_mb": result.peak_cuda_mb,
+            "final_loss": result.final_loss,
+            "device": result.device,
+            "dtype": result.dtype,
+            **({"virtual_tokens": result.virtual_tokens} if result.virtual_tokens else {}),
+        }
     return results

@@ -53,8 +53,11 @@ class PrefixCache:
         self.stats["lru_tokens"] += have  # taken from the LRU instead of computed
         if have < target:  # compute the rest of the prefix once, on top of what was cached
             cache = cache_with(kv, repeat=1)
-            self.forward(torch.tensor([ids[have:]], device=self.device), cache,
-                         positions=torch.arange(have, target, device=self.device)[None])
+            self.forward(
+                torch.tensor([ids[have:]], device=self.device),
+                cache,
+                positions=torch.arange(have, target, device=self.device)[None],
+            )
             kv = [(k, v) for k, v, *_ in cache]
             self.stats["prefill_tokens"] += target - have
             # worth keeping: a prefix that several rows share, or a lone prompt with nothing cached
@@ -66,13 +69,14 @@ class PrefixCache:
     def _remember(self, key: tuple, kv: list) -> None:
         self.entries[key] = kv
         self.entries.move_to_end(key)
-        while len(self.entries) > PREFIX_CACHE_ENTRIES or \
-                (len(self.entries) > 1 and sum(len(k[1]) for k in self.entries) > PREFIX_CACHE_TOKENS):
+        while len(self.entries) > PREFIX_CACHE_ENTRIES or (
+            len(self.entries) > 1 and sum(len(k[1]) for k in self.entries) > PREFIX_CACHE_TOKENS
+        ):
             self.entries.popitem(last=False)
 
     def drop(self, weights_head: tuple) -> None:
         """Forget the entries of every weights key that starts with `weights_head` (weights replaced)."""
-        for key in [k for k in self.entries if k[0][:len(weights_head)] == weights_head]:
+        for key in [k for k in self.entries if k[0][: len(weights_head)] == weights_head]:
             del self.entries[key]
 
     def clear(self) -> None:

@@ -28,9 +28,9 @@ A row is (token ids of prompt + completion, index of the first completion token)
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
-from .soft_prompt import model_inputs
+from ..weights.soft_prompt import model_inputs
 
 # Rows whose common token prefix is at least this long compute it once (batch 1) and run their own
 # suffixes against its key/value cache; a shorter prefix is not worth a second pass.
@@ -131,9 +131,9 @@ def collate(rows: list[Row], pad_id: int, device: str = "cpu"):
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, (ids, start) in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids)
-        labels[r, start:len(ids)] = input_ids[r, start:len(ids)]
-        mask[r, :len(ids)] = 1
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, start : len(ids)] = input_ids[r, start : len(ids)]
+        mask[r, : len(ids)] = 1
     padded = bool((mask == 0).any())
     return (input_ids.to(device), mask.to(device) if padded else None, labels.to(device))
 
@@ -147,8 +147,9 @@ def completion_nll(model, input_ids, attention_mask, labels, soft=None, per_row:
     soft: the soft prompt [n, hidden] that negative ids stand for (soft_prompt.py), if any.
     per_row: each row's summed cross-entropy and label count instead (tensors, one entry a row)."""
     base, body = _base_and_body(model)
-    hidden = body(**model_inputs(base, input_ids, soft), attention_mask=attention_mask,
-                  use_cache=False).last_hidden_state
+    hidden = body(
+        **model_inputs(base, input_ids, soft), attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
     return _label_nll(base, hidden, labels, per_row)
 
 
@@ -156,8 +157,7 @@ def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = 
     """The rows' shared first `prefix_len` tokens [1, prefix_len], then `collate_suffixes`."""
     import torch
 
-    return (torch.tensor([rows[0][0][:prefix_len]], device=device),
-            *collate_suffixes(rows, prefix_len, pad_id, device))
+    return (torch.tensor([rows[0][0][:prefix_len]], device=device), *collate_suffixes(rows, prefix_len, pad_id, device))
 
 
 def collate_suffixes(rows: list[Row], prefix_len: int, pad_id: int, device: str = "cpu"):
@@ -173,12 +173,17 @@ def collate_suffixes(rows: list[Row], prefix_len: int, pad_id: int, device: str 
     if mask is not None:
         mask = torch.cat([mask.new_ones((len(rows), prefix_len)), mask], dim=1)
     positions = torch.arange(prefix_len, prefix_len + input_ids.shape[1])[None].expand(len(rows), -1)
-    return (input_ids.to(device), mask.to(device) if mask is not None else None, labels.to(device),
-            positions.to(device))
+    return (
+        input_ids.to(device),
+        mask.to(device) if mask is not None else None,
+        labels.to(device),
+        positions.to(device),
+    )
 
 
-def shared_completion_nll(model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None,
-                          per_row: bool = False):
+def shared_completion_nll(
+    model, prefix_ids, input_ids, attention_mask, labels, position_ids, soft=None, per_row: bool = False
+):
     """completion_nll of rows that start with the same `prefix_ids` (batch 1), as `collate_shared`
     gives them, in one micro-batch: the prefix goes through the decoder once and its key/value cache,
     repeated for every row, serves the rows' own suffixes (autograd sums the rows' gradients into the
@@ -200,7 +205,7 @@ class SharedPrefix:
         import torch
         from transformers import DynamicCache
 
-        from .compat import cache_keyword
+        from ..weights.compat import cache_keyword
 
         self.base, self.body = _base_and_body(model)
         self.soft, self.length = soft, prefix_ids.shape[1]
@@ -212,8 +217,11 @@ class SharedPrefix:
         self.cache = cache
         self.computed = [(layer.keys, layer.values) for layer in cache.layers]
         self.detached = detach and torch.is_grad_enabled()
-        self.kv = [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_())
-                   for k, v in self.computed] if self.detached else self.computed
+        self.kv = (
+            [(k.detach().float().requires_grad_(), v.detach().float().requires_grad_()) for k, v in self.computed]
+            if self.detached
+            else self.computed
+        )
 
     def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False):
         """completion_nll of the rows' suffixes (as `collate_suffixes` gives them) after the prefix."""
@@ -226,8 +234,13 @@ class SharedPrefix:
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         for layer, (k, v), (k0, _) in zip(cache.layers, self.kv, self.computed):
             layer.keys, layer.values = (t.to(k0.dtype).expand(n, -1, -1, -1) for t in (k, v))
-        hidden = self.body(**model_inputs(self.base, input_ids, self.soft), attention_mask=attention_mask,
-                           position_ids=position_ids, use_cache=True, **{self.cache_kw: cache}).last_hidden_state
+        hidden = self.body(
+            **model_inputs(self.base, input_ids, self.soft),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kw: cache},
+        ).last_hidden_state
         if cache.get_seq_length() != self.length + width:
             raise RuntimeError(f"the decoder did not use the prefix cache passed as {self.cache_kw!r}")
         if bool((labels[:, 0] != -100).any()):
@@ -240,15 +253,20 @@ class SharedPrefix:
 
         if not self.detached:
             return
-        pairs = [(t, leaf.grad) for kv, leaves in zip(self.computed, self.kv) for t, leaf in zip(kv, leaves)
-                 if leaf.grad is not None]
+        pairs = [
+            (t, leaf.grad)
+            for kv, leaves in zip(self.computed, self.kv)
+            for t, leaf in zip(kv, leaves)
+            if leaf.grad is not None
+        ]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
         self.kv = []
 
 
-def micro_batch_losses(model, rows: list[Row], groups: list[Group], pad_id: int, device: str, soft=None,
-                       per_row: bool = False) -> Iterator[tuple[list[int], object, object]]:
+def micro_batch_losses(
+    model, rows: list[Row], groups: list[Group], pad_id: int, device: str, soft=None, per_row: bool = False
+) -> Iterator[tuple[list[int], object, object]]:
     """(row indices, summed NLL of their completion tokens, label count) of every micro-batch of
     `groups` (plan_step's), one after the other. A group's prefix is computed once; when gradients are
     on, the caller calls backward() on each micro-batch's loss before asking for the next one, and the
@@ -258,8 +276,9 @@ def micro_batch_losses(model, rows: list[Row], groups: list[Group], pad_id: int,
     for prefix, micros in groups:
         shared = None
         if prefix:
-            shared = SharedPrefix(model, torch.tensor([rows[micros[0][0]][0][:prefix]], device=device), soft,
-                                  detach=True)
+            shared = SharedPrefix(
+                model, torch.tensor([rows[micros[0][0]][0][:prefix]], device=device), soft, detach=True
+            )
         for micro in micros:
             batch = [rows[i] for i in micro]
             if shared is not None:
@@ -293,6 +312,5 @@ def _label_nll(base, hidden, labels, per_row: bool = False):
     if per_row:
         rows = keep.nonzero()[:, 0]
         losses = F.cross_entropy(logits, targets[keep], reduction="none")
-        return (losses.new_zeros(len(labels)).index_add_(0, rows, losses),
-                keep.sum(dim=1))
+        return (losses.new_zeros(len(labels)).index_add_(0, rows, losses), keep.sum(dim=1))
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, JointoptError, StepError
-from ..rundir import write_atomic
-from .device import cpu_budget
+from ..files import write_atomic
+from ..weights.device import cpu_budget
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Ranks:
 
     def share(self, rows: list[int]) -> list[int]:
         """The rows of an optimizer step this process computes: every count-th, from its index."""
-        return rows[self.index::self.count]
+        return rows[self.index :: self.count]
 
     def sum_step(self, params: list, nll: float, tokens: int) -> tuple[float, int]:
         """Sum the gradients of `params` (in place), the step's NLL and token count over the processes."""
@@ -60,12 +60,14 @@ class Ranks:
         for p in params:  # a process whose share was empty has no gradients yet
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params] +
-                         [torch.tensor([nll, float(tokens)], dtype=params[0].grad.dtype, device=params[0].device)])
+        flat = torch.cat(
+            [p.grad.reshape(-1) for p in params]
+            + [torch.tensor([nll, float(tokens)], dtype=params[0].grad.dtype, device=params[0].device)]
+        )
         dist.all_reduce(flat)  # one call for the whole adapter
         offset = 0
         for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         return float(flat[-2]), int(round(float(flat[-1])))
 
@@ -83,8 +85,10 @@ def launch(processes: int, device: str, out_dir: Path, job: dict) -> dict:
         import torch
 
         if processes > torch.cuda.device_count():
-            raise InputError(f"train.processes={processes}, but torch sees {torch.cuda.device_count()} "
-                             "CUDA GPU(s): one process per GPU")
+            raise InputError(
+                f"train.processes={processes}, but torch sees {torch.cuda.device_count()} "
+                "CUDA GPU(s): one process per GPU"
+            )
     stem = f".{out_dir.name}.processes"  # next to the adapter folder, like its lock and work folder
     job_file, log_file = out_dir.parent / f"{stem}.json", out_dir.parent / f"{stem}.log"
     errors = [_error_file(job_file, rank) for rank in range(processes)]
@@ -92,14 +96,26 @@ def launch(processes: int, device: str, out_dir: Path, job: dict) -> dict:
         path.unlink(missing_ok=True)
     write_atomic(job_file, json.dumps(job) + "\n")
     threads = max(1, cpu_budget() // processes)
-    env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(processes),
+        "LOCAL_WORLD_SIZE": str(processes),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": str(threads),
+    }
     command = [sys.executable, "-m", __name__, str(job_file)]
     with open(log_file, "w") as others:
-        procs = [subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                  stdout=sys.__stderr__ if rank == 0 else others,
-                                  stderr=None if rank == 0 else others, preexec_fn=_die_with_parent)
-                 for rank in range(processes)]
+        procs = [
+            subprocess.Popen(
+                command,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=sys.__stderr__ if rank == 0 else others,
+                stderr=None if rank == 0 else others,
+                preexec_fn=_die_with_parent,
+            )
+            for rank in range(processes)
+        ]
         try:
             failed = _wait(procs)
         finally:
@@ -160,11 +176,22 @@ def _worker(job_file: Path) -> int:
 
         state = PartialState(cpu=job["device"] == "cpu")
         ranks = Ranks(state.process_index, state.num_processes)
-        _train_locked(Path(job["checkpoint"]), job["pairs"], Path(job["out_dir"]), Lora(**job["lora"]),
-                      Train(**job["train"]), job["seed"], Path(job["log_path"]) if job["log_path"] else None,
-                      job["device"], job["resume"], job["dtype"],
-                      Path(job["init_adapter"]) if job["init_adapter"] else None, job["token_budget"],
-                      SoftTraining.from_json(job["soft"]) if job.get("soft") else None, ranks)
+        _train_locked(
+            Path(job["checkpoint"]),
+            job["pairs"],
+            Path(job["out_dir"]),
+            Lora(**job["lora"]),
+            Train(**job["train"]),
+            job["seed"],
+            Path(job["log_path"]) if job["log_path"] else None,
+            job["device"],
+            job["resume"],
+            job["dtype"],
+            Path(job["init_adapter"]) if job["init_adapter"] else None,
+            job["token_budget"],
+            SoftTraining.from_json(job["soft"]) if job.get("soft") else None,
+            ranks,
+        )
         state.wait_for_everyone()
         state.destroy_process_group()
         return 0

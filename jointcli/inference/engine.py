@@ -43,12 +43,12 @@ from dspy.lm15 import (
 )
 
 from ..errors import InputError
+from ..weights.chat import chat_ids
+from ..weights.checkpoint import load_causal_lm, load_tokenizer, resolve_checkpoint
+from ..weights.device import limit_torch_threads, resolve_device, resolve_dtype
+from ..weights.soft_prompt import load_soft_prompt, virtual_ids
 from .batch_decoder import BatchDecoder, Job
-from .chat import chat_ids
-from .device import limit_torch_threads, resolve_device, resolve_dtype
-from .embedded import load_causal_lm, load_tokenizer, resolve_checkpoint
 from .model_id import check_adapter_name, split_model_id
-from .soft_prompt import load_soft_prompt, virtual_ids
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; build_lm always passes the recipe's
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -73,8 +73,9 @@ class LocalEngine:
         model = load_causal_lm(self.checkpoint, self.dtype)
         self.model = model.to(self.device).eval()
         self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self.weights_id = _weights_fingerprint(self.checkpoint, self.dtype,
-                                               prompt_files=not self.source.startswith("builtin:"))
+        self.weights_id = _weights_fingerprint(
+            self.checkpoint, self.dtype, prompt_files=not self.source.startswith("builtin:")
+        )
         self.adapters: dict[str, str] = {}  # name -> adapter folder
         self._soft: dict[str, torch.Tensor] = {}  # name -> the adapter's soft prompt, if it has one (s step)
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
@@ -109,7 +110,7 @@ class LocalEngine:
         return {"checkpoint": source, **self.requested, "adapters": dict(self.adapters)}
 
     @classmethod
-    def load_state(cls, state: dict) -> "LocalEngine":
+    def load_state(cls, state: dict) -> LocalEngine:
         engine = get_engine(state["checkpoint"], state.get("dtype", "auto"), state.get("device", "auto"))
         for name, folder in (state.get("adapters") or {}).items():
             engine.add_adapter(name, folder)
@@ -168,8 +169,11 @@ class LocalEngine:
             known = ", ".join(sorted(self.adapters)) or "none"
             raise InvalidRequestError(f"model id {model_id!r}: no adapter {name!r} registered (known: {known})")
         self._peft.set_adapter(name)
-        return self._peft, self.decoder.soft_prompt(self._soft.get(name)), \
-            ("adapter", name, self.adapters[name], self._loads[name])
+        return (
+            self._peft,
+            self.decoder.soft_prompt(self._soft.get(name)),
+            ("adapter", name, self.adapters[name], self._loads[name]),
+        )
 
     # ---- callers' side
     def _submit_request(self, request) -> Future:
@@ -181,8 +185,10 @@ class LocalEngine:
             prompt = virtual_ids(soft.shape[0]) + prompt
         max_new = config.max_tokens or DEFAULT_MAX_TOKENS
         if self.context_length and len(prompt) + max_new > self.context_length:
-            raise ContextLengthError(f"{len(prompt)} prompt tokens + max_tokens {max_new} exceed the "
-                                     f"model's context of {self.context_length} tokens")
+            raise ContextLengthError(
+                f"{len(prompt)} prompt tokens + max_tokens {max_new} exceed the "
+                f"model's context of {self.context_length} tokens"
+            )
         return self.decoder.submit(Job(request, prompt, max_new, tuple(config.stop or ())))
 
     def _prompt_ids(self, request) -> list[int]:
@@ -194,9 +200,11 @@ class LocalEngine:
             messages.append({"role": "system", "content": _system_text(request.system)})
         for m in request.messages:
             if m.role not in _ROLES or m.text is None:
-                raise UnsupportedFeatureError(f"the local engine takes text messages from "
-                                              f"{', '.join(_ROLES)}; got a {m.role} message with "
-                                              f"{', '.join(p.type for p in m.parts)} parts")
+                raise UnsupportedFeatureError(
+                    f"the local engine takes text messages from "
+                    f"{', '.join(_ROLES)}; got a {m.role} message with "
+                    f"{', '.join(p.type for p in m.parts)} parts"
+                )
             messages.append({"role": _ROLES[m.role], "content": m.text})
         with self._tok_lock:
             return chat_ids(self.tokenizer, messages, add_generation_prompt=True)
@@ -223,7 +231,7 @@ class AsyncLocalEngine:
         return self.engine.dump_state()
 
     @classmethod
-    def load_state(cls, state: dict) -> "AsyncLocalEngine":
+    def load_state(cls, state: dict) -> AsyncLocalEngine:
         return LocalEngine.load_state(state).async_engine
 
     def __copy__(self):
@@ -242,8 +250,14 @@ def _system_text(system) -> str:
 
 
 # What makes a folder's prompts and ends its answers, besides the weights: the chat template and eos ids
-_PROMPT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-                 "special_tokens_map.json", "generation_config.json")
+_PROMPT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def _weights_fingerprint(checkpoint: Path, dtype: torch.dtype, prompt_files: bool = False) -> str:

@@ -21,8 +21,7 @@ import math
 import random
 
 
-def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed: int,
-                     stages: int) -> list[list[int]]:
+def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed: int, stages: int) -> list[list[int]]:
     """Row indices of every optimizer step, stage by stage (see the module docstring); `ranked`: every
     row, easiest first (`rank`)."""
     from .lora import plan_steps
@@ -32,14 +31,14 @@ def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed:
     steps: list[list[int]] = []
     for stage in range(1, stages + 1):
         end = round(total * stage / stages)
-        pool = ranked[:math.ceil(n * stage / stages)]
+        pool = ranked[: math.ceil(n * stage / stages)]
         rounds = 0
         while len(steps) < end:
             order = list(pool)
             random.Random(f"{seed}:stage{stage}:{rounds}").shuffle(order)
             for i in range(0, len(order), rows_per_step):
                 if len(steps) < end:
-                    steps.append(order[i:i + rows_per_step])
+                    steps.append(order[i : i + rows_per_step])
             rounds += 1
     return steps
 
@@ -63,7 +62,7 @@ def row_losses(model, rows: list, pad_id: int, device: str, dtype: str, token_bu
     micro-batches of at most `token_budget` tokens, a shared prefix once (microbatch.py's plan_step)."""
     import torch
 
-    from .device import autocast
+    from ..weights.device import autocast
     from .microbatch import micro_batch_losses, plan_step
 
     lengths = [len(ids) for ids, _ in rows]

@@ -72,10 +72,15 @@ def save_soft_prompt(soft, folder: Path, checkpoint: Path, config) -> None:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=int(soft.shape[0]), token_dim=int(soft.shape[1]),
-                       num_transformer_submodules=1, num_attention_heads=text.num_attention_heads,
-                       num_layers=text.num_hidden_layers,
-                       base_model_name_or_path=str(checkpoint)).save_pretrained(str(folder))
+    PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=int(soft.shape[0]),
+        token_dim=int(soft.shape[1]),
+        num_transformer_submodules=1,
+        num_attention_heads=text.num_attention_heads,
+        num_layers=text.num_hidden_layers,
+        base_model_name_or_path=str(checkpoint),
+    ).save_pretrained(str(folder))
     save_file({"prompt_embeddings": soft.detach().float().cpu().contiguous()}, str(folder / FILES[1]))
 
 

@@ -32,11 +32,14 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> s
             raise InputError(f"the checkpoint's chat template refused the messages: {err}") from None
         refused = err
     try:
-        return tokenizer.apply_chat_template(fold_system(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            fold_system(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except TemplateError as err:
-        raise InputError(f"the checkpoint's chat template refused the messages: {refused}; with the system "
-                         f"message folded into the first user message: {err}") from None
+        raise InputError(
+            f"the checkpoint's chat template refused the messages: {refused}; with the system "
+            f"message folded into the first user message: {err}"
+        ) from None
 
 
 def fold_system(messages: list[dict]) -> list[dict]:

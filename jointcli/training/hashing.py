@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def fingerprint(settings: dict, rows: Iterable[dict], files: Iterable[Path] = ()) -> str:

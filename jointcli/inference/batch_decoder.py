@@ -41,10 +41,10 @@ import torch
 from dspy.lm15 import ConfigurationError, Message, Response, Usage
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .compat import cache_keyword
+from ..weights.compat import cache_keyword
+from ..weights.soft_prompt import model_inputs
 from .model_id import split_model_id
 from .prefix_cache import PrefixCache, cache_with
-from .soft_prompt import model_inputs
 
 MAX_BATCH = 16  # rows decoded together
 PREFILL_TOKENS = 8192  # rows x padded suffix length fed in one forward pass (bounds activation memory)
@@ -53,12 +53,14 @@ PREFILL_TOKENS = 8192  # rows x padded suffix length fed in one forward pass (bo
 class _StopStrings(StoppingCriteria):
     """model.generate stopping criterion (sampled requests): done once the text holds a stop string."""
 
-    def __init__(self, decoder: "BatchDecoder", stops: tuple[str, ...], prompt_len: int):
+    def __init__(self, decoder: BatchDecoder, stops: tuple[str, ...], prompt_len: int):
         self.decoder, self.stops, self.prompt_len = decoder, stops, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = [any(s in self.decoder._decode_text(row[self.prompt_len:].tolist()) for s in self.stops)
-                for row in input_ids]
+        done = [
+            any(s in self.decoder._decode_text(row[self.prompt_len :].tolist()) for s in self.stops)
+            for row in input_ids
+        ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -152,8 +154,9 @@ class BatchDecoder:
             if self._closed:
                 raise ConfigurationError("the local engine is closed")
             if os.getpid() != self._pid:
-                raise ConfigurationError("the local engine was created in another process (fork); "
-                                         "build the LM again in this one")
+                raise ConfigurationError(
+                    "the local engine was created in another process (fork); build the LM again in this one"
+                )
             self._jobs.put(job)
             if isinstance(job, Job):
                 self._waiting += 1
@@ -246,8 +249,11 @@ class BatchDecoder:
         unpadded = self._layout is UNPADDED  # rows of one prompt length only: no pads at all
         for job in jobs:
             width = len(job.prompt) - prefix_len  # the longest suffix so far (sorted)
-            if chunk and (len(chunk) >= self.max_batch or (len(chunk) + 1) * width > PREFILL_TOKENS
-                          or (unpadded and len(job.prompt) != len(chunk[-1].prompt))):
+            if chunk and (
+                len(chunk) >= self.max_batch
+                or (len(chunk) + 1) * width > PREFILL_TOKENS
+                or (unpadded and len(job.prompt) != len(chunk[-1].prompt))
+            ):
                 self._decode(chunk, prefix_len, prefix)
                 chunk = []
             chunk.append(job)
@@ -268,15 +274,18 @@ class BatchDecoder:
         mask[:, :prefix_len] = 1
         positions = torch.full((n, width), prefix_len, dtype=torch.long)  # pads: any position will do
         for i, suffix in enumerate(suffixes):
-            ids[i, width - len(suffix):] = torch.tensor(suffix)
-            mask[i, prefix_len + width - len(suffix):] = 1
-            positions[i, width - len(suffix):] = torch.arange(prefix_len, prefix_len + len(suffix))
+            ids[i, width - len(suffix) :] = torch.tensor(suffix)
+            mask[i, prefix_len + width - len(suffix) :] = 1
+            positions[i, width - len(suffix) :] = torch.arange(prefix_len, prefix_len + len(suffix))
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         # the position of every cached key (pads: masked out, any value), kept only for sliding-window
         # models, whose masks are built from it
         sliding = isinstance(self._layout, SlidingLayout)
-        keys = torch.cat([torch.arange(prefix_len, device=self.device).expand(n, -1), positions], dim=1) \
-            if sliding else None
+        keys = (
+            torch.cat([torch.arange(prefix_len, device=self.device).expand(n, -1), positions], dim=1)
+            if sliding
+            else None
+        )
         cache = cache_with(prefix, repeat=n)
         logits = self._forward(ids, cache, self._mask(mask, keys, positions), positions)
         next_pos = positions[:, -1:] + 1
@@ -294,8 +303,9 @@ class BatchDecoder:
                 active, tokens = [active[i] for i in keep], [tokens[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             keys = torch.cat([keys, next_pos], dim=1) if sliding else None
-            logits = self._forward(torch.tensor(tokens, device=self.device)[:, None], cache,
-                                   self._mask(mask, keys, next_pos), next_pos)
+            logits = self._forward(
+                torch.tensor(tokens, device=self.device)[:, None], cache, self._mask(mask, keys, next_pos), next_pos
+            )
             next_pos = next_pos + 1
 
     def _mask(self, mask, keys, queries):
@@ -310,8 +320,14 @@ class BatchDecoder:
         """One forward pass that extends `cache`; the logits of the last position, one row per sequence.
         self.model is the base model with the LoRA layers (if any) injected: select_weights chose the adapter."""
         soft = self.soft if self.soft is not None and bool((ids < 0).any()) else None
-        out = self.model(**model_inputs(self.model, ids, soft), attention_mask=mask, position_ids=positions,
-                         **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            **model_inputs(self.model, ids, soft),
+            attention_mask=mask,
+            position_ids=positions,
+            **{self._cache_kw: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1, :]
 
     def _append(self, job: Job, token: int) -> bool:
@@ -331,9 +347,15 @@ class BatchDecoder:
     def _respond(self, job: Job) -> None:
         text, finish = self._finish(job.new, job.stops, job.max_new)
         self.stats["output_tokens"] += len(job.new)
-        job.future.set_result(Response(id=None, model=job.request.model, message=Message.assistant(text),
-                                       finish_reason=finish,
-                                       usage=Usage(input_tokens=len(job.prompt), output_tokens=len(job.new))))
+        job.future.set_result(
+            Response(
+                id=None,
+                model=job.request.model,
+                message=Message.assistant(text),
+                finish_reason=finish,
+                usage=Usage(input_tokens=len(job.prompt), output_tokens=len(job.new)),
+            )
+        )
 
     # ---- sampled requests: one at a time through model.generate
     def _sample(self, model, job: Job) -> None:
@@ -341,8 +363,12 @@ class BatchDecoder:
         config = job.request.config
         if config.seed is not None:
             torch.manual_seed(config.seed)  # global RNG: only this worker thread samples
-        kwargs = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p or 1.0,
-                  "top_k": config.top_k or 0}
+        kwargs = {
+            "do_sample": True,
+            "temperature": config.temperature,
+            "top_p": config.top_p or 1.0,
+            "top_k": config.top_k or 0,
+        }
         # virtual tokens (a soft prompt): generate from embeddings, which returns the new tokens only
         embedded = self.soft is not None and min(job.prompt) < 0
         start = 0 if embedded else len(job.prompt)
@@ -351,9 +377,13 @@ class BatchDecoder:
         ids = torch.tensor([job.prompt], device=self.device)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(self.eos_ids, default=None)  # none: generate would warn
-        out = model.generate(**model_inputs(self.model, ids, self.soft if embedded else None),
-                             attention_mask=torch.ones_like(ids), max_new_tokens=job.max_new, pad_token_id=pad,
-                             **kwargs)
+        out = model.generate(
+            **model_inputs(self.model, ids, self.soft if embedded else None),
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=job.max_new,
+            pad_token_id=pad,
+            **kwargs,
+        )
         job.new = out[0, start:].tolist()
         self._respond(job)
 
@@ -367,7 +397,7 @@ class BatchDecoder:
         text = self._decode_text(new)
         cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
         if cuts:
-            return text[:min(cuts)], "stop"
+            return text[: min(cuts)], "stop"
         ended = bool(new) and new[-1] in self.eos_ids
         return text, "stop" if ended or len(new) < max_new else "length"
 
@@ -408,7 +438,8 @@ class SlidingLayout:
         for kind in self.layer_types:
             ok = allowed & (distance < self.window) if kind == "sliding_attention" else allowed
             out[kind] = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(
-                ~(ok | own), torch.finfo(dtype).min)[:, None]
+                ~(ok | own), torch.finfo(dtype).min
+            )[:, None]
         return out
 
 
@@ -428,4 +459,3 @@ def attention_layout(config):
     if window and set(types) <= {"full_attention", "sliding_attention"}:
         return SlidingLayout(int(window), types)
     return UNPADDED
-

@@ -20,11 +20,11 @@ the summed NLL of its completion tokens over their count):
 - an optimizer step is `batch_size x grad_accum` rows (a seeded shuffle per epoch, `plan_steps`),
   computed in micro-batches of at most TOKEN_BUDGET computed tokens, a prompt prefix shared by the
   step's rows computed once, the LM head on the completion positions only: see
-  models/microbatch.py. Micro-batches give the gradient of the whole step (tested);
+  training/microbatch.py. Micro-batches give the gradient of the whole step (tested);
 - bf16 on bf16 GPUs (dtype auto) and on request (dtype bfloat16): frozen base weights stored in
   bf16, autocast, LoRA weights and AdamW in fp32; PEFT's cast of each LoRA input to fp32 is turned
   off (under autocast it only kept an fp32 copy of every linear input alive). fp32 on CPU by
-  default, even with avx512_bf16 (see models/device.py: what `dtype: auto` means);
+  default, even with avx512_bf16 (see weights/device.py: what `dtype: auto` means);
 - no gradient checkpointing (TRL's default): micro-batches keep memory small without it;
 - torch threads set to the CPU budget (affinity and cgroup quota) while training.
 Time and memory figures are in README.md (Performance) and bench/train_throughput.py's output.
@@ -58,15 +58,22 @@ from typing import Any
 from ..console import phase
 from ..errors import StepError
 from ..failpoints import failpoint
+from ..files import remove_stale_staged, staged_dir, write_atomic
 from ..recipe import Groups, Lora, SoftPrompt, Train
-from ..rundir import remove_stale_staged, staged_dir, write_atomic
+from ..weights.device import autocast
+from ..weights.soft_prompt import (
+    SUBFOLDER,
+    init_soft_prompt,
+    load_soft_prompt,
+    save_soft_prompt,
+    soft_prompt_files,
+    virtual_ids,
+)
 from . import microbatch
 from .curriculum import curriculum_steps, rank, row_losses
 from .data_parallel import Ranks, launch
-from .device import autocast
 from .hashing import fingerprint
 from .microbatch import Row, micro_batch_losses, plan_step
-from .soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, save_soft_prompt, soft_prompt_files, virtual_ids
 
 SAVE_STEPS = 20  # a checkpoint every this many optimizer steps: the most a killed run loses
 # Computed tokens per micro-batch (rows x its longest row; with a shared prefix, the prefix once +
@@ -96,7 +103,7 @@ class TrainResult:
     dtype: str
     dropped_rows: int = 0  # rows longer than train.max_length, left out
     resumed_from_step: int | None = None
-    processes: int = 1  # data-parallel training processes (models/data_parallel.py)
+    processes: int = 1  # data-parallel training processes (training/data_parallel.py)
     virtual_tokens: int = 0  # of the soft prompt trained with the adapter (the s step), if any
     curriculum: list[int] | None = None  # with train.curriculum: the rows (as kept) easiest first
 
@@ -117,11 +124,15 @@ class SoftTraining:
     init_text: str | None = None  # the module's instructions, with prompt.init == "instructions"
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt.model_dump(mode="json"), "groups": self.groups.model_dump(mode="json"),
-                "lora_rate": self.lora_rate, "init_text": self.init_text}
+        return {
+            "prompt": self.prompt.model_dump(mode="json"),
+            "groups": self.groups.model_dump(mode="json"),
+            "lora_rate": self.lora_rate,
+            "init_text": self.init_text,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "SoftTraining":
+    def from_json(cls, data: dict) -> SoftTraining:
         return cls(SoftPrompt(**data["prompt"]), Groups(**data["groups"]), data["lora_rate"], data["init_text"])
 
 
@@ -134,13 +145,18 @@ def to_prompt_completion(rows: list[dict]) -> list[dict]:
         if not isinstance(messages, list) or len(messages) < 2:
             raise StepError(f"training row {i}: expected {{'messages': [..., assistant]}} with at least 2 messages")
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                    "system", "user", "assistant"):
-                raise StepError(f"training row {i}: every message needs a role (system/user/assistant) "
-                                "and a text content")
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
+                raise StepError(
+                    f"training row {i}: every message needs a role (system/user/assistant) and a text content"
+                )
         if messages[-1]["role"] != "assistant":
-            raise StepError(f"training row {i}: the last message must be the assistant's completion, "
-                            f"not {messages[-1]['role']!r}")
+            raise StepError(
+                f"training row {i}: the last message must be the assistant's completion, not {messages[-1]['role']!r}"
+            )
         clean = [{"role": m["role"], "content": m["content"]} for m in messages]
         out.append({"prompt": clean[:-1], "completion": clean[-1:]})
     return out
@@ -151,7 +167,7 @@ def tokenize_pair(tokenizer, pair: dict) -> tuple[list[int], int]:
     conversational prompt/completion row: the completion starts where the tokenized prompt (with the
     generation prompt) and the tokenized prompt + completion diverge. The checkpoint's chat template
     is applied as the engine applies it to prompts (chat.py)."""
-    from .chat import chat_ids
+    from ..weights.chat import chat_ids
 
     prompt = chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
     full = chat_ids(tokenizer, pair["prompt"] + pair["completion"], add_generation_prompt=False)
@@ -182,21 +198,40 @@ def _threads(n: int):
 
 
 # ---------------------------------------------------------------- files
-def _resume_fingerprint(checkpoint: Path, pairs: list[dict], lora: Lora, train: Train, seed: int, device: str,
-                        dtype: str, init_adapter: Path | None = None, token_budget: int = 0,
-                        soft: SoftTraining | None = None) -> str:
+def _resume_fingerprint(
+    checkpoint: Path,
+    pairs: list[dict],
+    lora: Lora,
+    train: Train,
+    seed: int,
+    device: str,
+    dtype: str,
+    init_adapter: Path | None = None,
+    token_budget: int = 0,
+    soft: SoftTraining | None = None,
+) -> str:
     """What a work folder's checkpoints were trained on and with: a run resumes them only when it
     computes the same (base checkpoint, starting adapter, rows, settings, micro-batch plan); the
     number of data-parallel processes does not change what is computed."""
     share = microbatch.SHARE_PREFIX
-    settings = {"checkpoint": str(Path(checkpoint).resolve()), "lora": lora.model_dump(mode="json"),
-                "train": train.identity("processes"), "seed": seed, "device": device,
-                "dtype": dtype, "token_budget": token_budget, "trainer": 4 if share else 2,
-                "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0}
+    settings = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "lora": lora.model_dump(mode="json"),
+        "train": train.identity("processes"),
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "token_budget": token_budget,
+        "trainer": 4 if share else 2,
+        "shared_prefix": microbatch.MIN_SHARED_PREFIX if share else 0,
+    }
     if soft is not None:
         settings["soft"] = soft.to_json()
-    files = [Path(init_adapter) / name for name in ADAPTER_FILES] + soft_prompt_files(init_adapter) \
-        if init_adapter is not None else []
+    files = (
+        [Path(init_adapter) / name for name in ADAPTER_FILES] + soft_prompt_files(init_adapter)
+        if init_adapter is not None
+        else []
+    )
     return fingerprint(settings, pairs, files)
 
 
@@ -214,10 +249,21 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------- training
-def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int = 0,
-               log_path: Path | None = None, device: str = "auto", resume: bool = True,
-               dtype: str = "auto", init_adapter: Path | None = None,
-               token_budget: int | None = None, soft: SoftTraining | None = None) -> TrainResult:
+def train_lora(
+    checkpoint: Path,
+    rows: list[dict],
+    out_dir: Path,
+    lora: Lora,
+    train: Train,
+    seed: int = 0,
+    log_path: Path | None = None,
+    device: str = "auto",
+    resume: bool = True,
+    dtype: str = "auto",
+    init_adapter: Path | None = None,
+    token_budget: int | None = None,
+    soft: SoftTraining | None = None,
+) -> TrainResult:
     """Train a LoRA adapter on `rows` and write it to `out_dir` (a standard PEFT adapter folder).
 
     dtype: auto (bf16 autocast on a CUDA GPU with bf16 support, else fp32: resolve_train_dtype), float32
@@ -233,9 +279,21 @@ def train_lora(checkpoint: Path, rows: list[dict], out_dir: Path, lora: Lora, tr
     pairs = to_prompt_completion(rows)
     out_dir = Path(out_dir)
     with _lock(out_dir):
-        return _train_locked(Path(checkpoint), pairs, out_dir, lora, train, seed,
-                             Path(log_path) if log_path else None, device, resume, dtype,
-                             Path(init_adapter) if init_adapter else None, token_budget or 0, soft)
+        return _train_locked(
+            Path(checkpoint),
+            pairs,
+            out_dir,
+            lora,
+            train,
+            seed,
+            Path(log_path) if log_path else None,
+            device,
+            resume,
+            dtype,
+            Path(init_adapter) if init_adapter else None,
+            token_budget or 0,
+            soft,
+        )
 
 
 def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> list[list[int]]:
@@ -248,19 +306,20 @@ def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> lis
     while len(steps) < total:
         order = list(range(n_rows))
         random.Random(f"{seed}:{epoch}").shuffle(order)
-        steps += [order[i:i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
+        steps += [order[i : i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
         epoch += 1
     return steps[:total]
 
 
-def load_for_training(checkpoint: Path, lora: Lora, device: str, dtype: str, seed: int,
-                      init_adapter: Path | None = None):
+def load_for_training(
+    checkpoint: Path, lora: Lora, device: str, dtype: str, seed: int, init_adapter: Path | None = None
+):
     """The base model (frozen; bf16 weights when training in bf16) with a trainable fp32 LoRA adapter."""
     import torch
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from .embedded import load_causal_lm
+    from ..weights.checkpoint import load_causal_lm
 
     transformers.set_seed(seed)  # before the LoRA A matrices are initialized
     model = load_causal_lm(checkpoint, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -271,8 +330,13 @@ def load_for_training(checkpoint: Path, lora: Lora, device: str, dtype: str, see
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True, local_files_only=True)
     else:
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules))
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules),
+        )
         model = get_peft_model(model, config)
     for p in model.parameters():  # the adapter trains in fp32 whatever the base weights are
         if p.requires_grad and p.dtype != torch.float32:
@@ -336,13 +400,25 @@ class _Session:
     resumed_from_step: int | None = None
 
 
-def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
-                  log_path: Path | None, device: str, resume: bool, dtype: str,
-                  init_adapter: Path | None = None, token_budget: int = 0, soft: SoftTraining | None = None,
-                  ranks: Ranks = Ranks()) -> TrainResult:
+def _train_locked(
+    checkpoint: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    lora: Lora,
+    train: Train,
+    seed: int,
+    log_path: Path | None,
+    device: str,
+    resume: bool,
+    dtype: str,
+    init_adapter: Path | None = None,
+    token_budget: int = 0,
+    soft: SoftTraining | None = None,
+    ranks: Ranks = Ranks(),
+) -> TrainResult:
     """train_lora, holding the lock of out_dir: the steps of a training session, in order. With
     train.processes > 1 it starts that many processes, each of which runs this with its `ranks`."""
-    from .device import resolve_device, resolve_train_dtype
+    from ..weights.device import resolve_device, resolve_train_dtype
 
     device = resolve_device(device)
     dtype = resolve_train_dtype(dtype, device)
@@ -350,21 +426,36 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     if ranks.main:
         remove_stale_staged(out_dir)  # adapter folders half-written by a killed run; we hold the lock
     if train.processes > 1 and ranks.count == 1:
-        return _train_in_processes(checkpoint, pairs, out_dir, lora, train, seed, log_path, device, resume,
-                                   dtype, init_adapter, token_budget, soft)
+        return _train_in_processes(
+            checkpoint,
+            pairs,
+            out_dir,
+            lora,
+            train,
+            seed,
+            log_path,
+            device,
+            resume,
+            dtype,
+            init_adapter,
+            token_budget,
+            soft,
+        )
     data = _prepare_data(checkpoint, pairs, train.max_length, soft.prompt.virtual_tokens if soft else 0)
     if init_adapter is not None and not is_adapter_dir(init_adapter):
         raise StepError(f"{init_adapter}: not a PEFT adapter folder (needs {' and '.join(ADAPTER_FILES)})")
     work = out_dir.parent / f".{out_dir.name}.work"
-    key = _resume_fingerprint(checkpoint, data.pairs, lora, train, seed, device, dtype, init_adapter, token_budget,
-                              soft)
+    key = _resume_fingerprint(
+        checkpoint, data.pairs, lora, train, seed, device, dtype, init_adapter, token_budget, soft
+    )
     last = _open_work_dir(work, resume, key) if ranks.main else None
     ranks.barrier()  # process 0 has checked (or started over) the work folder
     if not ranks.main:
         last = _last_checkpoint(work)
     model = load_for_training(checkpoint, lora, device, dtype, seed, init_adapter)
-    session = _setup_optimizer(model, train.learning_rate, device, _soft_prompt(model, data, soft, init_adapter, seed),
-                               soft)
+    session = _setup_optimizer(
+        model, train.learning_rate, device, _soft_prompt(model, data, soft, init_adapter, seed), soft
+    )
     difficulty = _difficulty(session, data, train, device, dtype, token_budget, work, ranks.main)
     plan = _training_plan(data, train, seed, token_budget, device, dtype, work, ranks, difficulty)
     if last is not None:
@@ -379,15 +470,37 @@ def _train_locked(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora
     return result
 
 
-def _train_in_processes(checkpoint: Path, pairs: list[dict], out_dir: Path, lora: Lora, train: Train, seed: int,
-                        log_path: Path | None, device: str, resume: bool, dtype: str, init_adapter: Path | None,
-                        token_budget: int, soft: SoftTraining | None) -> TrainResult:
-    """_train_locked in train.processes processes (models/data_parallel.py); process 0's result."""
-    job = {"checkpoint": str(checkpoint), "pairs": pairs, "out_dir": str(out_dir), "lora": lora.model_dump(),
-           "train": train.model_dump(), "seed": seed, "log_path": str(log_path) if log_path else None,
-           "device": device, "resume": resume, "dtype": dtype,
-           "init_adapter": str(init_adapter) if init_adapter else None, "token_budget": token_budget,
-           "soft": soft.to_json() if soft else None}
+def _train_in_processes(
+    checkpoint: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    lora: Lora,
+    train: Train,
+    seed: int,
+    log_path: Path | None,
+    device: str,
+    resume: bool,
+    dtype: str,
+    init_adapter: Path | None,
+    token_budget: int,
+    soft: SoftTraining | None,
+) -> TrainResult:
+    """_train_locked in train.processes processes (training/data_parallel.py); process 0's result."""
+    job = {
+        "checkpoint": str(checkpoint),
+        "pairs": pairs,
+        "out_dir": str(out_dir),
+        "lora": lora.model_dump(),
+        "train": train.model_dump(),
+        "seed": seed,
+        "log_path": str(log_path) if log_path else None,
+        "device": device,
+        "resume": resume,
+        "dtype": dtype,
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "token_budget": token_budget,
+        "soft": soft.to_json() if soft else None,
+    }
     result = launch(train.processes, device, out_dir, job)
     return TrainResult(**{**result, "adapter_dir": Path(result["adapter_dir"])})
 
@@ -395,20 +508,29 @@ def _train_in_processes(checkpoint: Path, pairs: list[dict], out_dir: Path, lora
 def _prepare_data(checkpoint: Path, pairs: list[dict], max_length: int, virtual: int = 0) -> _Data:
     """Tokenize the prompt/completion rows with the checkpoint's tokenizer (after `virtual` soft-prompt
     tokens, if any) and drop those longer than max_length tokens; StepError when none is left."""
-    from .embedded import load_tokenizer
+    from ..weights.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint)  # its chat template formats the rows, as the engine's prompts
-    encoded = [(virtual_ids(virtual) + ids, start + virtual) for ids, start in (tokenize_pair(tokenizer, p)
-                                                                                for p in pairs)]
+    encoded = [
+        (virtual_ids(virtual) + ids, start + virtual) for ids, start in (tokenize_pair(tokenizer, p) for p in pairs)
+    ]
     keep = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= max_length]
     if not keep:
-        raise StepError(f"no training rows: all {len(pairs)} rows are longer than train.max_length="
-                        f"{max_length} tokens (shortest {min(len(ids) for ids, _ in encoded)}); "
-                        "raise train.max_length")
+        raise StepError(
+            f"no training rows: all {len(pairs)} rows are longer than train.max_length="
+            f"{max_length} tokens (shortest {min(len(ids) for ids, _ in encoded)}); "
+            "raise train.max_length"
+        )
     rows = [encoded[i] for i in keep]
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)  # masked out
-    return _Data(pairs=[pairs[i] for i in keep], rows=rows, lengths=[len(ids) for ids, _ in rows],
-                 dropped=len(pairs) - len(keep), pad_id=pad_id, tokenizer=tokenizer)
+    return _Data(
+        pairs=[pairs[i] for i in keep],
+        rows=rows,
+        lengths=[len(ids) for ids, _ in rows],
+        dropped=len(pairs) - len(keep),
+        pad_id=pad_id,
+        tokenizer=tokenizer,
+    )
 
 
 def _open_work_dir(work: Path, resume: bool, key: str) -> Path | None:
@@ -429,8 +551,9 @@ def _open_work_dir(work: Path, resume: bool, key: str) -> Path | None:
     return last
 
 
-def _difficulty(session: _Session, data: _Data, train: Train, device: str, dtype: str, token_budget: int,
-                work: Path, main: bool) -> list[float] | None:
+def _difficulty(
+    session: _Session, data: _Data, train: Train, device: str, dtype: str, token_budget: int, work: Path, main: bool
+) -> list[float] | None:
     """Each row's difficulty for train.curriculum (None without one): its length, or the loss of the model
     as it starts. Kept in the work folder, so that a resumed run trains on the plan it began with."""
     if train.curriculum is None:
@@ -455,16 +578,36 @@ def _answers(data: _Data, train: Train) -> list[str] | None:
     return [pair["completion"][-1]["content"] for pair in data.pairs]
 
 
-def _training_plan(data: _Data, train: Train, seed: int, token_budget: int, device: str, dtype: str,
-                   work: Path, ranks: Ranks, difficulty: list[float] | None = None) -> _Plan:
+def _training_plan(
+    data: _Data,
+    train: Train,
+    seed: int,
+    token_budget: int,
+    device: str,
+    dtype: str,
+    work: Path,
+    ranks: Ranks,
+    difficulty: list[float] | None = None,
+) -> _Plan:
     """The optimizer steps' rows: a fresh shuffle every epoch, or easy rows first (train.curriculum)."""
     rows_per_step = train.batch_size * train.grad_accum
     ranked = None if difficulty is None else rank(difficulty, _answers(data, train))
-    steps = plan_steps(len(data.rows), rows_per_step, train.epochs, seed) if ranked is None else \
-        curriculum_steps(ranked, rows_per_step, train.epochs, seed, train.curriculum.stages)
-    return _Plan(steps=steps,
-                 per_epoch=math.ceil(len(data.rows) / rows_per_step), learning_rate=train.learning_rate,
-                 token_budget=token_budget, device=device, dtype=dtype, work=work, ranks=ranks, curriculum=ranked)
+    steps = (
+        plan_steps(len(data.rows), rows_per_step, train.epochs, seed)
+        if ranked is None
+        else curriculum_steps(ranked, rows_per_step, train.epochs, seed, train.curriculum.stages)
+    )
+    return _Plan(
+        steps=steps,
+        per_epoch=math.ceil(len(data.rows) / rows_per_step),
+        learning_rate=train.learning_rate,
+        token_budget=token_budget,
+        device=device,
+        dtype=dtype,
+        work=work,
+        ranks=ranks,
+        curriculum=ranked,
+    )
 
 
 def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Path | None, seed: int):
@@ -480,13 +623,16 @@ def _soft_prompt(model, data: _Data, soft: SoftTraining | None, init_adapter: Pa
         text = soft.init_text if soft.prompt.init == "instructions" else None
         start = init_soft_prompt(base, data.tokenizer, soft.prompt.virtual_tokens, text, seed)
     if start.shape != (soft.prompt.virtual_tokens, base.get_input_embeddings().embedding_dim):
-        raise StepError(f"{init_adapter}: its soft prompt is {tuple(start.shape)}, the recipe asks for "
-                        f"{soft.prompt.virtual_tokens} virtual tokens")
+        raise StepError(
+            f"{init_adapter}: its soft prompt is {tuple(start.shape)}, the recipe asks for "
+            f"{soft.prompt.virtual_tokens} virtual tokens"
+        )
     return torch.nn.Parameter(start.to(base.device))
 
 
-def _setup_optimizer(model, learning_rate: float, device: str, soft_param=None,
-                     soft: SoftTraining | None = None) -> _Session:
+def _setup_optimizer(
+    model, learning_rate: float, device: str, soft_param=None, soft: SoftTraining | None = None
+) -> _Session:
     """AdamW on the model's trainable (LoRA) parameters, with TRL's settings (no weight decay); with an s
     step's soft prompt, two parameter groups (LoRA, soft prompt), each with its own settings."""
     import torch
@@ -498,15 +644,16 @@ def _setup_optimizer(model, learning_rate: float, device: str, soft_param=None,
     penalties = []
     if soft_param is not None:
         lora, prompt = soft.groups.lora, soft.groups.soft_prompt
-        groups = [{"params": params, "lr": soft.lora_rate, "weight_decay": lora.weight_decay},
-                  {"params": [soft_param], "lr": prompt.learning_rate, "weight_decay": prompt.weight_decay}]
+        groups = [
+            {"params": params, "lr": soft.lora_rate, "weight_decay": lora.weight_decay},
+            {"params": [soft_param], "lr": prompt.learning_rate, "weight_decay": prompt.weight_decay},
+        ]
         penalties = [(g.l2, ps) for g, ps in ((lora, params), (prompt, [soft_param])) if g.l2 > 0]
         params, names = params + [soft_param], names + ["soft_prompt"]
     for group in groups:
         group["peak_lr"] = group["lr"]  # each group decays linearly from its own
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **_fused(device))
-    return _Session(model=model, optimizer=optimizer, names=names, params=params, soft=soft_param,
-                    penalties=penalties)
+    return _Session(model=model, optimizer=optimizer, names=names, params=params, soft=soft_param, penalties=penalties)
 
 
 def _fused(device: str) -> dict:
@@ -524,15 +671,17 @@ def _train_loop(session: _Session, data: _Data, plan: _Plan, logger: _JsonlLog, 
     progress, a checkpoint every SAVE_STEPS steps; (tokens trained, seconds)."""
     import torch
 
-    from .device import cpu_budget
+    from ..weights.device import cpu_budget
 
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     n_steps, tokens = len(plan.steps), 0
     start = time.perf_counter()
     threads = max(1, cpu_budget() // plan.ranks.count)
-    with _threads(threads) if plan.device == "cpu" else nullcontext(), \
-            phase(label, n_steps - session.step) if plan.ranks.main else _silent() as tick:
+    with (
+        _threads(threads) if plan.device == "cpu" else nullcontext(),
+        phase(label, n_steps - session.step) if plan.ranks.main else _silent() as tick,
+    ):
         for index in range(session.step, n_steps):
             decay = (n_steps - index) / n_steps  # every group's learning rate decays linearly to 0
             loss, grad_norm, step_tokens = _train_step(session, data, plan.steps[index], decay, plan)
@@ -559,8 +708,9 @@ def _train_step(session: _Session, data: _Data, step: list[int], decay: float, p
     total, tokens = 0.0, 0
     groups = plan_step(data.lengths, plan.ranks.share(step), plan.token_budget, data.rows)
     with autocast(plan.device, plan.dtype):
-        for micro, nll, _ in micro_batch_losses(session.model, data.rows, groups, data.pad_id, plan.device,
-                                                session.soft):
+        for micro, nll, _ in micro_batch_losses(
+            session.model, data.rows, groups, data.pad_id, plan.device, session.soft
+        ):
             (nll / n_labels).backward()  # divided by the step's label count: the micro-batches add up to the step
             total += float(nll.detach())
             tokens += sum(data.lengths[i] for i in micro)
@@ -582,15 +732,20 @@ def _training_errors(session: _Session, plan: _Plan, max_length: int):
     try:
         yield
     except torch.OutOfMemoryError as err:
-        raise StepError(f"LoRA training ran out of {plan.device} memory with micro-batches of "
-                        f"{plan.token_budget} tokens, max_length={max_length}: lower train.max_length") from err
+        raise StepError(
+            f"LoRA training ran out of {plan.device} memory with micro-batches of "
+            f"{plan.token_budget} tokens, max_length={max_length}: lower train.max_length"
+        ) from err
     except (RuntimeError, ValueError) as err:
-        raise StepError(f"LoRA training failed at step {session.step + 1}: {err} "
-                        f"(checkpoints, if any, are kept in {plan.work} and a rerun resumes from them)") from err
+        raise StepError(
+            f"LoRA training failed at step {session.step + 1}: {err} "
+            f"(checkpoints, if any, are kept in {plan.work} and a rerun resumes from them)"
+        ) from err
 
 
-def _train_result(out_dir: Path, data: _Data, plan: _Plan, session: _Session, tokens: int, seconds: float,
-                  final_loss: float | None) -> TrainResult:
+def _train_result(
+    out_dir: Path, data: _Data, plan: _Plan, session: _Session, tokens: int, seconds: float, final_loss: float | None
+) -> TrainResult:
     import torch
 
     return TrainResult(
@@ -633,9 +788,16 @@ def _save_checkpoint(work: Path, step: int, session: _Session, tokens: int) -> N
 
     path = work / f"checkpoint-{step}.pt"
     tmp = work / f".checkpoint-{step}.pt.tmp"
-    torch.save({"step": step, "tokens": tokens, "rng": torch.get_rng_state(),
-                "adapter": {n: p.detach().cpu() for n, p in zip(session.names, session.params)},
-                "optimizer": session.optimizer.state_dict()}, tmp)
+    torch.save(
+        {
+            "step": step,
+            "tokens": tokens,
+            "rng": torch.get_rng_state(),
+            "adapter": {n: p.detach().cpu() for n, p in zip(session.names, session.params)},
+            "optimizer": session.optimizer.state_dict(),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
     for old in work.glob("checkpoint-*.pt"):
         if old != path:
@@ -690,10 +852,16 @@ class _JsonlLog:
 
     def log(self, step: int, epoch: float, loss: float, lr: float, grad_norm: float) -> None:
         self.last_loss = float(loss)
-        self.lines.append({"step": step, "epoch": round(epoch, 4), "loss": self.last_loss,
-                           "learning_rate": float(lr),
-                           "seconds": round(self._offset + time.perf_counter() - self._start, 3),
-                           "grad_norm": float(grad_norm)})
+        self.lines.append(
+            {
+                "step": step,
+                "epoch": round(epoch, 4),
+                "loss": self.last_loss,
+                "learning_rate": float(lr),
+                "seconds": round(self._offset + time.perf_counter() - self._start, 3),
+                "grad_norm": float(grad_norm),
+            }
+        )
         self.flush()
 
     def flush(self) -> None:

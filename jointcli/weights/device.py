@@ -22,8 +22,12 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = ("float32", "bfloat16", "float16")
 BF16_SWITCH = "JOINTOPT_CPU_BF16"
@@ -42,7 +46,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """auto: bf16 on CUDA GPUs and CPUs with native bf16 (avx512_bf16 or AMX), else fp32."""
     import torch
 
