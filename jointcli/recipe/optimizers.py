@@ -1,0 +1,145 @@
+"""The `optimizers:` section of a recipe: prompt, weight and simultaneous (s) optimizers, and their
+training settings (lora:, train:, traces:)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from .sections import Strict
+
+
+# ---------------------------------------------------------------- optimizers and schedule
+class PromptOptimizer(Strict):
+    type: Literal["prompt"]
+    optimizer: str = Field("BootstrapFewShot", description="a DSPy prompt optimizer, by class name")
+    args: dict[str, Any] = Field(default_factory=dict, description="passed to the optimizer's constructor")
+    compile_args: dict[str, Any] = Field(default_factory=dict, description="passed to compile()")
+    modules: list[str] | Literal["all"] = "all"
+    reflection_model: str | None = Field(None, description="GEPA: name of the model that reflects")
+
+
+class TraceSettings(Strict):
+    """Where a weight step's training rows come from (the rows themselves: steps.traces.Traces)."""
+
+    source: Literal["program+labels", "program", "teacher", "labels"] = Field(
+        "program+labels",
+        description="program+labels: the program's passing traces, and for each failed "
+        "example the gold labels inside the current prompt of the modules that output them; program: passing "
+        "traces only (BetterTogether); teacher: another model's passing traces; labels: the gold labels only "
+        "(single-module programs)",
+    )
+    teacher: str | None = Field(None, description="with source=teacher: a model name")
+    threshold: float = Field(1.0, description="keep traces whose metric score is >= threshold")
+
+
+class Lora(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1, description="usually 2x r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str] | str) -> list[str] | str:
+        if not v:
+            raise ValueError("must name at least one module, or be all-linear")
+        return v
+
+
+class Curriculum(Strict):
+    """Easy rows first (training/curriculum.py): the rows ranked by difficulty, the optimizer steps cut into
+    `stages` equal parts; stage k draws its rows from the easiest k/stages of them, the last from all."""
+
+    by: Literal["loss", "length"] = Field(
+        description="difficulty: the model's loss per completion token on "
+        "the row before training, or the row's length in tokens"
+    )
+    stages: int = Field(3, ge=2, le=20)
+    balance: bool = Field(
+        True,
+        description="rank rows within each answer (when answers repeat, as labels do) "
+        "and interleave them, so that every stage keeps the answers' shares; false: one "
+        "ranking, which on a biased model can sort the rows by label",
+    )
+
+
+class Train(Strict):
+    epochs: float = Field(2.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=16, description="tokens per training row; longer rows are left out (counted)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="training dtype; auto: bf16 on bf16 GPUs, fp32 on every CPU (weights/device.py)"
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        description="data-parallel training processes (one per GPU on CUDA); each "
+        "optimizer step's rows are shared out and the gradients summed (training/data_parallel.py)",
+    )
+    curriculum: Curriculum | None = Field(
+        None,
+        description="order the rows easy to hard in stages, e.g. "
+        "{by: loss, stages: 3}; none: a fresh shuffle every epoch",
+    )
+
+    def identity(self, *exclude: str) -> dict:
+        """The settings as JSON, for fingerprints; without a curriculum there is no such key, so the
+        fingerprints of trainings made before it existed stay what they were."""
+        skip = set(exclude) | ({"curriculum"} if self.curriculum is None else set())
+        return self.model_dump(mode="json", exclude=skip)
+
+
+class WeightOptimizer(Strict):
+    type: Literal["weight"]
+    modules: list[str] | Literal["all"] = Field("all", description="modules on local models to fine-tune")
+    traces: TraceSettings = TraceSettings()
+    lora: Lora = Lora()
+    train: Train = Train()
+    adapters: Literal["per_module", "shared"] = Field(
+        "per_module", description="one adapter per module, or one multitask adapter per base model"
+    )
+
+
+class SoftPrompt(Strict):
+    virtual_tokens: int = Field(8, ge=1, le=256, description="trainable embeddings put before the module's prompt")
+    init: Literal["instructions", "random"] = Field(
+        "instructions",
+        description="instructions: the embeddings of the module's instruction tokens (repeated "
+        "or cut to virtual_tokens); random: of vocabulary tokens drawn with the seed",
+    )
+
+
+class ParamGroup(Strict):
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate of the group (linear decay to 0); lora's default: train.learning_rate",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    l2: float = Field(0.0, ge=0, description="L2 penalty in the objective: l2 x the group's sum of squares")
+
+
+class Groups(Strict):
+    lora: ParamGroup = ParamGroup()
+    soft_prompt: ParamGroup = ParamGroup(learning_rate=3e-3)
+
+
+class SimultaneousOptimizer(WeightOptimizer):
+    """The `s` step: a soft prompt (PEFT prompt tuning) and a LoRA adapter trained in the same backward
+    pass, on the rows a weight step would train on; two parameter groups with their own settings."""
+
+    type: Literal["simultaneous"]
+    soft_prompt: SoftPrompt = SoftPrompt()
+    groups: Groups = Groups()
+
+    @property
+    def lora_rate(self) -> float:
+        """The LoRA group's peak learning rate: groups.lora.learning_rate, else train.learning_rate."""
+        return self.groups.lora.learning_rate or self.train.learning_rate
+
+
+OptimizerSpec = Annotated[PromptOptimizer | WeightOptimizer | SimultaneousOptimizer, Field(discriminator="type")]
