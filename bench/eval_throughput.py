@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/eval_throughput.py                      # trains a quick adapter first
     .venv/bin/python bench/eval_throughput.py --adapter runs/sst2/02-w/adapters/classify --n 50
+    .venv/bin/python bench/eval_throughput.py models.small.limits.max_batch=8   # recipe overrides
 
 The workload is recipes/sst2.yaml's module with 4 labeled demos (LabeledFewShot k=4, as the
 recipe's p step starts) and a LoRA adapter, evaluated on the SST-2 dev split with dspy.Evaluate
@@ -32,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from jointcli.inference.model_id import adapter_model_id
 from jointcli.models import build_lm
-from jointcli.weights.checkpoint import resolve_checkpoint  # noqa: E402
-from jointcli.weights.device import set_process_defaults  # noqa: E402
+from jointcli.weights.checkpoint import resolve_checkpoint
+from jointcli.weights.device import set_process_defaults
 
 set_process_defaults()  # a benchmark is an entry point, like the CLI: before torch loads
 
@@ -56,6 +57,7 @@ def parse_args():
     ap.add_argument("--train-rows", type=int, default=16, help="label rows for the quick adapter")
     ap.add_argument("--keep-adapter", type=Path, help="train the quick adapter into this folder (reuse with --adapter)")
     ap.add_argument("--no-fp32", action="store_true", help="skip jointopt in float32")
+    ap.add_argument("overrides", nargs="*", help="recipes/sst2.yaml overrides, e.g. models.small.limits.max_batch=8")
     return ap.parse_args()
 
 
@@ -108,7 +110,7 @@ class NaiveEngine:
 
 
 # ---------------------------------------------------------------- workload
-def workload(n: int):
+def workload(n: int, overrides: list[str]):
     import dspy
 
     from jointcli.data import load_splits
@@ -116,7 +118,7 @@ def workload(n: int):
     from jointcli.program import build_program
     from jointcli.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "sst2.yaml")
+    recipe = load_recipe(ROOT / "recipes" / "sst2.yaml", overrides)
     splits = load_splits(recipe.data)
     program = dspy.LabeledFewShot(k=4).compile(build_program(recipe), trainset=splits.train)
     metric = build_metric(recipe.metric, recipe.label_field)
@@ -193,12 +195,13 @@ def main():
     import torch
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    recipe, splits, program, metric, devset = workload(args.n)
+    recipe, splits, program, metric, devset = workload(args.n, args.overrides)
     args.threads = args.threads or recipe.runtime.num_threads
     spec = recipe.models["small"]
     print(
         f"workload: SST-2 dev, {len(devset)} examples, {args.threads} threads, sst2 module with "
-        f"{len(program.classify.demos)} labeled demos + LoRA, max_tokens {spec.max_tokens}, greedy; "
+        f"{len(program.classify.demos)} labeled demos + LoRA, max_tokens {spec.max_tokens}, greedy, "
+        f"engine limits {spec.limits.model_dump()}; "
         f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )

@@ -1,6 +1,6 @@
 """Score a run's chosen program on the data source's examples that the recipe's split never uses.
 
-    .venv/bin/python bench/held_out.py runs/sst2                 # the best step by dev (as `compare` picks it)
+    .venv/bin/python bench/held_out.py runs/sst2                 # the step the run ships (as compare picks it)
     .venv/bin/python bench/held_out.py runs/sst2 --step 02-w     # another finished step
     .venv/bin/python bench/held_out.py runs/sst2 --limit 200     # the first 200 of them (data.held_out)
 
@@ -42,7 +42,7 @@ def recall_by_class(rows: list[dict], field: str) -> dict[str, tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a run directory (runs/<name>)")
-    parser.add_argument("--step", help="a finished step's folder name (default: the best by dev)")
+    parser.add_argument("--step", help="a finished step's folder name (default: the step the run ships)")
     parser.add_argument("--limit", type=int, help="score at most this many held-out examples")
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""Benchmarks 3-5: wall time and peak memory of `jointopt joint recipes/sst2.yaml`, and of resuming it.
+"""The end-to-end benchmark: wall time and peak memory of `jointopt joint recipes/sst2.yaml`, and of resuming it.
 
     .venv/bin/python bench/joint_run.py                  # the shipped recipe (p -> w -> p), ~10 minutes
     .venv/bin/python bench/joint_run.py data.split.dev=20  # overrides go to the recipe

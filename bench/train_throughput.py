@@ -28,8 +28,8 @@ warm-up optimizer step then `--steps` measured ones of 8 rows each:
   in fp32 (its default `bf16=True` is for GPUs). DSPy's default `packing=True` is NOT used by
   default: TRL 1.16 packs into 4096-token padding-free rows whose attention is quadratic in the
   whole pack, far slower here; `--packing` runs it anyway.
-Then the shared prompt prefix against the same trainer without it (`microbatch.SHARE_PREFIX = False`:
-every row runs whole, as the trainer did before), in rows per second: on the same rows with demos
+Then the shared prompt prefix against the same trainer without it (`train.share_prefix: false`:
+every row runs whole), in rows per second: on the same rows with demos
 (target 2.5x), and on rows without demos (short, ~210 tokens: sharing must not make them slower).
 The two alternate in one child process, `--rounds` runs each (the order flips every round), and the
 ratio is that of their median times: on a shared machine load hits both alike.
@@ -113,14 +113,14 @@ def run_jointopt(rows: list[dict], steps: int, out: Path, dtype: str = "auto", s
     from transformers import AutoTokenizer
 
     from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
-    from jointcli.training import microbatch
-    from jointcli.training.lora import plan_steps, to_prompt_completion, tokenize_pair, train_lora
+    from jointcli.training.lora import train_lora
+    from jointcli.training.microbatch import plan_steps
+    from jointcli.training.rows import to_prompt_completion, tokenize_pair
     from jointcli.weights.checkpoint import resolve_checkpoint
 
-    microbatch.SHARE_PREFIX = share_prefix
-
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
-    train = Train(epochs=1, learning_rate=1e-3, batch_size=2, grad_accum=4)  # the shipped sst2 recipe
+    # the shipped sst2 recipe's settings
+    train = Train(epochs=1, learning_rate=1e-3, batch_size=2, grad_accum=4, share_prefix=share_prefix)
     log = out / "log.jsonl"
     result = train_lora(
         checkpoint, rows, out / "adapter", Lora(r=8, alpha=16), train, seed=0, log_path=log, device="cpu", dtype=dtype

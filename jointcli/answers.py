@@ -1,9 +1,18 @@
 """What a program answers, for label-like outputs: the distribution of its predictions, the score of
 always answering the majority class, and warnings when a score means less than it seems.
 
-    summary = answer_summary(rows, "sentiment")   # rows of predictions.jsonl; None: not label-like
-    summary.answers == {"positive": 46, "<none>": 4}; summary.majority == ("positive", 0.54)
-    answer_warnings(summary, scores)              # ["answers 'positive' to every example", ...]
+    >>> gold = ["positive"] * 6 + ["negative"] * 4
+    >>> rows = [{"gold": {"sentiment": g}, "prediction": {"sentiment": "Positive."}} for g in gold]
+    >>> rows[-1]["prediction"] = None  # a parse failure
+    >>> summary = answer_summary(rows, "sentiment")  # rows as in predictions.jsonl; None: not label-like
+    >>> summary.answers, summary.majority_label, summary.majority_score
+    ({'positive': 9, '<none>': 1}, 'positive', 0.6)
+    >>> format_answers(summary.answers)
+    'positive 9, <none> 1'
+    >>> for warning in answer_warnings(summary, [1.0] * 6 + [0.0] * 4):
+    ...     print(warning)
+    answers 'positive' to every example it answers
+    0.600 is within the 95% interval [0.300, 0.900] of always answering 'positive' (0.600)
 
 A field is label-like when its gold values on the split are few (at most MAX_LABELS distinct ones):
 sentiment, a flower species; not a number or free text. Values are compared as the built-in
@@ -25,6 +34,8 @@ NO_ANSWER = "<none>"  # a parse failure or an error: no value for the field
 
 @dataclass
 class AnswerSummary:
+    """What a program answered on one split, beside the score of always answering the majority label."""
+
     answers: dict[str, int]  # predicted value -> examples, most common first; NO_ANSWER for none
     majority_label: str  # the most common gold value (ties: the first in sorted order)
     majority_score: float  # its share of the split: the score of always answering it
@@ -41,7 +52,7 @@ class AnswerSummary:
 
 def answer_summary(rows: list[dict], field: str | None) -> AnswerSummary | None:
     """From evaluation rows ({"gold": {...}, "prediction": {...} | None}); None when the field is
-    not label-like or there are no rows."""
+    not label-like, a row has no gold value for it, or there are no rows."""
     values = [(r.get("gold") or {}).get(field) for r in rows] if field else []
     if not values or any(v is None for v in values):
         return None
@@ -61,14 +72,14 @@ def _answer(row: dict, field: str) -> str:
 
 
 def format_answers(answers: dict[str, int]) -> str:
-    """{"positive": 46, "<none>": 4} -> 'positive 46, <none> 4' (tables and logs)."""
+    """'positive 46, <none> 4' for {"positive": 46, "<none>": 4}: the answers in tables and logs."""
     return ", ".join(f"{answer} {n}" for answer, n in answers.items())
 
 
 def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[str]:
     """One line per reason to distrust the score: the program collapsed to one answer, or its 95%
     interval holds the majority-class score."""
-    from .stats import bootstrap_ci  # numpy: not for `status`, which only formats answers
+    from .stats import bootstrap_ci  # numpy: `status` imports this module only to format answers
 
     if summary is None or not scores:
         return []

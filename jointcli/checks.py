@@ -1,18 +1,19 @@
-"""Every check of a recipe that needs no run, in one place: `jointopt validate` runs them, and every
-command runs them before it opens a run directory (Context.open), so bad input fails before any step.
+"""Every check of a recipe that needs no run, in one place. `jointopt validate` and `jointopt plan`
+run them all; every command that runs steps (eval, optimize-prompts, bootstrap, finetune, joint,
+sweep) runs them before it opens a run directory (Context.open), so bad input fails before any step.
+status, compare and export read runs that exist and run none of them.
 
     check_recipe(recipe)                                  # None, or an InputError (exit code 2), one line
     check_recipe(recipe, steps=())                        # the same, but what the strategy's steps need
     spec = step_optimizer(recipe, "w", WeightOptimizer)   # the optimizer a command's step runs, checked
 
-recipe.py's schema checks the form of each key and the references between them. This module checks
-what the form cannot show: names that must exist (built-in data sets, metrics and models, each
-list's owner says which; DSPy prompt optimizers, with their arguments' names and types), the
-program a `class` names, what a module with `adapter: text` must be (`predict`, one output), the
-data file against the recipe's fields, the objectives of `schedule.select` (selection.py's), and
-what each step of the strategy needs. Steps keep only
-the checks that need what a run finds (no passing traces, a run that already has steps). Every
-message starts with the recipe key (or flag) it is about.
+The recipe package's schema checks the form of each key and the references between them. This module
+checks what the form cannot show: names that must exist (built-in data sets, metrics and models, each
+list's owner says which; DSPy prompt optimizers, with their arguments' names and types), the program a
+`class` names, what a module with `adapter: text` must be (`predict`, one output), the data file
+against the recipe's fields, the objectives of `schedule.select` (selection.py's), and what each step
+of the strategy needs. Steps keep only the checks that need what a run finds (no passing traces, a run
+that already has steps). Every message starts with the recipe key (or flag) it is about.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, Union, get_args, get_origin
 
+import dspy
+
+from .data import check_source, load_splits
 from .errors import InputError
+from .inference.model_id import check_model_name
+from .metrics import build_metric, check_metric_name
+from .program import build_program, model_of, module_names
 from .recipe import LocalModel, PromptOptimizer, Recipe, Select, WeightOptimizer, did_you_mean
+from .selection import COSTS, MAXIMIZE, OBJECTIVES
+from .steps.prompts import PROMPT_OPTIMIZERS, SUPPLIED, optimizer_class, parameters
+from .strategy import parse_strategy
+from .weights.checkpoint import check_model_path
 
 
 @contextmanager
@@ -40,10 +51,6 @@ def check_recipe(recipe: Recipe, steps: Iterable[str] | None = None) -> None:
     """Every error that depends only on the recipe (and the data it names), or None. `steps`: the
     optimizer keys the command will run, whose needs are checked too; by default the strategy's
     (`validate`, `joint`); () for a command that runs none, or checks its own (step_optimizer)."""
-    from .data import check_source, load_splits
-    from .metrics import build_metric, check_metric_name
-    from .schedule import parse_strategy
-
     check_source(recipe.data.source)
     check_metric_name(recipe.metric.name)
     _check_models(recipe)
@@ -85,8 +92,6 @@ def step_optimizer(recipe: Recipe, key: str, kind: type) -> PromptOptimizer | We
 def check_select(select: Select | None) -> None:
     """schedule.select (recipe.Select): objectives selection.py knows, each the right way round (a
     cost lower, the score higher), and bounds on costs only."""
-    from .selection import COSTS, MAXIMIZE, OBJECTIVES
-
     if select is None:
         return
     where = "schedule.select"
@@ -130,9 +135,6 @@ def check_select(select: Select | None) -> None:
 
 # ---------------------------------------------------------------- models and program
 def _check_models(recipe: Recipe) -> None:
-    from .inference.model_id import check_model_name
-    from .weights.checkpoint import check_model_path
-
     for name, model in recipe.models.items():
         if isinstance(model, LocalModel):
             with about(f"models.{name}"):
@@ -143,8 +145,6 @@ def _check_models(recipe: Recipe) -> None:
 
 def program_models(recipe: Recipe) -> dict[str, str]:
     """Each module of the program (each predictor of a `class` program) -> the name of its model."""
-    from .program import build_program, model_of, module_names
-
     _check_signatures(recipe)
     _check_text_modules(recipe)
     program = build_program(recipe)  # imports and makes a `class` program: its errors are InputErrors
@@ -156,8 +156,6 @@ def program_models(recipe: Recipe) -> dict[str, str]:
 
 def _check_signatures(recipe: Recipe) -> None:
     """Each module's signature as DSPy reads it (the schema checks only its 'a, b -> c' form)."""
-    import dspy
-
     for m in recipe.program.modules:
         try:
             signature = dspy.Signature(m.signature, m.instructions)
@@ -233,8 +231,6 @@ def _check_optimizer(recipe: Recipe, key: str, spec: Any, module_models: dict[st
 
 
 def _check_prompt_optimizer(key: str, spec: PromptOptimizer) -> None:
-    from .steps.prompts import PROMPT_OPTIMIZERS, SUPPLIED, optimizer_class, parameters
-
     if spec.optimizer not in PROMPT_OPTIMIZERS:
         raise InputError(
             f"optimizers.{key}.optimizer: unknown prompt optimizer {spec.optimizer!r}; available: "

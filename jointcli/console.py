@@ -4,17 +4,18 @@ Libraries print to stdout too (DSPy's BootstrapFewShot: "Bootstrapped 4 full tra
 metric). `prints_to_stderr()` sends all that to stderr while a run is open (context.open_run holds
 it), and a command prints its result after the block:
 
-    with prints_to_stderr():
-        report = work()
-    print(json.dumps(report))
+>>> with prints_to_stderr():
+...     print("Bootstrapped 4 full traces")  # to stderr, with the progress lines
+>>> print('{"score": 0.81}')  # the result, on stdout
+{"score": 0.81}
 
 Long phases report progress with `phase(...)`: a rich bar in a terminal; in a log or a pipe (CI,
-`tee`), where a bar shows nothing, a plain line every LOG_EVERY_S seconds and one at the end:
+`tee`), where a bar shows nothing, a plain line every LOG_EVERY_S seconds and one at the end
+("dev eval: 3/3 done in 0 s"), on stderr:
 
-    with phase("dev eval", total=50) as tick:
-        for example in devset:
-            ...
-            tick()
+>>> with phase("dev eval", total=3) as tick:
+...     for example in range(3):
+...         tick()
 """
 
 from __future__ import annotations
@@ -171,15 +172,13 @@ def step_log(path: Path) -> Iterator[None]:
 def quiet_libraries() -> None:
     """The CLI (cli.main) shows its own progress: DSPy's per-call warnings (a truncated answer is a
     parse failure, counted in eval.json) and transformers' loading bars would bury it."""
-    import logging
-
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     logging.getLogger("dspy.teleprompt").setLevel(logging.WARNING)
     if "transformers" not in sys.modules:  # read when it loads; importing it here costs ~2 s a command
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         return
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # loaded already: costs nothing here
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

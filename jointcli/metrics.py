@@ -1,17 +1,22 @@
-"""Metrics in DSPy's convention: `metric(example, pred, trace=None) -> float` in [0, 1].
+"""Metrics in DSPy's convention: `metric(example, pred, trace=None) -> float`.
 
-    metric = build_metric(recipe.metric, recipe.label_field)
-    metric(dspy.Example(sentiment="positive"), dspy.Prediction(sentiment=" Positive."))  # 1.0
+    >>> import dspy
+    >>> from jointcli.recipe import Metric
+    >>> metric = build_metric(Metric(name="exact_match"), "sentiment")  # the recipe's metric, its label field
+    >>> metric(dspy.Example(sentiment="positive"), dspy.Prediction(sentiment=" Positive."))
+    1.0
+    >>> metric(dspy.Example(sentiment="positive"), dspy.Prediction())  # a parse failure
+    0.0
 
 The returned callable also accepts GEPA's extra arguments (pred_name, pred_trace), so the same
 function serves Evaluate, the bootstrap optimizers and GEPA. A prediction that lacks the field
-(a parse failure) scores 0.0; scores are never negative, so `bool(score)` is pass/fail.
+(a parse failure) scores 0.0.
 
-Built-ins: exact_match (normalized string equality), numeric (last number, |a-b| <= 1e-6),
-f1 (SQuAD token F1). Anything else is `package.module:function`, imported with the current
-directory on sys.path; its result is made a float (a result with a `.score`, such as GEPA's
-`dspy.Prediction(score=..., feedback=...)`, gives its score). The user function stays reachable
-as `metric.user_function`.
+Built-ins, each scoring from 0.0 to 1.0: exact_match (normalized string equality), numeric (last
+number, |a-b| <= 1e-6), f1 (SQuAD token F1). Anything else is `package.module:function`, imported
+with the current directory on sys.path; its result is made a float (a result with a `.score`, such
+as GEPA's `dspy.Prediction(score=..., feedback=...)`, gives its score; None and NaN give 0.0). The
+user function stays reachable as `metric.user_function`.
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def normalize_exact(text: Any) -> str:
     """Lowercase, strip surrounding whitespace/punctuation/quotes, collapse inner whitespace.
 
     The sign and decimal point of a leading number stay: "-5" and ".5" are not "5".
+
+    >>> normalize_exact(' "Positive." '), normalize_exact("(-5)"), normalize_exact(".5")
+    ('positive', '-5', '.5')
     """
     text = " ".join(str(text).lower().split()).rstrip(_SURROUND)
     stripped = text.lstrip(_SURROUND)
@@ -72,7 +80,11 @@ _PUNCT = set(string.punctuation) | set(_QUOTES)
 
 
 def normalize_squad(text: Any) -> str:
-    """SQuAD normalization: lowercase, drop punctuation and articles, collapse whitespace."""
+    """SQuAD normalization: lowercase, drop punctuation and articles, collapse whitespace.
+
+    >>> normalize_squad("The Eiffel  Tower!")
+    'eiffel tower'
+    """
     text = "".join(ch for ch in str(text).lower() if ch not in _PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
@@ -82,7 +94,11 @@ _NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
 def last_number(text: Any) -> float | None:
-    """The last number in `text` ("1,234" -> 1234, "$5" -> 5, "-3.50" -> -3.5), or None."""
+    """The last number in `text`, or None.
+
+    >>> last_number("1,234"), last_number("$5"), last_number("from 2 to -3.50"), last_number("none")
+    (1234.0, 5.0, -3.5, None)
+    """
     if text is None:
         return None
     if isinstance(text, bool):
@@ -96,12 +112,18 @@ def last_number(text: Any) -> float | None:
 
 # ---------------------------------------------------------------- built-in scores
 def exact_match_score(gold: Any, pred: Any) -> float:
+    """1.0 when the two are equal after normalize_exact; 0.0 when either is missing."""
     if gold is None or pred is None:
         return 0.0
     return float(normalize_exact(gold) == normalize_exact(pred))
 
 
 def numeric_score(gold: Any, pred: Any) -> float:
+    """1.0 when the last numbers of the two agree within 1e-6.
+
+    >>> numeric_score("1,234", "The answer is 1234.")
+    1.0
+    """
     g, p = last_number(gold), last_number(pred)
     if g is None or p is None:
         return 0.0
@@ -109,6 +131,11 @@ def numeric_score(gold: Any, pred: Any) -> float:
 
 
 def f1_score(gold: Any, pred: Any) -> float:
+    """SQuAD token F1 of the normalized words (normalize_squad).
+
+    >>> round(f1_score("the Eiffel Tower", "Eiffel tower in Paris"), 3)  # precision 2/4, recall 2/2
+    0.667
+    """
     if gold is None or pred is None:
         return 0.0
     gold_toks, pred_toks = normalize_squad(gold).split(), normalize_squad(pred).split()

@@ -1,4 +1,4 @@
-"""The run directory: the only code that writes into `runs/NAME/`.
+"""The run directory `runs/NAME/`: its frozen recipe, manifest, lock and step folders.
 
     runs/sst2/
       recipe.yaml          the resolved recipe, frozen at the first command
@@ -8,11 +8,15 @@
       01-p/                program.json, state.json, eval.json, predictions.jsonl
       02-w/                traces.jsonl, adapters/<module>/, train_log.jsonl, ...
 
-Every file is written to a temporary name in the same folder, flushed, then renamed over its
-target, so a killed process leaves either the old file or the new one, never half of one; the next
-writer removes the temporaries it left (`remove_temporaries`). A step's entry says `done` only after
-all its files are in place: a resume trusts `done` steps whose files are still there (`damage`)
-and starts any other step over. A full disk or an unwritable folder is bad input (`disk_errors`).
+This module writes the run's own files (recipe.yaml, manifest.json, run.lock) and makes, copies
+and removes step folders. What a step puts in its folder its code writes: results (evaluations,
+traces, program state, adapters) through files.py, logs (dspy.log, train logs) as they come.
+Results and the manifest are written to a temporary name in the same folder, flushed, then renamed
+over their target, so a killed process leaves either the old file or the new one, never half of
+one; the next writer removes the temporaries it left (`remove_temporaries`). A step's entry says
+`done` only after all its files are in place: a resume trusts `done` steps whose files are still
+there (`damage`) and starts any other step over. A full disk or an unwritable folder is bad input
+(`disk_errors`).
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .failpoints import failpoint
-from .files import disk_errors, now, remove_temporaries, write_atomic, write_json
+from .files import copy_dir, disk_errors, now, remove_temporaries, write_atomic, write_json
 from .recipe import Recipe, recipe_to_yaml, validate_recipe
+from .step_kinds import STATE_KINDS, StepKind
+from .weights.adapter import ADAPTER_FILES
 
 MANIFEST_VERSION = 1
 
@@ -41,24 +46,12 @@ def recipe_digest(recipe: Recipe) -> str:
     return hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
 
 
-class StepKind(StrEnum):
-    """What a step did. The values are written into manifest.json and into folder names (02-w)."""
-
-    INIT = "init"  # another run's best program copied in (joint --init-from)
-    BASELINE = "baseline"  # the first evaluation, of the recipe's program
-    EVAL = "eval"  # a later evaluation
-    PROMPT = "p"  # a prompt optimizer
-    WEIGHT = "w"  # LoRA fine-tuning
-    SIMULTANEOUS = "s"  # a soft prompt and LoRA trained together
-    BOOTSTRAP = "bootstrap"  # traces recorded for a weight step
-
-
 @dataclass
 class Step:
     """One entry of the manifest."""
 
     index: int
-    kind: str  # a StepKind value: init | baseline | eval | p | w | bootstrap
+    kind: str  # a StepKind value (step_kinds.py): init | baseline | eval | p | w | s | bootstrap
     status: str = "running"  # running | done | failed
     started: str = field(default_factory=now)
     ended: str | None = None
@@ -74,13 +67,6 @@ class Step:
 
 
 STATUSES = ("running", "done", "failed")
-STATE_KINDS = (
-    StepKind.INIT,
-    StepKind.PROMPT,
-    StepKind.WEIGHT,
-    StepKind.SIMULTANEOUS,
-)  # the steps that save a program state
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter, as lora.py saves it
 LOCK_GRACE_S = 0.5  # lock() retries this long: the holder may be letting go (a process ending, a status look)
 
 
@@ -342,8 +328,7 @@ class RunDir:
         `p -> w` starts from its sibling `p`'s folders instead of computing them again. Folders
         first, then the manifest, so a killed copy leaves an empty manifest and is redone."""
         for step in steps:
-            shutil.rmtree(self.step_dir(step), ignore_errors=True)
-            shutil.copytree(donor.step_dir(step), self.step_dir(step))
+            copy_dir(donor.step_dir(step), self.step_dir(step))
         self._save_steps([Step(**{**s.__dict__, "info": {**s.info, "adopted_from": str(donor.path)}}) for s in steps])
 
 

@@ -1,74 +1,37 @@
 """The schedule: run a strategy such as `p -> w -> p` over a run directory, resumably.
 
-    keys = parse_strategy("p -> w -> p", recipe.optimizers)      # ["p", "w", "p"]
-    best = run_joint(ctx)                                         # the best step, scored on test
+    with open_run(Path("recipes/sst2.yaml"), [], name="sst2", runs_dir=Path("runs")) as ctx:
+        best = run_joint(ctx)                                   # the step that ships, scored on test
     runs = run_joint_seeds(Path("recipes/sst2.yaml"), seeds="0,1,2")   # what `jointopt joint` does
 
-Plan: baseline, then one step per letter, each followed by a dev evaluation (inside the step);
-then the best program (by dev score, ties to the earlier step; or by the recipe's `schedule.select`
-rule, selection.py) and the last one are evaluated on the test split. Finished steps found in the
-manifest are not repeated, so running the same command again after a crash or Ctrl-C resumes where
-it stopped.
+Plan: baseline, then one step per letter (strategy.py reads them; steps/registry.py says which step
+class runs each), each followed by a dev evaluation (inside the step); then the step to ship (by dev
+score, ties to the earlier step; or by the recipe's `schedule.select` rule: selection.shipping) and
+the last one are evaluated on the test split. Finished steps found in the manifest are not repeated,
+so running the same command again after a crash or Ctrl-C resumes where it stopped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .checks import about, check_recipe, check_steps
+from .context import Context, open_run
 from .errors import InputError
-from .recipe import PromptOptimizer, did_you_mean
-from .rundir import RunDir, Step, StepKind
-
-if TYPE_CHECKING:
-    from .context import Context
-
-STEP_KIND = {
-    "prompt": StepKind.PROMPT,
-    "weight": StepKind.WEIGHT,  # optimizer type -> its step's kind
-    "simultaneous": StepKind.SIMULTANEOUS,
-}
-ZERO_SHOT = ("none", "zero-shot")  # an empty strategy is an error: a value lost on its way, not a choice
-# the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
-SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)
+from .recipe import Recipe, load_recipe
+from .rundir import RunDir, Step
+from .selection import shipping
+from .step_kinds import SCHEDULE_KINDS, StepKind, kind_of_optimizer
+from .steps.eval_step import score_on_test
+from .steps.init_step import init_step, warm_start
+from .steps.registry import PLANNED
+from .strategy import parse_seeds, parse_strategy
 
 PlanEntry = tuple[str, str | None]  # (step kind, optimizer key); the baseline has no key
 
 
-def parse_strategy(text: str, optimizers: dict, where: str = "schedule.strategy") -> list[str]:
-    """'p -> w -> p' -> ['p', 'w', 'p']; each letter must be a key of `optimizers`. `where` names the
-    strategy's origin in errors (a sweep's --strategies)."""
-    if text.strip().lower() in ZERO_SHOT:
-        return []
-    if not text.strip():
-        raise InputError(f"{where}: empty; write steps like 'p -> w -> p', or 'none' for zero-shot")
-    keys = [part.strip() for part in text.split("->")]
-    for key in keys:
-        if not key:
-            raise InputError(f"{where}: {text!r} has an empty step; write steps like 'p -> w -> p'")
-        if key not in optimizers:
-            raise InputError(
-                f"{where}: unknown step {key!r} in {text!r}; steps are the keys of "
-                f"optimizers: {', '.join(optimizers) or 'none'}{did_you_mean(key, optimizers)}"
-            )
-    return keys
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2]: at least one seed, each once, none negative (as the recipe's `seed`)."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
-    if not values or len(set(values)) != len(values):
-        raise InputError(f"--seeds: {text!r} must name at least one seed, each once")
-    if min(values) < 0:
-        raise InputError(f"--seeds: {text!r}: seeds are integers from 0")
-    return values
-
-
-def pick_optimizer(recipe, key: str | None, optimizer_type: str) -> str:
+def pick_optimizer(recipe: Recipe, key: str | None, optimizer_type: str) -> str:
     """The optimizer key a step uses: `key` (--optimizer) if given, else the recipe's first optimizer
     of that type ("prompt" or "weight")."""
     if key is not None:
@@ -80,10 +43,10 @@ def pick_optimizer(recipe, key: str | None, optimizer_type: str) -> str:
 
 
 # ---------------------------------------------------------------- plan and progress
-def schedule_plan(recipe) -> list[PlanEntry]:
+def schedule_plan(recipe: Recipe) -> list[PlanEntry]:
     """[(step kind, optimizer key)] of the recipe's strategy, including the baseline."""
     keys = parse_strategy(recipe.schedule.strategy, recipe.optimizers)
-    return [(StepKind.BASELINE, None)] + [(STEP_KIND[recipe.optimizers[k].type], k) for k in keys]
+    return [(StepKind.BASELINE, None)] + [(kind_of_optimizer(recipe.optimizers[k].type), k) for k in keys]
 
 
 def finished_steps(run: RunDir) -> list[Step]:
@@ -115,16 +78,7 @@ def _resume_position(run: RunDir, plan: list[PlanEntry]) -> int:
     return len(done)
 
 
-def best_step(steps: list):
-    """The step with the highest dev score; ties go to the earlier step."""
-    best = None
-    for s in steps:
-        if "dev" in s.scores and (best is None or s.scores["dev"] > best.scores["dev"]):
-            best = s
-    return best
-
-
-def _stalled(steps: list, patience: int | None) -> bool:
+def _stalled(steps: list[Step], patience: int | None) -> bool:
     """True when the last `patience` steps did not improve on the best dev score before them."""
     if not patience or len(steps) <= patience:
         return False
@@ -134,11 +88,8 @@ def _stalled(steps: list, patience: int | None) -> bool:
 
 # ---------------------------------------------------------------- running
 def run_joint(ctx: Context) -> Step:
-    """Run (or resume) the recipe's schedule in `ctx`'s run; returns the best step (by dev score, or
-    by schedule.select), with its test score. The manifest records it as `best`, and `finished`."""
-    from .checks import check_steps
-    from .steps.kinds import eval_step, prompt_step, test_eval, weight_step
-
+    """Run (or resume) the recipe's schedule in `ctx`'s run; returns the step that ships (by dev score,
+    or by schedule.select), with its test score. The manifest records it as `best`, and `finished`."""
     plan = schedule_plan(ctx.recipe)
     check_steps(ctx.recipe, [key for _, key in plan if key])  # before any step (a sweep comes here directly)
     position = _resume_position(ctx.run, plan)
@@ -147,33 +98,26 @@ def run_joint(ctx: Context) -> Step:
         if _stalled(scored, ctx.recipe.schedule.patience):
             ctx.run.set_manifest_field("stopped_early", True)
             break
-        if kind == StepKind.BASELINE:
-            eval_step(ctx, "dev")
-        elif isinstance(ctx.recipe.optimizers[key], PromptOptimizer):
-            prompt_step(ctx, key)
-        else:
-            weight_step(ctx, key)
-    scored = [s for s in finished_steps(ctx.run) if "dev" in s.scores]
-    best, last = _select(ctx, scored), scored[-1]
-    ctx.run.set_manifest_field("best", best.folder)
+        PLANNED[kind](key).run(ctx)
+    best = record_best(ctx.run)
+    last = [s for s in finished_steps(ctx.run) if "dev" in s.scores][-1]
     for step in [best] + ([last] if last.folder != best.folder else []):
         if "test" not in step.scores:
-            test_eval(ctx, step)
+            score_on_test(ctx, step)
     ctx.run.set_manifest_field("finished", True)
     return best
 
 
-def _select(ctx: Context, scored: list[Step]) -> Step:
-    """The step to ship: the best dev score, or the one the recipe's schedule.select chooses; then the
-    manifest also records the rule, the choice and why the rule chose none (`selection`)."""
-    from .selection import choose_step
-
-    select = ctx.recipe.schedule.select
-    if select is None:
-        return best_step(scored)
-    chosen = choose_step(ctx.run.path, finished_steps(ctx.run), select)
-    ctx.run.set_manifest_field("selection", {"rule": chosen.rule, "step": chosen.folder, "fallback": chosen.fallback})
-    return next(s for s in scored if s.folder == chosen.folder)
+def record_best(run: RunDir) -> Step:
+    """Choose the step to ship from the run's steps as they are now (not the manifest's earlier
+    choice) and record it as the manifest's `best`; with a schedule.select rule also the rule, its
+    choice and why it chose none (`selection`)."""
+    shipped = shipping(run, recorded=False)
+    if shipped.selection is not None:
+        chosen = shipped.selection
+        run.set_manifest_field("selection", {"rule": chosen.rule, "step": chosen.folder, "fallback": chosen.fallback})
+    run.set_manifest_field("best", shipped.step.folder)
+    return shipped.step
 
 
 def run_joint_seeds(
@@ -190,11 +134,6 @@ def run_joint_seeds(
     recipe's name), or once per seed of `seeds` ("0,1,2") as NAME/seed-N; each run starts from
     `init_from`'s best program if given. `after(run)` is called when each run has finished. Returns
     the run directories. A bad strategy or seed list fails before any run starts."""
-    from .checks import about, check_recipe
-    from .context import open_run
-    from .recipe import load_recipe
-    from .steps.kinds import init_step, warm_start
-
     base = load_recipe(recipe_path, overrides or [])
     check_recipe(base)  # the strategy's steps included: exit 2 before any run directory is made
     runs = [(None, name or base.name)]

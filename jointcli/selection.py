@@ -1,8 +1,14 @@
 """Choosing the step to ship: the best dev score, or the rule of the recipe's `schedule.select`.
 
-    figures = [Figures("01-p", 0.80, tokens=412.0), Figures("02-w", 0.78, tokens=250.0)]
-    select_step(figures, Select(maximize="-tokens", constraints={"tokens": 300})).folder   # "02-w"
-    chosen = choose_step(run.path, run.done_steps(), recipe.schedule.select)   # the same, from a run's files
+    >>> from jointcli.recipe import Select
+    >>> figures = [Figures("01-p", 0.80, tokens=412.0), Figures("02-w", 0.78, tokens=250.0)]
+    >>> select_step(figures, Select(maximize="-tokens", constraints={"tokens": 300})).folder
+    '02-w'
+
+From a run's files (no model needed, but a run directory):
+
+    step = shipped_step(run)            # what ships: the manifest's `best`, else the rule's choice now
+    chosen = choose_step(run.path, run.done_steps(), recipe.schedule.select)   # the rule over some steps
 
 Candidates are the dev-scored steps. Constraints are upper bounds on costs: a step over one is no
 candidate, nor is a step whose figure for the rule is unknown. Among the rest the rule's objective
@@ -27,8 +33,9 @@ from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .files import read_json, read_jsonl
-from .rundir import STATE_KINDS, Step
-from .weights.soft_prompt import SUBFOLDER
+from .rundir import RunDir, Step
+from .step_kinds import PROGRAM_KINDS, STATE_KINDS
+from .weights.adapter import SOFT_PROMPT_SUBFOLDER
 
 if TYPE_CHECKING:
     from .recipe import Select
@@ -132,6 +139,43 @@ def _why_none(candidates: list[Figures], constraints: dict[str, float], weights:
     return "; ".join(misses) or f"no step meets {_bounds(constraints)} at once"
 
 
+# ---------------------------------------------------------------- the step a run ships
+@dataclass(frozen=True)
+class Shipped:
+    """The step a run ships (None: no step has a dev score) and, with a schedule.select rule, what
+    the rule chooses among the run's steps now (its fallback says why it chose none)."""
+
+    step: Step | None
+    selection: Selection | None = None
+
+
+def shipping(run: RunDir, recorded: bool = True) -> Shipped:
+    """Which step of `run` ships, for the schedule, compare, status, export and the warm start.
+
+    The step the manifest records as `best` (a joint run's choice), if it is a finished, dev-scored
+    step; else (or with `recorded=False`, when the schedule is choosing) the one the recipe's
+    schedule.select chooses, or the best dev score, ties to the earlier step. Candidates are the
+    finished steps whose program was scored (step_kinds.PROGRAM_KINDS)."""
+    steps = [s for s in run.done_steps() if s.kind in PROGRAM_KINDS]
+    scored = [s for s in steps if "dev" in s.scores]
+    select = run.recipe().schedule.select
+    selection = choose_step(run.path, steps, select) if select is not None else None
+    best = next((s for s in scored if s.folder == run.manifest().get("best")), None) if recorded else None
+    if best is None:
+        best = best_step(scored) if selection is None else next(s for s in scored if s.folder == selection.folder)
+    return Shipped(best, selection)
+
+
+def shipped_step(run: RunDir, recorded: bool = True) -> Step | None:
+    """The step `run` ships (`shipping`); None when no step has a dev score."""
+    return shipping(run, recorded).step
+
+
+def best_step(steps: list[Step]) -> Step | None:
+    """The step with the highest dev score; ties go to the earlier step; None when none has one."""
+    return max((s for s in steps if "dev" in s.scores), key=lambda s: s.scores["dev"], default=None)
+
+
 # ---------------------------------------------------------------- figures from a run's files
 def choose_step(run_path: Path, steps: list[Step], select: Select | None) -> Selection | None:
     """The step `select` chooses among the dev-scored ones of `steps` (finished steps of a run, in
@@ -179,7 +223,7 @@ def program_parameters(run_path: Path, steps: list[Step], step: Step) -> int | N
 def adapter_parameters(adapter: Path) -> int:
     """The parameters a PEFT adapter folder holds, its soft prompt's (prompt_tuning/) included, from the
     safetensors headers (8 bytes of length, then JSON: tensor name -> dtype, shape, offsets); no torch needed."""
-    soft = adapter / SUBFOLDER / "adapter_model.safetensors"
+    soft = adapter / SOFT_PROMPT_SUBFOLDER / "adapter_model.safetensors"
     return _tensor_parameters(adapter / "adapter_model.safetensors") + (
         _tensor_parameters(soft) if soft.is_file() else 0
     )

@@ -1,8 +1,14 @@
 """Statistics for comparing runs on the same examples: bootstrap intervals, McNemar, Pareto fronts.
 
-    mean, lo, hi = bootstrap_ci([1, 0, 1, 1])                 # 95% interval over examples
-    diff = paired_difference(scores_a, scores_b)               # Difference(delta, lo, hi, p_mcnemar, ...)
-    front = pareto_front([(0.8, 900), (0.7, 400), (0.6, 950)])  # [0, 1]: (quality up, cost down)
+    >>> bootstrap_ci([1, 0, 1, 1])  # (mean, low, high): the 95% interval over examples
+    (0.75, 0.25, 1.0)
+    >>> d = paired_difference([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 1, 0, 0, 0, 0], binary=True)
+    >>> d
+    Difference(delta=0.7, low=0.4, high=1.0, only_a=7, only_b=0, p_mcnemar=0.015625)
+    >>> d.significant
+    True
+    >>> pareto_front([(0.8, 900), (0.7, 400), (0.6, 950)])  # (quality up, cost down); cheapest first
+    [1, 0]
 
 Everything is seeded, so the same inputs give the same intervals in every process.
 """
@@ -71,7 +77,8 @@ def paired_difference(a, b, binary: bool = False, seed: int = 0) -> Difference:
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats: (quality, cost) with quality higher-better and
-    cost lower-better. A point is dominated by one at least as good on both and better on one."""
+    cost lower-better. A point is dominated by one at least as good on both and better on one.
+    Cheapest first (equal costs: the better quality first)."""
     front = []
     for i, (q, c) in enumerate(points):
         dominated = any(q2 >= q and c2 <= c and (q2 > q or c2 < c) for j, (q2, c2) in enumerate(points) if j != i)

@@ -9,58 +9,32 @@ Every run resumes like `jointopt joint`. Strategies run shortest first, and a ru
 begins like a finished sibling's (same seed, same recipe but the strategy) adopts that sibling's
 steps instead of computing them again: `p -> w -> p` starts from `p -> w`'s three folders. The
 result is the same as running it alone (steps are seeded and the LM greedy), minus the wait.
-
-The CLI imports this module when it starts (DEFAULT_STRATEGIES), so the library comes in lazily.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .checks import check_recipe
+from .compare import Group, load_group
 from .console import console
-from .errors import InputError, StepError
-
-if TYPE_CHECKING:
-    from .compare import Group
-    from .rundir import RunDir, Step
-
-# zero-shot, each kind alone, the same two steps of one kind (the controls: does alternating beat
-# spending the steps on one kind?), then the alternations
-DEFAULT_STRATEGIES = "none, p, w, p -> p, w -> w, p -> w, w -> p, p -> w -> p"
+from .context import Context, open_run
+from .errors import StepError
+from .recipe import Recipe, load_recipe
+from .rundir import RunDir, Step
+from .schedule import plan_progress, run_joint, schedule_plan
+from .strategy import DEFAULT_STRATEGIES, parse_seeds, parse_strategies, parse_strategy, slug
 
 
-def parse_strategies(text: str, optimizers: dict) -> list[str]:
-    """'p, p -> w' -> ['p', 'p -> w'], each checked; duplicates refused."""
-    from .schedule import parse_strategy
-
-    strategies = [
-        " -> ".join(parse_strategy(part, optimizers, where="--strategies")) or "none" for part in text.split(",")
-    ]
-    if len(set(strategies)) != len(strategies):
-        raise InputError(f"--strategies: {text!r} names a strategy twice")
-    return sorted(strategies, key=lambda s: 0 if s == "none" else s.count("->") + 1)  # prefixes first
+def _same_but_schedule(a: Recipe, b: Recipe) -> bool:
+    """Whether two recipes differ in their schedule at most."""
+    a_rest, b_rest = ({k: v for k, v in r.model_dump(mode="json").items() if k != "schedule"} for r in (a, b))
+    return a_rest == b_rest
 
 
-def slug(strategy: str) -> str:
-    """'p -> w -> p' -> 'p-w-p'; zero-shot -> 'zero-shot'."""
-    from .schedule import ZERO_SHOT
-
-    if strategy.strip().lower() in ZERO_SHOT:
-        return "zero-shot"
-    return "-".join(part.strip() for part in strategy.split("->"))
-
-
-def _same_but_schedule(a, b) -> bool:
-    dump = lambda r: {k: v for k, v in r.model_dump(mode="json").items() if k != "schedule"}  # noqa: E731
-    return dump(a) == dump(b)
-
-
-def adopt_prefix(ctx, donors: list[RunDir]) -> int:
+def adopt_prefix(ctx: Context, donors: list[RunDir]) -> int:
     """Into a run without steps, copy the longest finished prefix of its plan that a donor has."""
-    from .schedule import plan_progress, schedule_plan
-
     if ctx.run.steps():
         return 0
     plan = schedule_plan(ctx.recipe)
@@ -77,10 +51,8 @@ def adopt_prefix(ctx, donors: list[RunDir]) -> int:
     return n
 
 
-def sibling_runs(root, seed: int) -> list[RunDir]:
+def sibling_runs(root: Path, seed: int) -> list[RunDir]:
     """Finished-or-not runs of one seed under a sweep's folder: <root>/<strategy>/seed-<seed>."""
-    from .rundir import RunDir
-
     return [RunDir(p.parent) for p in sorted(root.glob(f"*/seed-{seed}/manifest.json"))]
 
 
@@ -111,12 +83,6 @@ def run_sweep(
     """Run (or resume) the recipe under each strategy ("p, p -> w") and seed ("0,1"; default the
     recipe's) into runs_dir/NAME (default <recipe name>-sweep). A run whose step fails is reported
     and the sweep goes on: one strategy failing (e.g. no traces to train on) is a result too."""
-    from .checks import check_recipe
-    from .compare import load_group
-    from .context import open_run
-    from .recipe import load_recipe
-    from .schedule import parse_seeds, parse_strategy, run_joint
-
     overrides = overrides or []
     base = load_recipe(recipe_path, overrides)
     plan = parse_strategies(strategies, base.optimizers)

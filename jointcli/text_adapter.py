@@ -1,14 +1,23 @@
-"""The adapter of a recipe module with `adapter: text`: plain chat, for a module with one free-text
+r"""The adapter of a recipe module with `adapter: text`: plain chat, for a module with one free-text
 output on a model too small to follow DSPy's `[[ ## field ## ]]` markers.
 
-    TextAdapter().format(signature, demos=[], inputs={"sentence": "a charming film"})
-    -> [{"role": "user", "content": "In a few words, say ...\n\nSentence: a charming film"}]
+    >>> import dspy
+    >>> signature = dspy.Signature("sentence -> sentiment", "Say whether the review is positive or negative.")
+    >>> demo = dspy.Example(sentence="dull", sentiment="negative")
+    >>> for message in TextAdapter().format(signature, demos=[demo], inputs={"sentence": "a charming film"}):
+    ...     print(message)
+    {'role': 'user', 'content': 'Say whether the review is positive or negative.\n\nSentence: dull'}
+    {'role': 'assistant', 'content': 'negative'}
+    {'role': 'user', 'content': 'Sentence: a charming film'}
+    >>> TextAdapter().parse(signature, " positive\n")
+    {'sentiment': 'positive'}
 
 No system message: the instructions lead the first user message (on 20 SST-2 sentences, SmolLM2-135M
-named the review's polarity more often so, and stopped sooner, than with them as a system message).
-Each input is a `Field: value` line; an answer (a demo's, a fine-tune row's) is the output field's
-value alone, and the whole completion, stripped, is that field. A ChatAdapter otherwise, so demos
-and `format_finetune_data` work as DSPy's do; never the JSON fallback, whose format is not this one.
+named the review's polarity more often, and stopped sooner, with them there than in a system
+message). Each input is a `Field: value` line; an answer (a demo's, a fine-tune row's) is the output
+field's value alone, and the whole completion, stripped, is that field. A ChatAdapter otherwise, so
+demos and `format_finetune_data` work as DSPy's do; never the JSON fallback, whose format is not
+this one.
 """
 
 from __future__ import annotations

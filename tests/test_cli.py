@@ -45,7 +45,7 @@ def test_eval_writes_a_complete_run_directory(runs, capsys):
     assert "different recipe (seed: 0 -> 5)" in capsys.readouterr().err
     assert cli("eval", RECIPES / "sst2.yaml", *changed, "--force") == 0
     assert [s["kind"] for s in manifest(run)["steps"]] == ["baseline", "eval"]
-    assert (run / "recipe.1.yaml").is_file()  # the old recipe is kept
+    assert (run / "recipe.1.yaml").is_file()  # the recipe the run had before --force is kept
 
 
 @pytest.mark.model

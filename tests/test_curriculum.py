@@ -10,7 +10,7 @@ import pytest
 
 from jointcli.recipe import Curriculum, Lora, Train
 from jointcli.training.curriculum import curriculum_steps, rank, row_losses
-from jointcli.training.lora import plan_steps
+from jointcli.training.microbatch import plan_steps
 
 DIFFICULTY = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6, 0.05, 0.95, 0.35]  # 12 rows
 
@@ -72,8 +72,9 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     import torch
 
     from jointcli.recipe import EMBEDDED_MODEL
-    from jointcli.training.lora import load_for_training, to_prompt_completion, tokenize_pair, train_lora
+    from jointcli.training.lora import load_for_training, train_lora
     from jointcli.training.microbatch import collate, completion_nll
+    from jointcli.training.rows import to_prompt_completion, tokenize_pair
     from jointcli.weights.checkpoint import load_tokenizer, resolve_checkpoint
 
     from .test_lora import sentiment_rows

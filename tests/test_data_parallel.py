@@ -10,8 +10,8 @@ import pytest
 
 from jointcli.errors import StepError
 from jointcli.recipe import Groups, Lora, ParamGroup, SoftPrompt, Train
-from jointcli.training.data_parallel import Ranks
 from jointcli.training.lora import SoftTraining, load_for_training, train_lora
+from jointcli.training.ranks import Ranks
 from jointcli.weights.soft_prompt import init_soft_prompt, load_soft_prompt
 
 from .test_lora import checkpoint, sentiment_rows  # noqa: F401 - checkpoint is a fixture

@@ -16,6 +16,7 @@ The first run on a machine converts the embedded model into ~/.cache/jointopt (a
 import asyncio
 import copy
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,15 +25,17 @@ import dspy
 import pytest
 from dspy.lm15 import Config, Message, Request
 
-from jointcli.errors import InputError
+from jointcli.errors import InputError, StepError
 from jointcli.inference.engine import AsyncLocalEngine, LocalEngine, get_engine
 from jointcli.inference.model_id import adapter_model_id
 from jointcli.models import build_lm
-from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel
+from jointcli.models.pool import ModelPool
+from jointcli.models.remote import server_failure
+from jointcli.recipe import EMBEDDED_MODEL, LiteLLMModel, LocalModel, load_recipe
+from jointcli.recipe.sections import EngineLimits
 from jointcli.weights.checkpoint import resolve_checkpoint
-from jointcli.weights.device import resolve_dtype
 
-from .conftest import requires_native_bf16
+from .conftest import RECIPES, requires_native_bf16
 
 pytestmark = pytest.mark.model  # every test here runs the embedded model
 
@@ -57,6 +60,17 @@ def ask(engine, text, model="local/smollm2", **config):
     return engine.complete(Request(model=model, messages=(Message.user(text),), config=Config(**config)))
 
 
+def cpu_bf16_by_hand() -> bool:
+    """Whether `dtype: auto` must pick bf16 on this CPU, read here from the switch and /proc/cpuinfo
+    (not through weights/device.py, whose answer the test checks)."""
+    switch = os.environ.get("JOINTOPT_CPU_BF16", "")
+    if switch in ("0", "1"):
+        return switch == "1"
+    with open("/proc/cpuinfo") as f:
+        flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def test_build_lm_shares_one_engine(lm, engine):
     import torch
 
@@ -65,7 +79,7 @@ def test_build_lm_shares_one_engine(lm, engine):
     assert build_lm("other", LocalModel(dtype="float32")).engine is engine
     default = build_lm("default", LocalModel()).engine
     assert default is get_engine(EMBEDDED_MODEL, "auto", "auto")
-    assert default.dtype == resolve_dtype("auto", "cpu")
+    assert default.dtype == (torch.bfloat16 if cpu_bf16_by_hand() else torch.float32)
     # auto is float32 on a CPU without native bf16 (or with JOINTOPT_CPU_BF16=0): the same weights then
     assert (default is engine) == (default.dtype == torch.float32)
     assert lm.model == "local/smollm2" and lm.kwargs["temperature"] == 0.0
@@ -378,3 +392,65 @@ def test_decoding_matches_transformers_generate(engine):
             )
         theirs = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert ours.message.text == theirs
+
+
+# ---------------------------------------------------------------- the recipe's limits
+def decoder_limits(engine) -> tuple[int, int, int]:
+    decoder = engine.decoder
+    return decoder.max_batch, decoder.prefill_tokens, decoder.prefixes.max_tokens
+
+
+def test_limits_reach_the_shared_engine(lm, engine):
+    """models.<name>.limits set the one engine of a checkpoint (no second copy of the weights) and
+    leave the model's identity alone; rows over max_batch or prefill_tokens wait for the next batch,
+    with the same answers."""
+    assert engine.limits == EngineLimits() and decoder_limits(engine) == (16, 8192, 8192)
+    requests = [request(p) for p in PROMPTS]
+    reference = alone(engine, requests)
+    try:
+        tight = build_lm("tight", LocalModel(dtype="float32", limits={"max_batch": 2, "prefix_cache_tokens": 0}))
+        assert tight.engine is engine and tight.kwargs["metadata"] == lm.kwargs["metadata"]
+        assert decoder_limits(engine) == (2, 8192, 0)
+        with settings(engine, batch_window_s=0.3, prefix_reuse=False):
+            before = engine.decoder.stats["batches"]
+            assert same(together(engine, requests), reference)
+            assert engine.decoder.stats["batches"] - before == 2  # two batches of two rows
+            build_lm("tight", LocalModel(dtype="float32", limits={"prefill_tokens": 64}))
+            before = engine.decoder.stats["batches"]
+            assert same(together(engine, requests), reference)
+            assert engine.decoder.stats["batches"] - before == 4  # every prompt is over 64 / 2 tokens: alone
+    finally:
+        build_lm("smollm2", LocalModel(dtype="float32"), cache=False)  # the defaults again
+    assert engine.limits == EngineLimits() and decoder_limits(engine) == (16, 8192, 8192)
+
+
+def test_models_on_one_engine_must_agree_on_limits():
+    recipe = load_recipe(
+        RECIPES / "sst2.yaml",
+        ["models.twin.type=local", "models.twin.max_tokens=8", "models.twin.limits.max_batch=4"],
+    )
+    with pytest.raises(InputError, match="models.small and models.twin run on one engine"):
+        ModelPool(recipe)
+
+
+def test_out_of_memory_names_the_limits(engine, monkeypatch):
+    """A batch that runs out of memory fails its callers with one line naming the limits to lower;
+    under DSPy (which wraps it) it still ends the step; the engine serves on."""
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with settings(engine, prefix_reuse=False):
+        monkeypatch.setattr(engine.decoder, "_forward", out_of_memory)
+        with pytest.raises(StepError) as caught:
+            engine.complete(request(PROMPTS[0]))
+        message = str(caught.value)
+        assert "\n" not in message and "local/smollm2 ran out of cpu memory on 1 request at once" in message
+        assert "models.smollm2.limits.max_batch (16), .prefill_tokens (8192) or .prefix_cache_tokens (8192)" in message
+        lm = build_lm("smollm2", LocalModel(dtype="float32"), cache=False)
+        with pytest.raises(Exception) as wrapped:
+            lm(PROMPTS[0])
+        assert server_failure(wrapped.value) is not None and "ran out of" in str(server_failure(wrapped.value))
+        monkeypatch.undo()
+    assert engine.complete(request(PROMPTS[0])).text

@@ -23,7 +23,7 @@ import pytest
 from jointcli.program import build_program
 from jointcli.recipe import load_recipe
 from jointcli.rundir import RunDir
-from jointcli.schedule import best_step
+from jointcli.selection import best_step
 from jointcli.state import ProgramState, save_state
 
 from .chat_server import ChatServer

@@ -301,7 +301,7 @@ def test_batched_and_prefix_reuse_equal_one_by_one_and_generate(family):
 def test_other_attention_patterns_batch_only_rows_of_one_length(family_checkpoints):
     """A model whose attention the decoder cannot mask itself (a sliding window on every layer, chunked
     attention) is batched without padding: still the one-by-one answers. Here Gemma 2 forced onto that path."""
-    from jointcli.inference.batch_decoder import UNPADDED, SlidingLayout, attention_layout
+    from jointcli.inference.attention import UNPADDED, SlidingLayout, attention_layout
 
     engine = engine_of(family_checkpoints["gemma2"])
     assert isinstance(attention_layout(engine.model.config), SlidingLayout)
@@ -320,7 +320,7 @@ def test_other_attention_patterns_batch_only_rows_of_one_length(family_checkpoin
 def test_attention_layouts_of_other_configs():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    from jointcli.inference.batch_decoder import UNPADDED, SlidingLayout, attention_layout
+    from jointcli.inference.attention import UNPADDED, SlidingLayout, attention_layout
 
     assert attention_layout(LlamaConfig()) is None and attention_layout(Qwen2Config()) is None
     qwen = Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2)
@@ -390,7 +390,7 @@ def test_shared_prefix_training_gives_the_loss_and_gradient_of_whole_rows(family
     and LoRA gradients of whole rows (Gemma's window is shorter than the shared prefix)."""
     from transformers import AutoTokenizer
 
-    from jointcli.training.lora import to_prompt_completion, tokenize_pair
+    from jointcli.training.rows import to_prompt_completion, tokenize_pair
 
     _, folder = family
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -14,7 +14,9 @@ import pytest
 from jointcli.errors import InputError
 from jointcli.failpoints import VARIABLE
 from jointcli.rundir import Step
-from jointcli.schedule import _stalled, best_step, parse_strategy
+from jointcli.schedule import _stalled
+from jointcli.selection import best_step
+from jointcli.strategy import parse_strategy
 
 from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 

@@ -1,19 +1,23 @@
 """What the code's layout promises: steps see only StepContext, importing the package changes
-nothing in the process, and no library module reaches up into the command line."""
+nothing in the process, and no library module reaches up into the command line (by any form of
+import: `import a.b`, `from a import b`, relative, inside a function, `importlib.import_module`)."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from jointcli.context import Context
-from jointcli.steps.kinds import StepContext
+from jointcli.steps.base import StepContext
 
 from .conftest import ROOT
+from .package_imports import in_the_cli, package_imports
 
 
 def test_context_provides_what_a_step_may_touch():
@@ -42,11 +46,47 @@ def test_importing_the_package_sets_no_process_state():
     assert out.stdout.strip() == "[]"
 
 
+def _imports_of_the_cli(package: Path) -> list[str]:
+    """'FILE:LINE' of every import of the CLI outside it, in any form and at any depth."""
+    return [
+        f"{found.path}:{found.line}"
+        for found in package_imports(package)
+        if not in_the_cli(found.module, package.name) and any(in_the_cli(name, package.name) for name in found.names)
+    ]
+
+
 def test_no_library_module_imports_the_cli():
-    for path in (ROOT / "jointcli").rglob("*.py"):
-        if path.name == "cli.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [a.name for a in node.names]
-                assert not any(n == "cli" or n.endswith(".cli") for n in names), f"{path} imports the CLI"
+    assert _imports_of_the_cli(ROOT / "jointcli") == []
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import pkg.cli",
+        "import pkg.cli as entry",
+        "from pkg import cli",
+        "from pkg.cli import main",
+        "from .. import cli",
+        "from ..cli import main",
+        "from ..cli.commands import run",
+        "def later():\n    from ..cli import main",
+        "import importlib\nimportlib.import_module('pkg.cli')",
+    ],
+)
+def test_every_form_of_import_of_the_cli_is_seen(tmp_path: Path, statement: str):
+    package = tmp_path / "pkg"
+    (package / "cli").mkdir(parents=True)
+    (package / "sub").mkdir()
+    for name in ("__init__.py", "cli/__init__.py", "cli/commands.py", "sub/__init__.py"):
+        (package / name).write_text("from pkg.sub import lower\n" if name.startswith("cli/") else "")
+    (package / "sub" / "lower.py").write_text(statement + "\n")
+    assert _imports_of_the_cli(package) == [f"{package / 'sub' / 'lower.py'}:{statement.count(chr(10)) + 1}"]
+
+
+def test_the_cli_importing_the_library_or_a_name_like_cli_is_not_flagged(tmp_path: Path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cli.py").write_text("from .lower import x\n")
+    (package / "lower.py").write_text("import pkg.client\nfrom . import cli_helpers\nx = 'from .cli import main'\n")
+    assert _imports_of_the_cli(package) == []

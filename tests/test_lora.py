@@ -11,14 +11,7 @@ import pytest
 
 from jointcli.errors import StepError
 from jointcli.recipe import EMBEDDED_MODEL, Lora, Train
-from jointcli.training.lora import (
-    TrainResult,
-    load_for_training,
-    plan_steps,
-    to_prompt_completion,
-    tokenize_pair,
-    train_lora,
-)
+from jointcli.training.lora import TrainResult, load_for_training, train_lora
 from jointcli.training.microbatch import (
     MIN_SHARED_PREFIX,
     collate,
@@ -27,12 +20,13 @@ from jointcli.training.microbatch import (
     micro_batch_losses,
     micro_batches,
     plan_step,
+    plan_steps,
     prefix_groups,
     shared_completion_nll,
     shared_prefix,
 )
+from jointcli.training.rows import to_prompt_completion, tokenize_pair
 from jointcli.weights.checkpoint import resolve_checkpoint
-from jointcli.weights.device import resolve_train_dtype
 
 from .conftest import requires_native_bf16
 
@@ -134,7 +128,8 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
     assert isinstance(result, TrainResult)
     assert result.adapter_dir == out and result.rows == 8 and result.dropped_rows == 0
     assert result.steps == 2 and result.epochs == pytest.approx(1.0)
-    assert result.device == "cpu" and result.dtype == resolve_train_dtype("auto", "cpu") and result.peak_cuda_mb is None
+    # dtype auto trains in fp32 on every CPU, bf16 ones included (weights/device.py)
+    assert result.device == "cpu" and result.dtype == "float32" and result.peak_cuda_mb is None
     assert 8 * 150 < result.train_tokens < 8 * 260  # ~190 tokens a row, each seen once, no padding counted
     assert result.tokens_per_second > 0 and result.peak_rss_mb > 500 and result.final_loss is not None
     # a standard adapter folder, nothing else of the training left behind
@@ -293,19 +288,68 @@ def test_rows_of_two_modules_form_two_groups():
     assert (0, [[6]]) in plan_step(lengths + [50], list(range(7)), 10_000, lone)
 
 
-def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path, monkeypatch):
-    import jointcli.training.lora as lora_module
-    import jointcli.training.microbatch as microbatch
+def test_resume_fingerprint_changes_with_the_micro_batch_plan(tmp_path: Path):
+    from jointcli.training.job import TrainJob
+    from jointcli.training.work import resume_fingerprint
 
-    args = (tmp_path, sentiment_rows(), Lora(), Train(), 0, "cpu", "float32")
-    shared = lora_module._resume_fingerprint(*args)
-    assert lora_module._resume_fingerprint(*args) == shared
-    monkeypatch.setattr(microbatch, "SHARE_PREFIX", False)
-    assert lora_module._resume_fingerprint(*args) != shared
+    def key(train: Train) -> str:
+        job = TrainJob(tmp_path, [], tmp_path / "adapter", Lora(), train, 0, None, "cpu", "float32")
+        return resume_fingerprint(job, sentiment_rows())
+
+    shared = key(Train())
+    assert key(Train()) == shared
+    assert key(Train(share_prefix=False)) != shared
+
+
+def test_fingerprints_of_the_default_settings_stay_the_same():
+    """A work folder or a fine-tuned adapter made with the default settings is found again: the resume
+    fingerprint and the provider's job hash of a fixed job keep these values, whatever train's knobs of
+    how a step is computed (token_budget, save_steps, share_prefix) are set to, as long as they compute
+    the same."""
+    from types import SimpleNamespace
+
+    from jointcli.models.provider import _job_hash
+    from jointcli.recipe import Groups, SoftPrompt
+    from jointcli.training.job import SoftTraining, TrainJob
+    from jointcli.training.work import resume_fingerprint
+
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}]
+    where = (Path("/models/m"), rows, Path("/runs/a/adapter"))
+
+    def key(train: Train) -> str:
+        return resume_fingerprint(TrainJob(*where, Lora(), train, 0, None, "cpu", "float32"), rows)
+
+    default = "058d103f1873ff2e6b9fa7e0851fa41d8ade12d3be9c35bff2dde2f8816f8436"
+    assert key(Train()) == key(Train(save_steps=2, token_budget=1024, processes=2)) == default
+    assert key(Train(token_budget=400)) != default and key(Train(share_prefix=False)) != default
+    soft = SoftTraining(SoftPrompt(virtual_tokens=4), Groups(), 1e-3, "Classify.")
+    s_step = TrainJob(*where, Lora(r=2), Train(epochs=1, batch_size=2), 3, None, "cuda", "bfloat16", soft=soft)
+    assert resume_fingerprint(s_step, rows).startswith("32893dbdd40eb739")
+    engine = SimpleNamespace(weights_id="w123", device="cpu", checkpoint="/models/m")
+    assert _job_hash(engine, None, rows, Lora(), Train(), 0) == "65b4d96957a181f68f5d"
+    assert _job_hash(engine, None, rows, Lora(), Train(save_steps=5, share_prefix=False), 0) == "65b4d96957a181f68f5d"
+
+
+def test_out_of_memory_names_the_settings_that_bound_it():
+    import torch
+
+    from jointcli.training.job import TrainJob
+    from jointcli.training.loop import _training_errors
+    from jointcli.training.model import TrainState
+
+    train = Train(token_budget=400)
+    job = TrainJob(Path("/models/m"), [], Path("/runs/a/adapters/classify"), Lora(), train, 0, None, "cpu", "float32")
+    for error in (torch.OutOfMemoryError("out of memory"), MemoryError()):
+        with pytest.raises(StepError) as raised:
+            with _training_errors(job, TrainState(None, None, [], [])):
+                raise error
+        assert str(raised.value) == (
+            "out of cpu memory training classify: lower train.token_budget (now 400) or train.max_length (now 1024)"
+        )
 
 
 def test_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
-    """The adapter's folder (rundir.staged_dir, as _save_adapter writes it): a failed write keeps the
+    """The adapter's folder (files.staged_dir, as loop._save_adapter writes it): a failed write keeps the
     old folder and leaves no temporary one; a finished one replaces it whole."""
     from jointcli.files import staged_dir
 
@@ -407,7 +451,7 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
     runs their suffixes against it, and reports one progress tick per optimizer step, with its loss."""
     from contextlib import contextmanager
 
-    import jointcli.training.lora as lora_module
+    import jointcli.training.loop as loop
     import jointcli.training.microbatch as microbatch
 
     prefixes, suffixes, phases = [], [], []
@@ -429,7 +473,7 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
 
     monkeypatch.setattr(microbatch.SharedPrefix, "__init__", counting_init)
     monkeypatch.setattr(microbatch.SharedPrefix, "nll", counting_nll)
-    monkeypatch.setattr(lora_module, "phase", recording)
+    monkeypatch.setattr(loop, "phase", recording)
     log = tmp_path / "log.jsonl"
     train_lora(
         checkpoint,
@@ -459,12 +503,11 @@ def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
         sentiment_rows(),
         tmp_path / "adapter",
         Lora(r=4, alpha=8),
-        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3),
+        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3, token_budget=400),
         seed=0,
         log_path=log,
         device="cpu",
         dtype=dtype,
-        token_budget=400,
     )
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert result.steps == len(losses) == 4 and result.dtype == dtype
@@ -531,40 +574,31 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
 
 @pytest.mark.model
 def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint: Path):
-    """SIGKILL a training process after its checkpoint at step 2; the rerun resumes there and ends with
-    the adapter of an uninterrupted run."""
+    """A training process with a checkpoint every 2 steps, SIGKILLed by the failpoint at its 3rd optimizer
+    step; the rerun resumes from step 2 and ends with the adapter of an uninterrupted run."""
+    import os
     import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
     rows = sentiment_rows()[:4]
-    args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1, batch_size=1), seed=0, device="cpu")
+    args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1, batch_size=1, save_steps=2), seed=0, device="cpu")
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     script = (
-        f"import json, jointcli.training.lora as L; from jointcli.recipe import Lora, Train; L.SAVE_STEPS = 2; "
-        f"L.train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
-        f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1, batch_size=1), seed=0, "
+        f"import json; from jointcli.training.lora import train_lora; from jointcli.recipe import Lora, Train; "
+        f"train_lora({str(checkpoint)!r}, json.load(open({str(tmp_path / 'rows.json')!r})), "
+        f"{str(tmp_path / 'resumed')!r}, Lora(r=2, alpha=4), Train(epochs=1, batch_size=1, save_steps=2), seed=0, "
         f"device='cpu', log_path={str(tmp_path / 'log.jsonl')!r})"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 600
-    while not list(tmp_path.glob(".resumed.work/checkpoint-2.pt")):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = {**os.environ, "JOINTOPT_FAILPOINT": "train-step:3"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in tmp_path.glob(".resumed.work/checkpoint-*.pt")] == ["checkpoint-2.pt"]
     assert not (tmp_path / "resumed").exists()
 
-    import jointcli.training.lora as lora_module
-
-    lora_module.SAVE_STEPS, saved = 2, lora_module.SAVE_STEPS
-    try:
-        resumed = train_lora(checkpoint, rows, tmp_path / "resumed", log_path=tmp_path / "log.jsonl", **args)
-    finally:
-        lora_module.SAVE_STEPS = saved
+    resumed = train_lora(checkpoint, rows, tmp_path / "resumed", log_path=tmp_path / "log.jsonl", **args)
     straight = train_lora(checkpoint, rows, tmp_path / "straight", **args)
     assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 4
     assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-4)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from jointcli.errors import InputError
 from jointcli.files import write_json, write_jsonl
 from jointcli.recipe import Select, load_recipe
 from jointcli.rundir import RunDir
-from jointcli.schedule import _select, finished_steps
+from jointcli.schedule import finished_steps, record_best
 from jointcli.selection import Figures, adapter_parameters, choose_step, describe, figures_of, select_step
 
 from .conftest import RECIPES, cli, manifest
@@ -224,7 +223,7 @@ def shop_run(root: Path, name: str, select: str | None, finish: bool = True) -> 
         run.finish(step, 1.0)
     if finish:
         scored = finished_steps(run)
-        best = _select(SimpleNamespace(recipe=run.recipe(), run=run), scored)
+        best = record_best(run)
         run.set_manifest_field("best", best.folder)
         for step in {best.folder: best, scored[-1].folder: scored[-1]}.values():
             _record(run, step, "test", [{"index": i, "score": step.scores["dev"]} for i in range(4)])

@@ -1,5 +1,5 @@
 """The s step: a soft prompt (PEFT prompt tuning) trained with a LoRA adapter in one backward pass
-(training/lora.py, weights/soft_prompt.py), served by the engine, loaded by plain PEFT, run as a step."""
+(training/, weights/soft_prompt.py), served by the engine, loaded by plain PEFT, run as a step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jointcli.recipe import EMBEDDED_MODEL, Groups, Lora, ParamGroup, SoftPrompt, Train
-from jointcli.training.lora import SoftTraining, to_prompt_completion, tokenize_pair, train_lora
+from jointcli.training.lora import SoftTraining, train_lora
 from jointcli.training.microbatch import (
     collate,
     collate_shared,
@@ -18,8 +18,10 @@ from jointcli.training.microbatch import (
     shared_completion_nll,
     shared_prefix,
 )
+from jointcli.training.rows import to_prompt_completion, tokenize_pair
+from jointcli.weights.adapter import SOFT_PROMPT_SUBFOLDER
 from jointcli.weights.checkpoint import resolve_checkpoint
-from jointcli.weights.soft_prompt import SUBFOLDER, init_soft_prompt, load_soft_prompt, virtual_ids
+from jointcli.weights.soft_prompt import init_soft_prompt, load_soft_prompt, virtual_ids
 
 from .conftest import RECIPES, cli, manifest, tiny
 from .test_lora import demo_rows, model_with_gradients, sentiment_rows
@@ -178,7 +180,7 @@ def test_the_engine_serves_the_soft_prompt_as_plain_peft_does(engine, adapter: P
     from jointcli.weights.checkpoint import load_causal_lm
 
     bare = tmp_path / "bare"
-    shutil.copytree(adapter, bare, ignore=shutil.ignore_patterns(SUBFOLDER))
+    shutil.copytree(adapter, bare, ignore=shutil.ignore_patterns(SOFT_PROMPT_SUBFOLDER))
     engine.add_adapter("s-soft", adapter)
     engine.add_adapter("s-bare", bare)
     with_soft = _ask(engine, "local/smollm2@s-soft", PROMPTS)
@@ -186,7 +188,7 @@ def test_the_engine_serves_the_soft_prompt_as_plain_peft_does(engine, adapter: P
     assert with_soft != without
 
     merged = PeftModel.from_pretrained(load_causal_lm(checkpoint, torch.float32), str(adapter)).merge_and_unload()
-    plain = PeftModel.from_pretrained(merged, str(adapter / SUBFOLDER)).eval()
+    plain = PeftModel.from_pretrained(merged, str(adapter / SOFT_PROMPT_SUBFOLDER)).eval()
     torch.testing.assert_close(plain.prompt_encoder["default"].embedding.weight.detach(), load_soft_prompt(adapter))
     eos = engine.decoder.eos_ids
     for text, ours in zip(PROMPTS, with_soft):

@@ -16,7 +16,7 @@ from jointcli.program import build_program
 from jointcli.recipe import load_recipe
 from jointcli.rundir import RunDir
 from jointcli.state import ModuleState, ProgramState, save_state
-from jointcli.steps.kinds import init_step
+from jointcli.steps.init_step import init_step
 
 from .conftest import RECIPES, cli, manifest, tiny
 

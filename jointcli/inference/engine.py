@@ -8,8 +8,10 @@
 The engine loads the model and tokenizer, keeps the adapters and speaks DSPy's engine contract.
 Callers (DSPy's thread pools call complete() from many threads, the async engine from an event loop)
 tokenize their prompt in their own thread and hand the job to a BatchDecoder (batch_decoder.py):
-one worker thread that owns the model, decodes concurrent greedy requests as one batch and shares
-their prompt prefix (prefix_cache.py).
+one worker thread that owns the model, decodes concurrent greedy requests as one batch
+(generation.py) and shares their prompt prefix (prefix_cache.py). How much it takes on at once is
+the recipe's models.<name>.limits (EngineLimits: max_batch, prefill_tokens, prefix_cache_tokens),
+a setting of the engine (set_limits) rather than part of what identifies it (see get_engine).
 
 The checkpoint is the embedded model or any local Hugging Face folder that AutoModelForCausalLM loads
 (tested: Llama, SmolLM, Qwen2, Qwen3, Gemma 2 and 3 text); its tokenizer's chat template makes the
@@ -18,9 +20,10 @@ prompts, and its generation_config's eos ids (with the tokenizer's eos) end the 
 Weights are chosen by the request's model id (the rule: model_id.py): an id with "@<name>" runs the
 registered PEFT adapter <name>, any other id the base weights (adapters disabled). All adapters live
 on one PeftModel that wraps the one base model: adding one costs its LoRA matrices, never a copy of
-the base. Adding an adapter runs on the worker between batches, never during one. An adapter folder
-with a soft prompt (`prompt_tuning/`, the s step) puts its virtual tokens before every prompt of its
-requests: they batch and share prefixes like any prompt tokens (soft_prompt.py).
+the base. Adding an adapter runs on the worker between batches, never during one. What an adapter
+folder holds, how it is checked and loaded: weights/adapter.py. One with a soft prompt (the s step)
+puts its virtual tokens before every prompt of its requests: they batch and share prefixes like any
+prompt tokens (weights/soft_prompt.py).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from dspy.lm15 import (
     response_to_events,
 )
 
-from ..errors import InputError
+from ..recipe.sections import EngineLimits
+from ..weights.adapter import check_adapter_dir, load_adapter
 from ..weights.chat import chat_ids
 from ..weights.checkpoint import load_causal_lm, load_tokenizer, resolve_checkpoint
 from ..weights.device import limit_torch_threads, resolve_device, resolve_dtype
@@ -58,10 +62,13 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 class LocalEngine:
     """A DSPy 3.4 custom engine (dspy.LM(model, engine=LocalEngine(...))) running transformers in-process.
 
-    `decoder` is its BatchDecoder: its tuning knobs (max_batch, batch_window_s, max_wait_s,
-    prefix_reuse) may be changed between calls, and its `stats` count what it ran."""
+    `decoder` is its BatchDecoder: its tuning knobs (max_batch, prefill_tokens, batch_window_s,
+    max_wait_s, prefix_reuse) may be changed between calls, and its `stats` count what it ran.
+    `limits` are the batch limits it was last given (set_limits; default: EngineLimits())."""
 
-    def __init__(self, checkpoint: str | Path, dtype: str = "auto", device: str = "auto"):
+    def __init__(
+        self, checkpoint: str | Path, dtype: str = "auto", device: str = "auto", limits: EngineLimits | None = None
+    ):
         self.source = str(checkpoint)  # "builtin:..." stays portable in saved programs
         self.checkpoint = resolve_checkpoint(self.source)
         self.requested = {"dtype": dtype, "device": device}
@@ -81,7 +88,8 @@ class LocalEngine:
         self._loads: dict[str, int] = {}  # name -> how many times it was (re)loaded: part of prefix-cache keys
         self._peft = None  # the PeftModel wrapping self.model, once an adapter is added
         self._tok_lock = threading.Lock()  # callers tokenize in their threads; fast tokenizers dislike races
-        self.decoder = BatchDecoder(self.model, self.tokenizer, self._tok_lock, self.device, self._weights)
+        self.limits = limits or EngineLimits()
+        self.decoder = BatchDecoder(self.model, self.tokenizer, self._tok_lock, self.device, self._weights, self.limits)
         self.async_engine = AsyncLocalEngine(self)
 
     def __repr__(self) -> str:
@@ -104,8 +112,14 @@ class LocalEngine:
         self.decoder.join()
         self.model = self._peft = None
 
+    def set_limits(self, limits: EngineLimits) -> None:
+        """Serve with these batch limits from the next batch on."""
+        self.limits = limits
+        self.decoder.apply_limits(limits)
+
     def dump_state(self) -> dict:
-        """What load_state needs to rebuild this engine (DSPy saves it with program.save()); no secrets."""
+        """What load_state needs to rebuild this engine (DSPy saves it with program.save()); no secrets.
+        The limits are left out: they suit the machine that runs a program, not the program."""
         source = self.source if self.source.startswith("builtin:") else str(self.checkpoint)
         return {"checkpoint": source, **self.requested, "adapters": dict(self.adapters)}
 
@@ -131,26 +145,19 @@ class LocalEngine:
         """Register a PEFT LoRA adapter; requests whose model id ends in '@<name>' then use it.
         Adding a name again with another folder replaces it; with the same folder it is a no-op."""
         check_adapter_name(name)
-        folder = Path(adapter_dir).expanduser().resolve()
-        if not (folder / "adapter_config.json").is_file():
-            raise InputError(f"adapter {name!r}: {adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+        folder = check_adapter_dir(adapter_dir, f"adapter {name!r}")
         self.decoder.call(self._load_adapter, name, str(folder)).result()
 
     def _load_adapter(self, name: str, folder: str) -> None:
         if self.adapters.get(name) == folder:
             return
-        from peft import PeftModel
-
         # other weights under this name from now on: its cached prefixes must never be used again
         self.decoder.prefixes.drop(("adapter", name))
         soft = load_soft_prompt(Path(folder))
         self._soft.pop(name, None)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self.model, folder, adapter_name=name, is_trainable=False)
-        else:
-            if name in self.adapters:
-                self._peft.delete_adapter(name)
-            self._peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+        if self._peft is not None and name in self.adapters:
+            self._peft.delete_adapter(name)
+        self._peft = load_adapter(self._peft or self.model, folder, name)
         self._peft.eval()
         if soft is not None:
             self._soft[name] = soft.to(self.device, self.dtype)
@@ -278,15 +285,24 @@ _ENGINES: dict[tuple[str, str, str], LocalEngine] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def get_engine(checkpoint: str | Path, dtype: str = "auto", device: str = "auto") -> LocalEngine:
+def get_engine(
+    checkpoint: str | Path, dtype: str = "auto", device: str = "auto", limits: EngineLimits | None = None
+) -> LocalEngine:
     """The process-wide engine for (checkpoint, dtype, device): one copy of the weights however
-    many dspy.LMs, predictors and adapters use it. `checkpoint` may be "builtin:..." or a folder."""
+    many dspy.LMs, predictors and adapters use it. `checkpoint` may be "builtin:..." or a folder.
+
+    limits: the batch limits to serve with from now on; None keeps the engine's (a new engine's are
+    EngineLimits()). They are a setting of the engine, not part of its key: asking for other limits
+    must never load a second copy of the weights. Nor are they part of weights_id (DSPy's cache key):
+    they decide how much runs at once, not which weights answer."""
     resolved_device = resolve_device(device)
     key = (str(resolve_checkpoint(str(checkpoint))), str(resolve_dtype(dtype, resolved_device)), resolved_device)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = LocalEngine(checkpoint, dtype, device)
+            engine = _ENGINES[key] = LocalEngine(checkpoint, dtype, device, limits)
+        elif limits is not None and limits != engine.limits:
+            engine.set_limits(limits)
         return engine
 
 

@@ -3,10 +3,12 @@
 DSPy prompts of one module start with the same system message and demos. The longest common token
 prefix of a batch is computed once (batch 1) and its key/value cache is repeated for every row (see
 cache_with); only each row's own suffix is then fed by the batch decoder. Prefixes of MIN_PREFIX+
-tokens are also kept in a small LRU, keyed by the weights (an opaque tuple from the engine: base, or
-adapter name + folder + load count) and the prefix's token ids, so later batches and lone calls skip
-them too. An entry is reused only for the exact same weights: replacing an adapter drops its entries
-(drop), and its new load count would never match them anyway.
+tokens are also kept in a small LRU (at most `max_tokens` tokens, the recipe's
+models.<name>.limits.prefix_cache_tokens, in at most PREFIX_CACHE_ENTRIES entries), keyed by the
+weights (an opaque tuple from the engine: base, or adapter name + folder + load count) and the
+prefix's token ids, so later batches and lone calls skip them too. An entry is reused only for the
+exact same weights: replacing an adapter drops its entries (drop), and its new load count would
+never match them anyway.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import torch
 from transformers import DynamicCache
 
 MIN_PREFIX = 16  # shorter shared prefixes are not worth an LRU entry
-PREFIX_CACHE_TOKENS = 8192  # LRU budget, in cached tokens (batch 1): ~190 MB in bf16 for SmolLM2-135M
-PREFIX_CACHE_ENTRIES = 8
+PREFIX_CACHE_ENTRIES = 8  # the token budget bounds the memory; this, the time spent finding an entry
 
 
 class PrefixCache:
     """Key/value tensors of shared prompt prefixes (per layer: keys, values of batch 1), computed with
     `forward(ids, cache, positions=...)` (one forward pass that extends `cache`) and kept in an LRU.
-    Counts the prompt tokens it runs (stats["prefill_tokens"]) and takes from the LRU (stats["lru_tokens"])."""
+    Counts the prompt tokens it runs (stats["prefill_tokens"]) and takes from the LRU (stats["lru_tokens"]).
+    max_tokens: the LRU's budget in cached tokens (batch 1); the newest entry is kept even over it."""
 
-    def __init__(self, forward, device: str, stats: Counter):
-        self.forward, self.device, self.stats = forward, device, stats
+    def __init__(self, forward, device: str, stats: Counter, max_tokens: int):
+        self.forward, self.device, self.stats, self.max_tokens = forward, device, stats, max_tokens
         self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
 
     def shared_prefix(self, prompts: list[list[int]], weights_key: tuple) -> tuple[int, list | None]:
@@ -70,7 +72,7 @@ class PrefixCache:
         self.entries[key] = kv
         self.entries.move_to_end(key)
         while len(self.entries) > PREFIX_CACHE_ENTRIES or (
-            len(self.entries) > 1 and sum(len(k[1]) for k in self.entries) > PREFIX_CACHE_TOKENS
+            len(self.entries) > 1 and sum(len(k[1]) for k in self.entries) > self.max_tokens
         ):
             self.entries.popitem(last=False)
 
@@ -84,7 +86,11 @@ class PrefixCache:
 
 
 def common_len(a, b) -> int:
-    """Length of the common prefix of two token sequences."""
+    """Length of the common prefix of two token sequences.
+
+    >>> common_len([1, 2, 3], (1, 2, 4, 5))
+    2
+    """
     return len(os.path.commonprefix([list(a), list(b)]))
 
 

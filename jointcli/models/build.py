@@ -4,7 +4,8 @@
     tuned = lm.copy(model=adapter_model_id(lm.model, "classify-03"))   # "local/smollm2@classify-03"
 
 Local models run in this process (inference/engine.py, one shared engine per checkpoint, dtype and
-device) and fine-tune through LocalProvider; LiteLLM models run behind an API (models/remote.py).
+device, serving with the model's `limits`) and fine-tune through LocalProvider; LiteLLM models run
+behind an API (models/remote.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def build_lm(name: str, spec, **lm_kwargs):
         raise TypeError(f"model {name!r}: expected a LocalModel or LiteLLMModel, got {type(spec).__name__}")
     from ..inference.engine import get_engine  # torch and transformers: only once a local model is built
 
-    engine = get_engine(spec.path, spec.dtype, spec.device)
+    engine = get_engine(spec.path, spec.dtype, spec.device, spec.limits)
     # stock dspy.BootstrapFinetune / BetterTogether fine-tune through the provider
     lm_kwargs.setdefault("provider", LocalProvider(engine))
     return engine_lm(name, spec, engine, **lm_kwargs)

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dspy
 
-from ..inference.model_id import check_model_name
+from ..inference.model_id import local_model_id
 from ..recipe import LocalModel
 
 
 def engine_lm(name: str, spec: LocalModel, engine, **lm_kwargs) -> dspy.LM:
     """dspy.LM("local/<name>") served by `engine`, with the recipe model's generation settings."""
-    check_model_name(name)
     # metadata travels in every request, so it is part of DSPy's response-cache key: answers cached
     # for other weights (another checkpoint or dtype under the same model name) are never reused.
     return dspy.LM(
-        f"local/{name}",
+        local_model_id(name),
         engine=engine,
         async_engine=engine.async_engine,
         max_tokens=spec.max_tokens,

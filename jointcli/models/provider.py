@@ -40,11 +40,12 @@ from dspy.clients.utils_finetune import TrainDataFormat
 from pydantic import ValidationError
 
 from ..errors import InputError, StepError
-from ..inference.model_id import adapter_model_id, split_model_id
+from ..inference.model_id import adapter_model_id, is_local_model_id, split_model_id
 from ..recipe import EMBEDDED_MODEL, LocalModel, Lora, Train
+from ..recipe.sections import EngineLimits
 from ..training.hashing import fingerprint
-from ..training.lora import TrainResult, is_adapter_dir, train_lora
-from ..weights.adapter import adapter_digest
+from ..training.lora import TrainResult, train_lora
+from ..weights.adapter import adapter_digest, adapter_name, is_adapter_dir
 from ..weights.checkpoint import jointopt_home
 from .local import engine_lm
 
@@ -114,7 +115,7 @@ class LocalProvider(Provider):
 
     @staticmethod
     def is_provider_model(model: str) -> bool:
-        return model.startswith("local/")
+        return is_local_model_id(model)
 
     @staticmethod
     def launch(lm, launch_kwargs: dict[str, Any] | None = None):
@@ -133,12 +134,7 @@ class LocalProvider(Provider):
         train_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """Train (or reuse) a LoRA adapter on train_data; return `model` with '@<adapter>'."""
-        engine = self.engine
-        if engine is None or not hasattr(engine, "add_adapter"):
-            raise StepError(
-                f"{model}: LocalProvider needs the LocalEngine of the model; build the LM with "
-                "jointcli.models.provider.local_lm(...) or LocalProvider(engine)"
-            )
+        engine = self._engine_of(model)
         fmt = getattr(train_data_format, "value", train_data_format)
         if fmt not in (None, TrainDataFormat.CHAT.value):
             raise StepError(
@@ -151,50 +147,63 @@ class LocalProvider(Provider):
 
         base_id, current = split_model_id(model)
         init_adapter = None
-        if current:
+        if current:  # continue that adapter's training
             if current not in engine.adapters:
                 raise StepError(f"{model}: adapter {current!r} is not registered on the engine")
             init_adapter = Path(engine.adapters[current])
-
-        key = _job_hash(engine, init_adapter, train_data, lora, train, seed)
-        root = self.adapters_dir or jointopt_home() / "adapters"
-        folder = root / key
         with _TRAIN_LOCK:
-            if is_adapter_dir(folder):
-                logger.info("fine-tune of %s: reusing %s (same weights, data and settings)", model, folder)
-            else:
-                logger.info(
-                    "fine-tune of %s: %d rows, LoRA r=%d, %s epochs -> %s",
-                    model,
-                    len(train_data),
-                    lora.r,
-                    train.epochs,
-                    folder,
-                )
-                result = train_lora(
-                    engine.checkpoint,
-                    train_data,
-                    folder,
-                    lora,
-                    train,
-                    seed=seed,
-                    log_path=root / f"{key}.train_log.jsonl",
-                    device=engine.device,
-                    init_adapter=init_adapter,
-                    dtype=train.dtype,
-                )
-                if isinstance(job, LocalTrainingJob):
-                    job.train_result = result
-                logger.info(
-                    "fine-tune of %s: %d steps in %.0f s, final loss %s",
-                    model,
-                    result.steps,
-                    result.seconds,
-                    result.final_loss,
-                )
-        name = f"ft-{adapter_digest(folder)}"
+            folder = self._train_or_reuse(job, model, train_data, init_adapter, lora, train, seed)
+        name = adapter_name("ft", folder)
         engine.add_adapter(name, folder)
         return adapter_model_id(base_id, name)
+
+    def _train_or_reuse(
+        self,
+        job: TrainingJob,
+        model: str,
+        rows: list[dict],
+        init_adapter: Path | None,
+        lora: Lora,
+        train: Train,
+        seed: int,
+    ) -> Path:
+        """The adapter folder of this training: reused when it is there (same weights, data and settings)."""
+        key = _job_hash(self.engine, init_adapter, rows, lora, train, seed)
+        root = self.adapters_dir or jointopt_home() / "adapters"
+        folder = root / key
+        if is_adapter_dir(folder):
+            logger.info("fine-tune of %s: reusing %s (same weights, data and settings)", model, folder)
+            return folder
+        logger.info(
+            "fine-tune of %s: %d rows, LoRA r=%d, %s epochs -> %s", model, len(rows), lora.r, train.epochs, folder
+        )
+        result = train_lora(
+            self.engine.checkpoint,
+            rows,
+            folder,
+            lora,
+            train,
+            seed=seed,
+            log_path=root / f"{key}.train_log.jsonl",
+            device=self.engine.device,
+            init_adapter=init_adapter,
+            dtype=train.dtype,
+        )
+        if isinstance(job, LocalTrainingJob):
+            job.train_result = result
+        logger.info(
+            "fine-tune of %s: %d steps in %.0f s, final loss %s", model, result.steps, result.seconds, result.final_loss
+        )
+        return folder
+
+    def _engine_of(self, model: str):
+        """The LocalEngine this provider fine-tunes; StepError when it has none."""
+        if self.engine is None or not hasattr(self.engine, "add_adapter"):
+            raise StepError(
+                f"{model}: LocalProvider needs the LocalEngine of the model; build the LM with "
+                "jointcli.models.provider.local_lm(...) or LocalProvider(engine)"
+            )
+        return self.engine
 
 
 def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, train: Train, seed: int) -> str:
@@ -219,11 +228,14 @@ def local_lm(
     dtype: str = "auto",
     device: str = "auto",
     adapters_dir: str | Path | None = None,
+    limits: EngineLimits | dict | None = None,
     **lm_kwargs,
 ):
     """A dspy.LM on the in-process engine for a checkpoint, fine-tunable with dspy.BootstrapFinetune.
 
     name: the model id is "local/<name>" (default: the built-in's or the folder's name).
+    limits: the engine's batch limits (EngineLimits or a dict, e.g. {"max_batch": 4}; default: the
+    recipe's defaults); the engine, shared per checkpoint, dtype and device, serves with the last given.
     Other keywords (max_tokens, temperature, cache, ...) go to dspy.LM."""
     from ..inference.engine import get_engine  # torch and transformers: only once a local model is built
 
@@ -235,9 +247,11 @@ def local_lm(
         )
         name = re.sub(r"[^\w.-]+", "-", name) or "model"
     spec_fields = {k: lm_kwargs.pop(k) for k in ("max_tokens", "temperature") if k in lm_kwargs}
+    if limits is not None:
+        spec_fields["limits"] = limits
     try:
         spec = LocalModel(path=checkpoint_or_builtin, dtype=dtype, device=device, **spec_fields)
     except ValidationError as err:
         raise InputError(f"local_lm: {err}") from None
-    engine = get_engine(spec.path, spec.dtype, spec.device)
+    engine = get_engine(spec.path, spec.dtype, spec.device, spec.limits)
     return engine_lm(name, spec, engine, provider=LocalProvider(engine, adapters_dir), **lm_kwargs)

@@ -6,7 +6,7 @@ built, and handed only to dspy.LM, whose saved state leaves it out; it is never 
 A call that fails because of the server (unreachable, too slow, a refused key, an HTTP 5xx or 429
 once DSPy's retries are spent) is not one bad example: `server_failure` turns it into the StepError
 that ends the step (steps/parallel.py, under evaluations and bootstraps), one line naming the model
-and the cause.
+and the cause. So does a local engine that ran out of memory.
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def build_litellm_lm(spec: LiteLLMModel, **lm_kwargs):
 def server_failure(err: BaseException) -> StepError | None:
     """The StepError for a call that failed because of the server rather than of its example (DSPy's
     retries already spent): one line naming the model and the cause, never the server's words about
-    a key. None for anything else (an answer that does not parse, a request refused as malformed, such
-    as a prompt too long for the model): those are one example's errors."""
+    a key. The local engine's own StepError (out of memory: inference/generation.py), which DSPy
+    wraps, is returned as it is. None for anything else (an answer that does not parse, a request
+    refused as malformed, such as a prompt too long for the model): those are one example's errors."""
     from dspy.utils import exceptions as lm
+
+    if isinstance(err, StepError) or isinstance(err.__cause__, StepError):
+        return err if isinstance(err, StepError) else err.__cause__
 
     causes = (
         (lm.LMTransportError, "the server did not answer"),

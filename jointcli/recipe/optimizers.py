@@ -65,6 +65,17 @@ class Curriculum(Strict):
     )
 
 
+# Computed tokens per micro-batch when train.token_budget is null, by device and training dtype: rows x
+# the longest row (with a shared prefix: the prefix once + rows x the longest suffix). The CPU budget
+# fits several sst2 rows that share their prompt in one micro-batch.
+TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 1024}, "cuda": {"bfloat16": 8192, "float32": 4096}}
+
+# Train's settings of how a step is computed and how often it is saved, not of what is trained: a
+# fingerprint that must tell them apart (a resume's: the micro-batches fix the order of float additions)
+# adds them itself
+_HOW_NOT_WHAT = frozenset({"token_budget", "save_steps", "share_prefix"})
+
+
 class Train(Strict):
     epochs: float = Field(2.0, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
@@ -85,12 +96,36 @@ class Train(Strict):
         description="order the rows easy to hard in stages, e.g. "
         "{by: loss, stages: 3}; none: a fresh shuffle every epoch",
     )
+    token_budget: int | None = Field(
+        None,
+        ge=1,
+        description="computed tokens per micro-batch: bounds activation memory, never changes the optimizer "
+        "step (batch_size x grad_accum rows); lower it when training runs out of memory; null: 1024 on CPU, "
+        "8192 (bf16) or 4096 (fp32) on a GPU",
+    )
+    save_steps: int = Field(
+        20, ge=1, description="a checkpoint to resume from every this many optimizer steps: the most a killed run loses"
+    )
+    share_prefix: bool = Field(
+        True,
+        description="compute the prompt prefix that a step's rows share once per step (same loss and "
+        "gradient, fewer tokens computed); false: every row runs whole",
+    )
 
     def identity(self, *exclude: str) -> dict:
-        """The settings as JSON, for fingerprints; without a curriculum there is no such key, so the
-        fingerprints of trainings made before it existed stay what they were."""
-        skip = set(exclude) | ({"curriculum"} if self.curriculum is None else set())
+        """The settings that say what is trained, as JSON, for fingerprints: without token_budget,
+        save_steps and share_prefix, and without a curriculum key when there is none (so a fingerprint
+        names the same training whatever those are set to)."""
+        skip = set(exclude) | _HOW_NOT_WHAT | ({"curriculum"} if self.curriculum is None else set())
         return self.model_dump(mode="json", exclude=skip)
+
+    def micro_batch_tokens(self, device: str, dtype: str) -> int:
+        """token_budget, or when it is null the default for this device ("cpu", "cuda") and training dtype.
+
+        >>> Train().micro_batch_tokens("cpu", "float32"), Train(token_budget=400).micro_batch_tokens("cpu", "float32")
+        (1024, 400)
+        """
+        return self.token_budget or TOKEN_BUDGET[device][dtype]
 
 
 class WeightOptimizer(Strict):

@@ -86,6 +86,30 @@ class Metric(Strict):
 
 
 # ---------------------------------------------------------------- models
+class EngineLimits(Strict):
+    """How much the in-process engine of a local model takes on at once: memory against speed
+    (inference/). Models on one checkpoint, dtype and device share one engine, and so its limits."""
+
+    max_batch: int = Field(
+        16,
+        ge=1,
+        description="concurrent greedy requests decoded together as one batch; 1 turns batching off. "
+        "Fewer rows: less memory for the key/value cache, fewer answers per second",
+    )
+    prefill_tokens: int = Field(
+        8192,
+        ge=1,
+        description="rows x padded prompt length fed in one forward pass: bounds the activation memory "
+        "of a batch's first pass (a batch over it is decoded as several smaller ones)",
+    )
+    prefix_cache_tokens: int = Field(
+        8192,
+        ge=0,
+        description="prompt-prefix tokens whose key/value tensors are kept for later calls "
+        "(~190 MB in bf16 for SmolLM2-135M); 0 keeps only the newest prefix",
+    )
+
+
 class LocalModel(Strict):
     type: Literal["local"] = "local"
     path: str = Field(EMBEDDED_MODEL, description=f"{EMBEDDED_MODEL} or a Hugging Face checkpoint folder")
@@ -96,6 +120,9 @@ class LocalModel(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_tokens: int = Field(64, ge=1, description="new tokens per completion")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    limits: EngineLimits = Field(
+        EngineLimits(), description="the engine's batch limits: lower them when it runs out of memory"
+    )
 
 
 class LiteLLMModel(Strict):
@@ -208,8 +235,8 @@ class Runtime(Strict):
         16,
         ge=1,
         description="DSPy threads for evaluation and optimizers; the local engine "
-        "decodes their concurrent calls as one batch (up to 16 rows), so more threads give "
-        "bigger batches",
+        "decodes their concurrent calls as one batch (up to models.<name>.limits.max_batch rows), "
+        "so more threads give bigger batches",
     )
     cache: bool = Field(True, description="DSPy's LM cache")
 

@@ -1,7 +1,8 @@
 """Run a function over examples on a thread pool, the way DSPy's own Evaluate does, with progress
 (a bar in a terminal, plain lines in a log).
 
-    rows = parallel_map(score_one, list(enumerate(devset)), num_threads=4, label="dev eval")
+    >>> parallel_map(lambda x: x * 2, [1, 2, 3], num_threads=2, label="double")  # progress: on stderr
+    [2, 4, 6]
 
 DSPy keeps `dspy.context(...)` settings in thread-local overrides; the workers start from the
 caller's, so an LM or adapter chosen with `dspy.context` holds inside them too. The local engine

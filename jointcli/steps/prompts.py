@@ -1,7 +1,13 @@
 """The prompt step (p): run one of DSPy's own prompt optimizers on some modules of the program.
 
-    optimizer = make_optimizer("p", spec, metric, num_threads=4, seed=0, reflection_lm=None)
-    program = optimize_prompts(program, spec, optimizer, trainset, modules=["classify"], seed=0)
+    >>> spec = PromptOptimizer(type="prompt", optimizer="LabeledFewShot", args={"k": 2})
+    >>> optimizer = make_optimizer("p", spec, metric=None, num_threads=4, seed=0)
+    >>> type(optimizer).__name__, optimizer.k
+    ('LabeledFewShot', 2)
+
+With a program and its training examples (the program's LM answers the optimizer's calls):
+
+    program = optimize_prompts(program, spec, optimizer, trainset, ["classify"], all_modules=["classify"], seed=0)
 
 Settings come from the recipe (`optimizers.<key>.args` go to the constructor, `compile_args` to
 `compile`); checks.py checks their names and types against these signatures before any step, so an

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from ..errors import StepError
 from ..recipe import LocalModel, Recipe, SimultaneousOptimizer, WeightOptimizer
+from ..training.lora import SoftTraining, train_lora
+from ..weights.checkpoint import resolve_checkpoint
+from .traces import blocking_module
 
 
 def weight_modules(recipe: Recipe, spec: WeightOptimizer, all_modules: list[str], states: dict) -> list[str]:
@@ -22,7 +25,13 @@ def weight_modules(recipe: Recipe, spec: WeightOptimizer, all_modules: list[str]
 
 
 def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool) -> dict[str, tuple[str, list[dict]]]:
-    """adapter name -> (model name, training rows). Per module, or one per base model when shared."""
+    """adapter name -> (model name, training rows). Per module, or one per base model when shared.
+
+    >>> from jointcli.state import ModuleState
+    >>> rows = [{"module": "classify", "messages": ["..."]}, {"module": "note", "messages": ["..."]}]
+    >>> group_rows(rows, ["classify"], {"classify": ModuleState("small")}, shared=False)
+    {'classify': ('small', [{'messages': ['...']}])}
+    """
     groups: dict[str, list[dict]] = defaultdict(list)
     model_of = {}
     for row in rows:
@@ -37,8 +46,6 @@ def group_rows(rows: list[dict], modules: list[str], states: dict, shared: bool)
 
 def no_traces_error(counts: dict, spec: WeightOptimizer, prompted: bool) -> StepError:
     """No rows to train on, with the hints that apply to this run as it is."""
-    from .traces import blocking_module
-
     what = f"{counts.get('run', 0)} examples run, {counts.get('passed', 0)} passed the metric"
     if blocked := blocking_module(counts):
         ran = counts["modules"][blocked]["ran"]
@@ -71,8 +78,6 @@ def train_adapters(
     """Train one adapter per group into `folder/adapters/<name>`; returns the training figures. An s step
     (SimultaneousOptimizer) trains a soft prompt with each, initialized from its module's `instructions`
     (a shared adapter: from those of the first module on its model)."""
-    from ..training.lora import SoftTraining, train_lora
-    from ..weights.checkpoint import resolve_checkpoint
 
     results = {}
     for name, (model, rows) in groups.items():

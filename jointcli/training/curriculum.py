@@ -1,17 +1,22 @@
 """Curriculum: a weight step's optimizer steps see the easy rows first (`train.curriculum`).
 
     difficulty = row_losses(model, rows, pad_id, "cpu", "float32", 1024)     # or the rows' lengths
-    steps = curriculum_steps(rank(difficulty, answers), rows_per_step=8, epochs=1, seed=0, stages=3)
+
+    >>> difficulty, answers = [0.9, 0.1, 0.5, 0.3, 0.8, 0.2], ["pos", "neg", "pos", "neg", "pos", "neg"]
+    >>> rank(difficulty), rank(difficulty, answers)  # easiest first; balanced: the answers interleaved
+    ([1, 5, 3, 2, 4, 0], [1, 2, 5, 4, 3, 0])
+    >>> curriculum_steps(rank(difficulty, answers), rows_per_step=2, epochs=1, seed=0, stages=3)
+    [[2, 1], [4, 5], [5, 1]]
 
 The rows are ranked by difficulty (ties: the earlier row first): the model's loss per completion token
 on each row before training (`by: loss`), or the row's length in tokens (`by: length`). The optimizer
-steps (as many as without a curriculum: lora.plan_steps) are cut into `stages` equal runs; stage k
+steps (as many as without a curriculum: microbatch.plan_steps) are cut into `stages` equal runs; stage k
 draws its rows from the easiest k/stages of them, in a fresh seeded shuffle each pass over that pool,
 so the last stage trains on all rows. Deterministic for a seed and a difficulty list.
 
 Balanced (`balance: true`, the default): when the rows' answers repeat (labels), each row is ranked
 among the rows of its answer and the answers are interleaved, so every stage keeps the answers'
-shares. Without it, a biased model's loss sorts the rows by label (README: on sst2 the zero-shot
+shares. Without it, a biased model's loss sorts the rows by label (docs/results.md, Curriculum: on sst2 the zero-shot
 model's easiest third was all `positive`), and the first stage teaches a constant.
 """
 
@@ -20,12 +25,13 @@ from __future__ import annotations
 import math
 import random
 
+from ..weights.device import autocast
+from .microbatch import micro_batch_losses, plan_step, plan_steps
+
 
 def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed: int, stages: int) -> list[list[int]]:
     """Row indices of every optimizer step, stage by stage (see the module docstring); `ranked`: every
     row, easiest first (`rank`)."""
-    from .lora import plan_steps
-
     n = len(ranked)
     total = len(plan_steps(n, rows_per_step, epochs, seed))
     steps: list[list[int]] = []
@@ -57,17 +63,17 @@ def rank(difficulty: list[float], answers: list[str] | None = None) -> list[int]
     return sorted(range(n), key=lambda i: (quantile[i], difficulty[i], i))
 
 
-def row_losses(model, rows: list, pad_id: int, device: str, dtype: str, token_budget: int, soft=None) -> list[float]:
+def row_losses(
+    model, rows: list, pad_id: int, device: str, dtype: str, token_budget: int, soft=None, share_prefix: bool = True
+) -> list[float]:
     """Each row's mean loss per completion token under `model` as it is (no gradients), computed in
-    micro-batches of at most `token_budget` tokens, a shared prefix once (microbatch.py's plan_step)."""
+    micro-batches of at most `token_budget` tokens, a shared prefix once unless `share_prefix` is off
+    (microbatch.py's plan_step)."""
     import torch
-
-    from ..weights.device import autocast
-    from .microbatch import micro_batch_losses, plan_step
 
     lengths = [len(ids) for ids, _ in rows]
     losses = [0.0] * len(rows)
-    groups = plan_step(lengths, list(range(len(rows))), token_budget, rows)
+    groups = plan_step(lengths, list(range(len(rows))), token_budget, rows if share_prefix else None)
     with torch.no_grad(), autocast(device, dtype):
         for micro, sums, counts in micro_batch_losses(model, rows, groups, pad_id, device, soft, per_row=True):
             for i, s, c in zip(micro, sums.tolist(), counts.tolist()):

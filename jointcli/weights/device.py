@@ -8,7 +8,7 @@ and what kind of CPU this is (every benchmark figure names it).
   with native bf16 (avx512_bf16 or AMX), else fp32;
 - training (`optimizers.<key>.train.dtype`, resolve_train_dtype): bf16 autocast only on CUDA GPUs
   that support it, fp32 on every CPU (bf16 trains faster on a bf16 CPU, but its adapters scored
-  lower on sst2: README, Performance). LoRA weights and optimizer state stay fp32 either way;
+  lower on sst2: docs/performance.md, Training). LoRA weights and optimizer state stay fp32 either way;
   `autocast` is the context a training forward pass runs in.
 
 The switch JOINTOPT_CPU_BF16 overrides what /proc/cpuinfo says about native bf16 (avx512_bf16 or

@@ -1,10 +1,13 @@
 """Soft prompts: N trainable embeddings put before a module's prompt (PEFT prompt tuning), as the `s`
 step trains them together with a LoRA adapter and the engine serves them.
 
-    soft = init_soft_prompt(model, tokenizer, n=8, text="Classify the sentiment ...")   # [8, hidden]
-    ids = virtual_ids(8) + prompt_ids           # the virtual tokens are ids -1 .. -8
-    model(**model_inputs(model, torch.tensor([ids]), soft))                             # inputs_embeds
-    save_soft_prompt(soft, "runs/x/02-s/adapters/classify/prompt_tuning", checkpoint)   # a PEFT folder
+    soft = init_soft_prompt(model, tokenizer, n=8, text="Classify the sentiment ...", seed=0)  # [8, hidden]
+    ids = virtual_ids(8) + prompt_ids                                     # the virtual tokens come first
+    model(**model_inputs(model, torch.tensor([ids]), soft))               # inputs_embeds
+    save_soft_prompt(soft, Path("runs/x/02-s/adapters/classify/prompt_tuning"), checkpoint, model.config)
+
+    >>> virtual_ids(3)  # a virtual token is a negative id: -1 stands for the soft prompt's first row
+    [-1, -2, -3]
 
 A virtual token is a negative id (-1 is the soft prompt's first row): the rows, micro-batches, prefix
 caches and position ids of the trainer and the engine then treat the soft prompt as N more prompt
@@ -25,8 +28,10 @@ import json
 import random
 from pathlib import Path
 
-SUBFOLDER = "prompt_tuning"  # inside a LoRA adapter folder: that adapter's soft prompt
-FILES = ("adapter_config.json", "adapter_model.safetensors")
+from ..errors import InputError
+from .adapter import ADAPTER_FILES, SOFT_PROMPT_SUBFOLDER
+
+CONFIG_FILE, WEIGHTS_FILE = ADAPTER_FILES  # a PEFT prompt-tuning folder is a PEFT adapter folder
 
 
 def virtual_ids(n: int) -> list[int]:
@@ -81,29 +86,21 @@ def save_soft_prompt(soft, folder: Path, checkpoint: Path, config) -> None:
         num_layers=text.num_hidden_layers,
         base_model_name_or_path=str(checkpoint),
     ).save_pretrained(str(folder))
-    save_file({"prompt_embeddings": soft.detach().float().cpu().contiguous()}, str(folder / FILES[1]))
+    save_file({"prompt_embeddings": soft.detach().float().cpu().contiguous()}, str(folder / WEIGHTS_FILE))
 
 
 def load_soft_prompt(adapter_dir: Path):
     """The soft prompt [n, hidden] (fp32, CPU) saved with a LoRA adapter folder, or None if it has none."""
-    folder = Path(adapter_dir) / SUBFOLDER
+    folder = Path(adapter_dir) / SOFT_PROMPT_SUBFOLDER
     if not folder.is_dir():
         return None
     from safetensors.torch import load_file
 
-    from ..errors import InputError
-
     try:
-        config = json.loads((folder / FILES[0]).read_text())
-        soft = load_file(str(folder / FILES[1]))["prompt_embeddings"]
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        soft = load_file(str(folder / WEIGHTS_FILE))["prompt_embeddings"]
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"{folder}: not a PEFT prompt-tuning folder ({err}); the run directory is damaged") from None
     if config.get("peft_type") != "PROMPT_TUNING" or soft.dim() != 2:
         raise InputError(f"{folder}: not a PEFT prompt-tuning folder (peft_type {config.get('peft_type')!r})")
     return soft.float()
-
-
-def soft_prompt_files(adapter_dir: Path) -> list[Path]:
-    """The files of an adapter folder's soft prompt, if it has one (for digests and fingerprints)."""
-    folder = Path(adapter_dir) / SUBFOLDER
-    return [folder / name for name in FILES if (folder / name).is_file()]

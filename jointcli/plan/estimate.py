@@ -1,0 +1,187 @@
+"""The plan of a recipe's schedule: the phases of each step (LM calls and tokens from the recipe,
+seconds from the probe), and build_plan, which puts them together."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ..data import load_splits
+from ..errors import InputError
+from ..program import build_program, model_of, module_names
+from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, WeightOptimizer
+from ..strategy import parse_strategy
+from ..training.microbatch import plan_steps
+from ..weights.device import cpu_kind, resolve_device, resolve_train_dtype
+from .calls import demos_by_step, optimizer_calls, optimizer_settings
+from .probe import Probe, run_probe
+from .prompts import Prompts
+from .result import Calls, Phase, Plan, StepPlan
+from .sizes import GB, available_memory, lora_parameters, module_models, trained_modules, training_memory
+
+
+class Estimator:
+    """The phases of each step: calls and tokens from the recipe, seconds from the probe."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        splits,
+        prompts: Prompts,
+        names: list[str],
+        modules: dict[str, dict],
+        probe: Probe | None,
+        memory: tuple[int, str],
+    ):
+        self.recipe, self.splits, self.prompts, self.names, self.modules = recipe, splits, prompts, names, modules
+        self.probe, self.free = probe, memory[0]
+        self.predictors = len(prompts.predictors)
+
+    def evaluation(self, split: str, demos: dict[str, int], adapted: bool) -> Phase:
+        """An evaluation of `split` by the program with `demos` (`adapted`: on a LoRA adapter)."""
+        examples = getattr(self.splits, split)
+        tokens_in, tokens_out = self.prompts.per_example(examples, demos)
+        seconds = len(examples) * self.probe.per_example(tokens_in, adapted) if self.probe else None
+        return Phase(
+            Calls.exact(len(examples) * self.predictors),
+            round(len(examples) * tokens_in),
+            len(examples) * tokens_out,
+            seconds,
+        )
+
+    def optimizer(self, spec: PromptOptimizer, demos: dict[str, int], adapted: bool) -> Phase:
+        """A prompt optimizer's compile() on the training split, from the program with `demos`."""
+        train = self.splits.train
+        calls = optimizer_calls(spec, len(train), self.predictors, self.probe.pass_rate if self.probe else None)
+        teacher = optimizer_settings(spec).get("max_labeled_demos")  # BootstrapFewShot's teacher: labeled demos
+        tokens_in, tokens_out = self.prompts.per_example(
+            train, demos if teacher is None else {m: min(len(train), teacher) for m in demos}
+        )
+        runs, seconds = calls.expected / self.predictors, None
+        if self.probe and spec.optimizer == "BootstrapFewShot":  # one call at a time
+            seconds = runs * self.probe.single * (self.probe.adapter_factor if adapted else 1.0)
+        elif self.probe:
+            seconds = runs * self.probe.per_example(tokens_in, adapted)
+        return Phase(calls, round(runs * tokens_in), round(runs * tokens_out), seconds)
+
+    def training(self, key: str, spec: WeightOptimizer, demos: dict[str, int]) -> tuple[Phase, dict, list[str]]:
+        """LoRA on at most one row per training example and trained module; adapters per module or per model."""
+        groups: dict[str, list[str]] = {}
+        for m in trained_modules(self.recipe, spec, self.names):
+            groups.setdefault(self.modules[m]["model"] if spec.adapters == "shared" else m, []).append(m)
+        per_step, n_train = spec.train.batch_size * spec.train.grad_accum, len(self.splits.train)
+        train, warnings, tokens, seconds = {}, [], 0, 0.0
+        for name, members in groups.items():
+            info = self.modules[members[0]]
+            prompt, completion = self.prompts.per_example(self.splits.train, demos, members)
+            virtual = spec.soft_prompt.virtual_tokens if isinstance(spec, SimultaneousOptimizer) else 0
+            row_tokens, rows = round((prompt + completion) / len(members)) + virtual, n_train * len(members)
+            steps = len(plan_steps(rows, per_step, spec.train.epochs, 0))
+            device = resolve_device(self.recipe.models[info["model"]].device)
+            dtype = resolve_train_dtype(spec.train.dtype, device)
+            trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
+            budget = spec.train.micro_batch_tokens(device, dtype)
+            memory = training_memory(info, trainable, per_step, row_tokens, budget, dtype)
+            train[name] = {
+                "model": info["model"],
+                "modules": members,
+                "rows": rows,
+                "steps": steps,
+                "row_tokens": row_tokens,
+                "parameters": info["parameters"],
+                "lora_parameters": trainable,
+                "device": device,
+                "dtype": dtype,
+                "memory_gb": {k: round(v / GB, 2) for k, v in memory.items() if k != "micro_batch_tokens"},
+                "micro_batch_tokens": memory["micro_batch_tokens"],
+            }
+            if memory["lora"] > self.free:
+                warnings.append(
+                    f"{key} ({name}): LoRA training needs about {memory['lora'] / GB:.1f} GB, more than "
+                    f"the {self.free / GB:.1f} GB of {device} memory available; it will not fit"
+                )
+            tokens += round(rows * row_tokens * spec.train.epochs)
+            if self.probe and self.probe.step_seconds:
+                seconds += steps * self.probe.step_seconds * row_tokens / self.probe.row_tokens
+        probed = self.probe is not None and self.probe.step_seconds is not None
+        return Phase(Calls.exact(0), tokens, 0, seconds if probed else None), train, warnings
+
+    def steps(self, keys: list[str]) -> list[StepPlan]:
+        """The baseline, a step per optimizer key of the strategy, then the test evaluation."""
+        walk = demos_by_step(self.recipe, keys, self.names, len(self.splits.train))
+        baseline = self.evaluation("dev", walk[0], False)
+        out = [StepPlan("00-baseline", "baseline", demos=walk[0], phases={"dev": baseline})]
+        adapted = False
+        for i, key in enumerate(keys, 1):
+            spec = self.recipe.optimizers[key]
+            if isinstance(spec, PromptOptimizer):
+                step = StepPlan(
+                    f"{i:02d}-p",
+                    "p",
+                    key,
+                    spec.optimizer,
+                    walk[i],
+                    {"optimizer": self.optimizer(spec, walk[i - 1], adapted)},
+                )
+            else:
+                bootstrap = (
+                    Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None)
+                    if spec.traces.source == "labels"
+                    else self.evaluation("train", walk[i], adapted)
+                )
+                train, info, warnings = self.training(key, spec, walk[i])
+                kind = "s" if isinstance(spec, SimultaneousOptimizer) else "w"
+                step = StepPlan(
+                    f"{i:02d}-{kind}",
+                    kind,
+                    key,
+                    "LoRA + soft prompt" if kind == "s" else "LoRA",
+                    walk[i],
+                    {"bootstrap": bootstrap, "train": train},
+                    info,
+                    warnings,
+                )
+                adapted = True
+            step.phases["dev"] = self.evaluation("dev", walk[i], adapted)
+            out.append(step)
+        test = self.evaluation("test", walk[-1], adapted)  # the best step by dev, and the last if it is another
+        test.calls = Calls(test.calls.low, test.calls.low * (2 if keys else 1), test.calls.low)
+        return out + [StepPlan("test", "test", demos=walk[-1], phases={"test": test})]
+
+
+def build_plan(recipe: Recipe, probe: bool | None = None) -> Plan:
+    """The plan of the recipe's schedule (checks.check_recipe first). `probe`: time it on this machine;
+    None: when every module runs on a local model."""
+    program = build_program(recipe)
+    names = module_names(recipe, program)
+    remote = [m for m in names if not isinstance(recipe.models[model_of(recipe, m)], LocalModel)]
+    if probe and remote:
+        raise InputError(
+            f"--probe: it times local models, and {', '.join(remote)} run(s) on a LiteLLM model; use --no-probe"
+        )
+    splits = load_splits(recipe.data)
+    modules = module_models(recipe, names)
+    keys = parse_strategy(recipe.schedule.strategy, recipe.optimizers)
+    local = [spec for spec in recipe.models.values() if isinstance(spec, LocalModel)]
+    device = resolve_device(local[0].device if local else "cpu")
+    memory = available_memory(device)  # before the probe loads anything
+    prompts = Prompts(recipe, program, names, modules, splits.train)
+    measured = None
+    if probe or (probe is None and not remote):
+        walk = demos_by_step(recipe, keys, names, len(splits.train))
+        weights = [
+            (recipe.optimizers[k], walk[i])
+            for i, k in enumerate(keys, 1)
+            if isinstance(recipe.optimizers[k], WeightOptimizer)
+        ]
+        first = weights[0] if weights else None
+        measured = run_probe(recipe, splits, prompts, names, max(max(d.values()) for d in walk), first)
+    steps = Estimator(recipe, splits, prompts, names, modules, measured, memory).steps(keys)
+    machine = {
+        "cpu": cpu_kind(),
+        "device": device,
+        "memory_available_gb": round(memory[0] / GB, 1),
+        "memory_source": memory[1],
+        "tokens_approximate": prompts.approximate,
+    }
+    return Plan(recipe.name, recipe.schedule.strategy, machine, modules, steps, asdict(measured) if measured else None)
