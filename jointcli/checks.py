@@ -18,6 +18,7 @@ that already has steps). Every message starts with the recipe key (or flag) it i
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import types
 from collections.abc import Iterable, Iterator
@@ -33,7 +34,15 @@ from .metrics import build_metric, check_metric_name
 from .program import build_program, model_of, module_names
 from .recipe import LocalModel, PromptOptimizer, Recipe, Select, WeightOptimizer, did_you_mean
 from .selection import COSTS, MAXIMIZE, OBJECTIVES
-from .steps.prompts import PROMPT_OPTIMIZERS, SUPPLIED, optimizer_class, parameters
+from .steps.prompts import (
+    NEEDS,
+    NOT_A_STEP,
+    PROMPT_OPTIMIZERS,
+    SUPPLIED,
+    init_parameters,
+    optimizer_class,
+    parameters,
+)
 from .strategy import parse_strategy
 from .weights.checkpoint import check_model_path
 
@@ -226,33 +235,66 @@ def _check_optimizer(recipe: Recipe, key: str, spec: Any, module_models: dict[st
             )
     if isinstance(spec, PromptOptimizer):
         _check_prompt_optimizer(key, spec)
+        chosen = module_models if spec.modules == "all" else spec.modules
+        remote = sorted(m for m in chosen if not _local(recipe, module_models[m]))
+        if spec.optimizer == "KNNFewShot" and remote:
+            raise InputError(
+                f"optimizers.{key}: KNNFewShot finds neighbours with the module's own model, which must be "
+                f"local; {remote} run on LiteLLM models"
+            )
     else:
         _check_weight_optimizer(recipe, key, spec, module_models)
 
 
 def _check_prompt_optimizer(key: str, spec: PromptOptimizer) -> None:
+    if spec.optimizer in NOT_A_STEP:
+        raise InputError(f"optimizers.{key}.optimizer: {NOT_A_STEP[spec.optimizer]}")
     if spec.optimizer not in PROMPT_OPTIMIZERS:
         raise InputError(
             f"optimizers.{key}.optimizer: unknown prompt optimizer {spec.optimizer!r}; available: "
             f"{', '.join(PROMPT_OPTIMIZERS)}{did_you_mean(spec.optimizer, PROMPT_OPTIMIZERS)}"
         )
-    cls = optimizer_class(spec.optimizer)
-    for where, given, fn in (("args", spec.args, cls.__init__), ("compile_args", spec.compile_args, cls.compile)):
-        accepted = {n: p for n, p in parameters(fn).items() if n not in SUPPLIED}
-        unknown = sorted(set(given) - set(accepted))
-        if unknown:
-            raise InputError(
-                f"optimizers.{key}.{where}: {spec.optimizer} does not accept {unknown}; it accepts: "
-                f"{', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}"
-            )
-        for name, value in given.items():
-            allowed = _allowed(accepted[name])
-            if allowed is not None and not _fits(value, allowed):
-                raise InputError(
-                    f"optimizers.{key}.{where}.{name}: {spec.optimizer} expects {_describe(allowed)}, got {value!r}"
-                )
+    package = NEEDS.get(spec.optimizer)
+    if package and importlib.util.find_spec(package) is None:
+        raise InputError(
+            f"optimizers.{key}.optimizer: {spec.optimizer} needs the package {package}: "
+            f"pip install 'jointopt[{package}]'"
+        )
+    compile_params = parameters(optimizer_class(spec.optimizer).compile)
+    for where, given, params in (
+        ("args", spec.args, init_parameters(spec.optimizer)),
+        ("compile_args", spec.compile_args, compile_params),
+    ):
+        _check_arguments(key, spec.optimizer, where, given, params)
     if spec.optimizer == "GEPA":
         _check_gepa(key, spec)
+
+
+def _check_arguments(key: str, optimizer: str, where: str, given: dict, params: dict) -> None:
+    """Names, types and required arguments of an optimizer's constructor or compile()."""
+    models = {"prompt_model": "prompt_model", "task_model": "task_model", "reflection_lm": "reflection_model"}
+    for name in given:
+        if name in models and name in params:
+            raise InputError(
+                f"optimizers.{key}.{where}.{name}: jointopt supplies it; "
+                f"name a model in optimizers.{key}.{models[name]}"
+            )
+    accepted = {n: p for n, p in params.items() if n not in SUPPLIED}
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise InputError(
+            f"optimizers.{key}.{where}: {optimizer} does not accept {unknown}; it accepts: "
+            f"{', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}"
+        )
+    for name, value in given.items():
+        allowed = _allowed(accepted[name])
+        if allowed is not None and not _fits(value, allowed):
+            raise InputError(
+                f"optimizers.{key}.{where}.{name}: {optimizer} expects {_describe(allowed)}, got {value!r}"
+            )
+    missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in given]
+    if missing:
+        raise InputError(f"optimizers.{key}.{where}: {optimizer} needs {', '.join(missing)}")
 
 
 def _check_gepa(key: str, spec: PromptOptimizer) -> None:

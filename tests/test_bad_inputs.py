@@ -371,7 +371,8 @@ CASES = [
     case(
         "unknown-prompt-optimizer",
         "error: optimizers.p.optimizer: unknown prompt optimizer 'MiproV2'; available: "
-        "LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, MIPROv2, COPRO, SIMBA, GEPA; "
+        "LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFewShotWithOptuna, MIPROv2, "
+        "COPRO, SIMBA, InferRules, KNNFewShot, GEPA; "
         "did you mean 'MIPROv2'?",
         "validate",
         SST2,

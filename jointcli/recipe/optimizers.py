@@ -18,6 +18,12 @@ class PromptOptimizer(Strict):
     compile_args: dict[str, Any] = Field(default_factory=dict, description="passed to compile()")
     modules: list[str] | Literal["all"] = "all"
     reflection_model: str | None = Field(None, description="GEPA: name of the model that reflects")
+    prompt_model: str | None = Field(
+        None, description="MIPROv2, COPRO, SIMBA: name of the model that proposes instructions (default: the module's)"
+    )
+    task_model: str | None = Field(
+        None, description="MIPROv2: name of the model that runs the program while it optimizes (default: the module's)"
+    )
 
 
 class TraceSettings(Strict):

@@ -68,7 +68,8 @@ class Recipe(Strict):
             if key.lower() == "none":
                 raise ValueError(f"optimizers.{key}: the name means zero-shot in a strategy; choose another")
             if isinstance(opt, PromptOptimizer):
-                self._model_ref(f"optimizers.{key}.reflection_model", opt.reflection_model)
+                for field in ("reflection_model", "prompt_model", "task_model"):
+                    self._model_ref(f"optimizers.{key}.{field}", getattr(opt, field))
             else:
                 self._model_ref(f"optimizers.{key}.traces.teacher", opt.traces.teacher)
 

@@ -12,13 +12,15 @@ import dspy
 
 from ..checks import step_optimizer
 from ..console import phase
+from ..models.pool import engine_of
 from ..program import module_names
 from ..recipe import PromptOptimizer
 from ..rundir import Step
 from ..state import save_state
 from ..step_kinds import StepKind
-from .base import StepContext, run_step
+from .base import StepContext, note, run_step
 from .prompts import make_optimizer, optimize_prompts
+from .proposals import ProposalAdapter
 
 
 class PromptStep:
@@ -36,16 +38,42 @@ class PromptStep:
         program, state = ctx.current_program()
         names = module_names(ctx.recipe, program)
         chosen = names if spec.modules == "all" else list(spec.modules)
-        reflection = ctx.pool.get(spec.reflection_model, None) if spec.reflection_model else None
-        seed = ctx.recipe.seed + step.index
-        optimizer = make_optimizer(self.key, spec, ctx.metric, ctx.recipe.runtime.num_threads, seed, reflection)
-        lm = next(p.lm for _, p in program.named_predictors())
-        # optimizers that propose instructions use the settings' LM
-        with dspy.context(lm=lm), phase(f"prompt step {self.key} ({spec.optimizer})", total=None):
-            optimized = optimize_prompts(program, spec, optimizer, ctx.trainset(step.index), chosen, names, seed)
+        trainset = ctx.trainset(step.index)
+        optimizer = make_optimizer(self.key, spec, self._supplied(ctx, spec, program, chosen, trainset, step))
+        lm = self._own_lm(program, chosen)
+        adapter = ProposalAdapter(program)
+        # optimizers that propose instructions use the settings' LM; their proposals parse leniently
+        with dspy.context(lm=lm, adapter=adapter), phase(f"prompt step {self.key} ({spec.optimizer})", total=None):
+            optimized = optimize_prompts(
+                program, spec, optimizer, trainset, chosen, names, ctx.recipe.seed + step.index
+            )
+        if adapter.summary():
+            note(f"prompt step {self.key} ({spec.optimizer}): {adapter.summary()}")
+            step.info["proposals"] = {"made": adapter.proposals, "kept_current": adapter.kept}
         ctx.attach(optimized, state)
         save_state(ctx.run, ctx.run.step_dir(step), optimized, state)
         ctx.record_eval(step, ctx.evaluate(optimized, "dev"), "dev")
+
+    @staticmethod
+    def _own_lm(program: dspy.Module, chosen: list[str]) -> dspy.LM:
+        """The LM of the first module the optimizer changes: the default prompt and task model."""
+        predictors = dict(program.named_predictors())
+        name = next((n for n in predictors if any(n == m or n.startswith(m + ".") for m in chosen)), None)
+        return predictors[name or next(iter(predictors))].lm
+
+    def _supplied(self, ctx, spec: PromptOptimizer, program, chosen, trainset, step: Step) -> dict:
+        """What jointopt hands the optimizer's constructor, where it takes it and the recipe did not set it."""
+        own = self._own_lm(program, chosen)
+        models = {
+            name: ctx.pool.get(getattr(spec, field)) if getattr(spec, field) else own
+            for name, field in (("prompt_model", "prompt_model"), ("task_model", "task_model"))
+        }
+        reflection = ctx.pool.get(spec.reflection_model) if spec.reflection_model else None
+        supplied = {"metric": ctx.metric, "num_threads": ctx.recipe.runtime.num_threads}
+        supplied |= {"seed": ctx.recipe.seed + step.index, "reflection_lm": reflection, **models}
+        if spec.optimizer == "KNNFewShot":  # neighbours among the training examples, by the module's model
+            supplied |= {"trainset": trainset, "vectorizer": dspy.Embedder(engine_of(own).embed, caching=False)}
+        return supplied
 
 
 def prompt_step(ctx: StepContext, key: str) -> Step:

@@ -1,7 +1,7 @@
 """The prompt step (p): run one of DSPy's own prompt optimizers on some modules of the program.
 
     >>> spec = PromptOptimizer(type="prompt", optimizer="LabeledFewShot", args={"k": 2})
-    >>> optimizer = make_optimizer("p", spec, metric=None, num_threads=4, seed=0)
+    >>> optimizer = make_optimizer("p", spec, {"metric": None, "num_threads": 4, "seed": 0})
     >>> type(optimizer).__name__, optimizer.k
     ('LabeledFewShot', 2)
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -31,12 +30,24 @@ PROMPT_OPTIMIZERS = (
     "LabeledFewShot",
     "BootstrapFewShot",
     "BootstrapFewShotWithRandomSearch",
+    "BootstrapFewShotWithOptuna",
     "MIPROv2",
     "COPRO",
     "SIMBA",
+    "InferRules",
+    "KNNFewShot",
     "GEPA",
 )
-SUPPLIED = ("student", "trainset", "teacher", "metric")  # jointopt passes these; a recipe does not
+# jointopt passes these; a recipe names the models (prompt_model, task_model, reflection_model), not args
+SUPPLIED = ("student", "trainset", "teacher", "metric", "vectorizer", "prompt_model", "task_model", "reflection_lm")
+NEEDS = {"MIPROv2": "optuna", "BootstrapFewShotWithOptuna": "optuna"}  # the optional package each needs
+# **kwargs an optimizer's constructor hands to another optimizer: their names are that one's parameters
+FORWARDS_TO = {"InferRules": "BootstrapFewShot", "KNNFewShot": "BootstrapFewShot"}
+NOT_A_STEP = {
+    "Ensemble": "Ensemble combines several programs into one (compile(programs)); a prompt step optimizes "
+    "the run's one program: compare the runs instead (jointopt compare), or ensemble exported programs in "
+    "your own code",
+}
 
 
 def optimizer_class(name: str):
@@ -53,23 +64,32 @@ def parameters(fn) -> dict[str, inspect.Parameter]:
     }
 
 
-def make_optimizer(
-    key: str, spec: PromptOptimizer, metric: Callable, num_threads: int, seed: int, reflection_lm: dspy.LM | None = None
-):
-    """The DSPy optimizer object: the recipe's args plus what jointopt supplies (metric, threads, seed)."""
-    cls = optimizer_class(spec.optimizer)
-    accepted = parameters(cls.__init__)
+def init_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The constructor's named parameters of optimizer `name`, with those of the optimizer its **kwargs
+    go to (InferRules and KNNFewShot hand theirs to BootstrapFewShot).
+
+    >>> sorted(init_parameters("InferRules"))[:4]
+    ['max_bootstrapped_demos', 'max_errors', 'max_labeled_demos', 'max_rounds']
+    """
+    accepted = parameters(optimizer_class(name).__init__)
+    if name in FORWARDS_TO:
+        accepted = {**parameters(optimizer_class(FORWARDS_TO[name]).__init__), **accepted}
+    return accepted
+
+
+def make_optimizer(key: str, spec: PromptOptimizer, supplied: dict[str, Any]):
+    """The DSPy optimizer object: the recipe's args plus what jointopt supplies (metric, threads, seed,
+    the models, ...) where the constructor takes it and the recipe did not set it."""
+    accepted = init_parameters(spec.optimizer)
     kwargs: dict[str, Any] = dict(spec.args)
-    supplied = {"metric": metric, "num_threads": num_threads, "seed": seed, "reflection_lm": reflection_lm}
     for name, value in supplied.items():
         if name in accepted and name not in kwargs and value is not None:
             kwargs[name] = value
     try:
-        return cls(**kwargs)
+        return optimizer_class(spec.optimizer)(**kwargs)
     except (TypeError, ValueError, AssertionError) as err:  # what checks.py's rules do not know of
-        raise InputError(
-            f"optimizers.{key}: {spec.optimizer}({', '.join(kwargs)}) rejected its arguments: {err}"
-        ) from None
+        shown = ", ".join(k for k in kwargs if k not in SUPPLIED or k in spec.args)
+        raise InputError(f"optimizers.{key}: {spec.optimizer}({shown}) rejected its arguments: {err}") from None
 
 
 def optimize_prompts(
@@ -83,10 +103,13 @@ def optimize_prompts(
 ) -> dspy.Module:
     """Compile `program` with `optimizer`; modules not in `modules` keep their prompts."""
     kwargs = dict(spec.compile_args)
-    if "seed" in parameters(type(optimizer).compile):
+    accepted = parameters(type(optimizer).compile)
+    if "seed" in accepted:
         kwargs.setdefault("seed", seed)
+    if "trainset" in accepted:  # KNNFewShot takes its examples in the constructor
+        kwargs["trainset"] = trainset
     with watching_servers():  # the optimizer counts a dead server's calls as failed examples: a failed step
-        optimized = optimizer.compile(program, trainset=trainset, **kwargs)  # its prints: stderr (open_run)
+        optimized = optimizer.compile(program, **kwargs)  # its prints: stderr (open_run)
     keep = [m for m in all_modules if m not in modules]
     if keep:
         before = dict(program.named_predictors())
