@@ -235,13 +235,6 @@ def _check_optimizer(recipe: Recipe, key: str, spec: Any, module_models: dict[st
             )
     if isinstance(spec, PromptOptimizer):
         _check_prompt_optimizer(key, spec)
-        chosen = module_models if spec.modules == "all" else spec.modules
-        remote = sorted(m for m in chosen if not _local(recipe, module_models[m]))
-        if spec.optimizer == "KNNFewShot" and remote:
-            raise InputError(
-                f"optimizers.{key}: KNNFewShot finds neighbours with the module's own model, which must be "
-                f"local; {remote} run on LiteLLM models"
-            )
     else:
         _check_weight_optimizer(recipe, key, spec, module_models)
 

@@ -38,7 +38,8 @@ _cache_setting: bool | None = None
 
 def configure_dspy(recipe: Recipe) -> None:
     """DSPy settings for small local models: ChatAdapter without the JSON fallback (it doubles the
-    calls and never helps a 135M model), and the LM cache kept under $JOINTOPT_HOME."""
+    calls and never helps a 135M model), the optimizers' error budget (runtime.max_errors), and the LM
+    cache kept under $JOINTOPT_HOME."""
     global _cache_setting
     if _cache_setting != recipe.runtime.cache:
         dspy.configure_cache(
@@ -47,7 +48,7 @@ def configure_dspy(recipe: Recipe) -> None:
             disk_cache_dir=str(jointopt_home() / "dspy_cache"),
         )
         _cache_setting = recipe.runtime.cache
-    dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False))
+    dspy.configure(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False), max_errors=recipe.runtime.max_errors)
 
 
 @dataclass

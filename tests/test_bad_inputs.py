@@ -372,7 +372,7 @@ CASES = [
         "unknown-prompt-optimizer",
         "error: optimizers.p.optimizer: unknown prompt optimizer 'MiproV2'; available: "
         "LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFewShotWithOptuna, MIPROv2, "
-        "COPRO, SIMBA, InferRules, KNNFewShot, GEPA; "
+        "COPRO, SIMBA, InferRules, GEPA; "
         "did you mean 'MIPROv2'?",
         "validate",
         SST2,
@@ -451,6 +451,46 @@ CASES = [
         "validate",
         SST2,
         "optimizers.p.args={metric: 1}",
+    ),
+    case(
+        "ensemble-is-no-step",
+        "error: optimizers.p.optimizer: Ensemble combines several programs into one (compile(programs));",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=Ensemble",
+    ),
+    case(
+        "knn-is-no-step",
+        "error: optimizers.p.optimizer: KNNFewShot picks each example's demos while the program runs",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=KNNFewShot",
+        "optimizers.p.args={k: 2}",
+    ),
+    case(
+        "required-compile-arg",
+        "error: optimizers.p.compile_args: BootstrapFewShotWithOptuna needs max_demos",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=BootstrapFewShotWithOptuna",
+        "optimizers.p.args={}",
+    ),
+    case(
+        "model-as-an-arg",
+        "error: optimizers.p.args.prompt_model: jointopt supplies it; name a model in optimizers.p.prompt_model",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=MIPROv2",
+        "optimizers.p.args={prompt_model: big}",
+    ),
+    case(
+        "prompt-model-unknown",
+        "optimizers.p.prompt_model: unknown model 'big'; models are small",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=MIPROv2",
+        "optimizers.p.args={auto: light}",
+        "optimizers.p.prompt_model=big",
     ),
     case(
         "arg-type-str-for-int",

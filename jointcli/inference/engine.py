@@ -182,25 +182,6 @@ class LocalEngine:
             ("adapter", name, self.adapters[name], self._loads[name]),
         )
 
-    # ---- embeddings
-    def embed(self, texts: list[str]):
-        """One vector a text: the base weights' last hidden states, mean-pooled (a float32 numpy array of
-        shape [len(texts), hidden]). KNNFewShot's vectorizer on a local model; runs between batches."""
-        return self.decoder.call(self._embed, list(texts)).result()
-
-    def _embed(self, texts: list[str]):
-        import numpy as np
-
-        base = nullcontext() if self._peft is None else self._peft.disable_adapter()
-        rows = []
-        with torch.no_grad(), base:
-            for text in texts:
-                with self._tok_lock:
-                    ids = self.tokenizer(text, return_tensors="pt")["input_ids"][:, : self.context_length or None]
-                hidden = self.model(input_ids=ids.to(self.device), output_hidden_states=True).hidden_states[-1]
-                rows.append(hidden[0].float().mean(0).cpu().numpy())
-        return np.stack(rows)
-
     # ---- callers' side
     def _submit_request(self, request) -> Future:
         """Tokenize and check in the caller's thread, then queue the generation job."""

@@ -239,6 +239,12 @@ class Runtime(Strict):
         "so more threads give bigger batches",
     )
     cache: bool = Field(True, description="DSPy's LM cache")
+    max_errors: int = Field(
+        1000,
+        ge=1,
+        description="failed examples (a small model's unparsable answers among them) a DSPy optimizer "
+        "tolerates before it stops, where its args set no max_errors (DSPy's own default is 10)",
+    )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

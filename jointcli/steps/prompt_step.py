@@ -12,7 +12,6 @@ import dspy
 
 from ..checks import step_optimizer
 from ..console import phase
-from ..models.pool import engine_of
 from ..program import module_names
 from ..recipe import PromptOptimizer
 from ..rundir import Step
@@ -71,8 +70,6 @@ class PromptStep:
         reflection = ctx.pool.get(spec.reflection_model) if spec.reflection_model else None
         supplied = {"metric": ctx.metric, "num_threads": ctx.recipe.runtime.num_threads}
         supplied |= {"seed": ctx.recipe.seed + step.index, "reflection_lm": reflection, **models}
-        if spec.optimizer == "KNNFewShot":  # neighbours among the training examples, by the module's model
-            supplied |= {"trainset": trainset, "vectorizer": dspy.Embedder(engine_of(own).embed, caching=False)}
         return supplied
 
 

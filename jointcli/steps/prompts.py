@@ -35,18 +35,20 @@ PROMPT_OPTIMIZERS = (
     "COPRO",
     "SIMBA",
     "InferRules",
-    "KNNFewShot",
     "GEPA",
 )
 # jointopt passes these; a recipe names the models (prompt_model, task_model, reflection_model), not args
-SUPPLIED = ("student", "trainset", "teacher", "metric", "vectorizer", "prompt_model", "task_model", "reflection_lm")
+SUPPLIED = ("student", "trainset", "teacher", "metric", "prompt_model", "task_model", "reflection_lm")
 NEEDS = {"MIPROv2": "optuna", "BootstrapFewShotWithOptuna": "optuna"}  # the optional package each needs
 # **kwargs an optimizer's constructor hands to another optimizer: their names are that one's parameters
-FORWARDS_TO = {"InferRules": "BootstrapFewShot", "KNNFewShot": "BootstrapFewShot"}
+FORWARDS_TO = {"InferRules": "BootstrapFewShot"}
 NOT_A_STEP = {
     "Ensemble": "Ensemble combines several programs into one (compile(programs)); a prompt step optimizes "
     "the run's one program: compare the runs instead (jointopt compare), or ensemble exported programs in "
     "your own code",
+    "KNNFewShot": "KNNFewShot picks each example's demos while the program runs (it bootstraps the k nearest "
+    "training examples on every call), which no saved program holds, DSPy's own program.save included; use "
+    "BootstrapFewShot or LabeledFewShot, whose demos are saved",
 }
 
 
@@ -66,7 +68,7 @@ def parameters(fn) -> dict[str, inspect.Parameter]:
 
 def init_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The constructor's named parameters of optimizer `name`, with those of the optimizer its **kwargs
-    go to (InferRules and KNNFewShot hand theirs to BootstrapFewShot).
+    go to (InferRules hands them to BootstrapFewShot).
 
     >>> sorted(init_parameters("InferRules"))[:4]
     ['max_bootstrapped_demos', 'max_errors', 'max_labeled_demos', 'max_rounds']
@@ -103,13 +105,10 @@ def optimize_prompts(
 ) -> dspy.Module:
     """Compile `program` with `optimizer`; modules not in `modules` keep their prompts."""
     kwargs = dict(spec.compile_args)
-    accepted = parameters(type(optimizer).compile)
-    if "seed" in accepted:
+    if "seed" in parameters(type(optimizer).compile):
         kwargs.setdefault("seed", seed)
-    if "trainset" in accepted:  # KNNFewShot takes its examples in the constructor
-        kwargs["trainset"] = trainset
     with watching_servers():  # the optimizer counts a dead server's calls as failed examples: a failed step
-        optimized = optimizer.compile(program, **kwargs)  # its prints: stderr (open_run)
+        optimized = optimizer.compile(program, trainset=trainset, **kwargs)  # its prints: stderr (open_run)
     keep = [m for m in all_modules if m not in modules]
     if keep:
         before = dict(program.named_predictors())
