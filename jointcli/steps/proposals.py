@@ -42,21 +42,39 @@ class ProposalAdapter(dspy.ChatAdapter):
         self._lock = threading.Lock()
 
     def __call__(self, lm, lm_kwargs, signature, demos, inputs):
+        if self._is_task(signature):
+            return super().__call__(lm, lm_kwargs, signature, demos, inputs)
         token = _INPUTS.set(inputs)  # parse() sees the call's inputs: the instruction it may keep
         try:
             return super().__call__(lm, lm_kwargs, signature, demos, inputs)
+        except AdapterParseError:  # an empty answer fails before parse(): every completion keeps
+            return self._keep_all(signature, inputs, lm_kwargs)
         finally:
             _INPUTS.reset(token)
 
     async def acall(self, lm, lm_kwargs, signature, demos, inputs):
+        if self._is_task(signature):
+            return await super().acall(lm, lm_kwargs, signature, demos, inputs)
         token = _INPUTS.set(inputs)
         try:
             return await super().acall(lm, lm_kwargs, signature, demos, inputs)
+        except AdapterParseError:
+            return self._keep_all(signature, inputs, lm_kwargs)
         finally:
             _INPUTS.reset(token)
 
+    def _is_task(self, signature) -> bool:
+        return set(signature.output_fields) in self.task_outputs
+
+    def _keep_all(self, signature, inputs: dict, lm_kwargs: dict) -> list[dict]:
+        n = lm_kwargs.get("n") or 1
+        with self._lock:
+            self.proposals += n
+            self.kept += n
+        return [self._keep(signature, inputs) for _ in range(n)]
+
     def parse(self, signature, completion: str) -> dict:
-        if set(signature.output_fields) in self.task_outputs:
+        if self._is_task(signature):
             return super().parse(signature, completion)
         with self._lock:
             self.proposals += 1
