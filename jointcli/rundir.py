@@ -34,8 +34,9 @@ from typing import Any
 
 from .errors import InputError
 from .failpoints import failpoint
-from .files import copy_dir, disk_errors, now, remove_temporaries, write_atomic, write_json
+from .files import copy_dir, disk_errors, now, read_json, remove_temporaries, write_atomic, write_json
 from .recipe import Recipe, recipe_to_yaml, validate_recipe
+from .recipe.schema import run_folder
 from .step_kinds import STATE_KINDS, StepKind
 from .weights.adapter import ADAPTER_FILES
 
@@ -70,10 +71,11 @@ STATUSES = ("running", "done", "failed")
 LOCK_GRACE_S = 0.5  # lock() retries this long: the holder may be letting go (a process ending, a status look)
 
 
-def eval_files(split: str) -> tuple[str, str]:
-    """What an evaluation on `split` writes into its step's folder (Context.record_eval)."""
+def eval_files(split: str) -> tuple[str, str, str]:
+    """What an evaluation on `split` writes into its step's folder (Context.record_eval): its summary,
+    its predictions and, when examples raised or did not parse, those (a bootstrap's: failures.jsonl)."""
     suffix = "" if split == "dev" else f"-{split}"
-    return f"eval{suffix}.json", f"predictions{suffix}.jsonl"
+    return f"eval{suffix}.json", f"predictions{suffix}.jsonl", f"failures-{split}.jsonl"
 
 
 def _parse_step(entry: Any) -> Step:
@@ -101,8 +103,9 @@ class RunDir:
     @classmethod
     def open(cls, root: Path, name: str, recipe: Recipe, force: bool = False) -> RunDir:
         """Create `root/name` for `recipe`, or reopen it if it was made by the same recipe and its
-        finished steps are whole; `force` accepts a changed recipe and redoes damaged steps."""
-        run = cls(Path(root) / name)
+        finished steps are whole; `force` accepts a changed recipe and redoes damaged steps. `name` may
+        hold jointopt's own folders (NAME/seed-0), never a way out of `root` (recipe.schema.run_folder)."""
+        run = cls(run_folder(root, name))
         if run.path.exists() and not run.path.is_dir():
             raise InputError(f"{run.path}: exists and is not a run directory")
         with disk_errors(run.path):
@@ -177,7 +180,7 @@ class RunDir:
 
     def _missing(self, step: Step) -> str | None:
         folder = self.step_dir(step)
-        needed = [folder / name for split in step.scores for name in eval_files(split)]
+        needed = [folder / name for split in step.scores for name in eval_files(split)[:2]]
         if step.kind == StepKind.BOOTSTRAP:
             needed.append(folder / "traces.jsonl")
         if step.kind in STATE_KINDS:
@@ -322,6 +325,18 @@ class RunDir:
 
     def step_dir(self, step: Step) -> Path:
         return self.path / step.folder
+
+    def eval_failures(self, step: Step) -> dict[str, dict[str, int]]:
+        """Per split the step evaluated: examples whose program or metric raised (`errors`; from its
+        eval.json where the manifest does not say) and answers that did not parse (`parse_failures`)."""
+        counts = {}
+        for split in (split for split in ("dev", "test") if f"{split}_n" in step.info):
+            errors = step.info.get(f"{split}_errors")
+            if errors is None:  # an older run's manifest does not say; its eval.json does
+                summary = self.step_dir(step) / eval_files(split)[0]
+                errors = read_json(summary).get("errors", 0) if summary.is_file() else 0
+            counts[split] = {"errors": int(errors), "parse_failures": int(step.info.get(f"{split}_parse_failures", 0))}
+        return counts
 
     def adopt(self, donor: RunDir, steps: list[Step]) -> None:
         """Copy finished steps of another run in as this (empty) run's first steps: a sweep's

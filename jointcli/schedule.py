@@ -7,8 +7,10 @@
 Plan: baseline, then one step per letter (strategy.py reads them; steps/registry.py says which step
 class runs each), each followed by a dev evaluation (inside the step); then the step to ship (by dev
 score, ties to the earlier step; or by the recipe's `schedule.select` rule: selection.shipping) and
-the last one are evaluated on the test split. Finished steps found in the manifest are not repeated,
-so running the same command again after a crash or Ctrl-C resumes where it stopped.
+the last one are evaluated on the test split. After a step that stopped early or whose dev score is no
+better than one answer to everything, the schedule says what to try (advice.py). Finished steps found
+in the manifest are not repeated, so running the same command again after a crash or Ctrl-C resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from .advice import advise
 from .checks import about, check_recipe, check_steps
 from .context import Context, open_run
 from .errors import InputError
@@ -98,7 +101,9 @@ def run_joint(ctx: Context) -> Step:
         if _stalled(scored, ctx.recipe.schedule.patience):
             ctx.run.set_manifest_field("stopped_early", True)
             break
-        PLANNED[kind](key).run(ctx)
+        step = PLANNED[kind](key).run(ctx)
+        if step is not None:
+            advise(ctx, step)  # what to try, when it stopped early or scored like a constant
     best = record_best(ctx.run)
     last = [s for s in finished_steps(ctx.run) if "dev" in s.scores][-1]
     for step in [best] + ([last] if last.folder != best.folder else []):

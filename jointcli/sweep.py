@@ -87,7 +87,7 @@ def run_sweep(
     base = load_recipe(recipe_path, overrides)
     plan = parse_strategies(strategies, base.optimizers)
     check_recipe(base, steps={key for strategy in plan for key in parse_strategy(strategy, base.optimizers)})
-    values = parse_seeds(seeds) if seeds else [base.seed]
+    values = parse_seeds(seeds) if seeds is not None else [base.seed]
     root_name = name or f"{base.name}-sweep"
     root = runs_dir / root_name
     failed = []
@@ -103,7 +103,7 @@ def run_sweep(
                 try:
                     run_joint(ctx)
                 except StepError as err:
-                    console.print(f"[red]failed[/]: {ctx.run.path}: {err}", highlight=False, soft_wrap=True)
+                    console.print(f"[red]failed[/]: {ctx.run.path}: {err}", highlight=False)
                     failed.append(f"{slug(strategy)}/seed-{seed}")
     groups = [load_group(str(root / slug(s)), runs_dir, label=slug(s)) for s in plan]
     return SweepResult(root, groups, failed)

@@ -26,13 +26,18 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .rundir import RunDir
 
-LOG_WIDTH = 160  # columns of a table printed to a log or a pipe
+LOG_WIDTH = 10_000  # columns of a table printed to a log or a pipe: wider than any row (a table takes what it needs)
 
 
 def wide(out: Console) -> Console:
-    """`out` in a terminal; elsewhere a console on the same file at least LOG_WIDTH columns wide, so
-    that a log keeps each row on one line."""
+    """`out` in a terminal; elsewhere a console on the same file LOG_WIDTH columns wide, so that a log
+    keeps each row on one line, however long its note (a step's error)."""
     return out if out.is_terminal else Console(file=out.file, width=max(out.width, LOG_WIDTH))
+
+
+def _show(out: Console, table: Table) -> None:
+    """A table in its own layout (the console soft-wraps messages: a table's title stays centred)."""
+    out.print(table, soft_wrap=False)
 
 
 def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...]) -> Table:
@@ -47,8 +52,27 @@ def _number(value: float | None, spec: str = ".3f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def failure_counts(counts: dict[str, dict[str, int]]) -> str:
+    """A step's failed examples (RunDir.eval_failures) in a few words: those that raised an error
+    beside those whose answers did not parse; dev's unmarked, test's after 'test:'.
+
+    >>> failure_counts({"dev": {"errors": 2, "parse_failures": 1}, "test": {"errors": 0, "parse_failures": 3}})
+    '2 errors, 1 parse failure; test: 3 parse failures'
+    """
+    parts = []
+    for split, c in counts.items():
+        words = [_plural(c[k], w) for k, w in (("errors", "error"), ("parse_failures", "parse failure")) if c[k]]
+        if words:
+            parts.append(("" if split == "dev" else f"{split}: ") + ", ".join(words))
+    return "; ".join(parts)
+
+
 def _say(line: str) -> None:
-    console.print(line, highlight=False, soft_wrap=True)
+    console.print(line, highlight=False)
 
 
 # ---------------------------------------------------------------- a run's steps
@@ -62,24 +86,21 @@ def print_steps(run: RunDir, notes: dict[str, str] | None = None) -> None:
     columns = ("step", "status", "dev", "test", "seconds", "tokens in/out") + (("dev answers",) if labelled else ())
     table = _table(f"run {run.path}", columns + ("note",), right=("dev", "test", "seconds"))
     for s in steps:
-        note = s.error or (
-            f"{s.info.get('dev_parse_failures')} parse failures" if s.info.get("dev_parse_failures") else ""
-        )
+        note = "; ".join(n for n in (failure_counts(run.eval_failures(s)), s.error, (notes or {}).get(s.folder)) if n)
         if s.folder == best:
             note = ("best " + note).strip()
-        note = "; ".join(n for n in (note, (notes or {}).get(s.folder)) if n)
         answers = (format_answers(s.info.get("dev_answers", {})),) if labelled else ()
         table.add_row(
             s.folder,
             s.status,
             _number(s.scores.get("dev")),
             _number(s.scores.get("test")),
-            _number(s.seconds),
-            f"{s.tokens.get('in', 0)}/{s.tokens.get('out', 0)}",
+            _number(s.seconds, ".1f"),
+            f"{s.tokens.get('in', 0):,}/{s.tokens.get('out', 0):,}",
             *answers,
             note,
         )
-    wide(console).print(table)
+    _show(wide(console), table)
     _print_step_notes(run, steps)
 
 
@@ -130,8 +151,8 @@ def print_plan(plan: Plan, out: Console) -> None:
     """The plan on `out`: the modules and their models, one row per phase of each step, what each
     weight step trains and the memory it needs, what the probe measured, the warnings."""
     out = wide(out)
-    out.print(_modules_table(plan))
-    out.print(_phases_table(plan))
+    _show(out, _modules_table(plan))
+    _show(out, _phases_table(plan))
     for line in _training_lines(plan):
         out.print(line, highlight=False)
     if plan.probe:
@@ -142,7 +163,7 @@ def print_plan(plan: Plan, out: Console) -> None:
         highlight=False,
     )
     for warning in plan.warnings:
-        out.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)
+        out.print(f"[yellow]warning[/]: {warning}", highlight=False)
 
 
 def _modules_table(plan: Plan) -> Table:
@@ -224,19 +245,20 @@ def print_report(report: Report, out: Console) -> None:
     schedule.select chose, each run's errors, answers and warnings, the pairwise differences and
     the quality/cost Pareto front."""
     out = wide(out)
-    out.print(_runs_table(report))
+    _show(out, _runs_table(report))
     _print_selection(report, out)
+    _print_failures(report, out)
     for r in report.runs:
         for error in r.errors:
-            out.print(f"[red]{r.label}[/] did not finish: {error}", highlight=False, soft_wrap=True)
+            out.print(f"[red]{r.label}[/] did not finish: {error}", highlight=False)
         if r.answers:
-            out.print(f"{r.label} answers on test: {format_answers(r.answers)}", highlight=False, soft_wrap=True)
+            out.print(f"{r.label} answers on test: {format_answers(r.answers)}", highlight=False)
         for warning in r.warnings:
-            out.print(f"[yellow]warning[/]: {r.label}: {warning}", highlight=False, soft_wrap=True)
+            out.print(f"[yellow]warning[/]: {r.label}: {warning}", highlight=False)
     if report.pairs:
-        out.print(_pairs_table(report))
+        _show(out, _pairs_table(report))
     if any(c.on_front for c in report.pareto):
-        out.print(_front_table(report))
+        _show(out, _front_table(report))
 
 
 def _runs_table(report: Report) -> Table:
@@ -256,8 +278,8 @@ def _runs_table(report: Report) -> Table:
             "" if r.test is None else f"{r.test:.3f} [{r.test_low:.3f}, {r.test_high:.3f}]",
             _number(r.test_std),
             ", ".join(r.best_step),
-            _number(r.seconds, ".0f"),
-            str(r.tokens),
+            _number(r.seconds, ",.1f"),
+            f"{r.tokens:,}",
             str(r.train_steps),
         )
     if (m := report.majority) is not None:  # what a program answering one label to everything scores
@@ -270,15 +292,25 @@ def _print_selection(report: Report, out: Console) -> None:
     whose rule chose no step (its best dev score was used)."""
     for r in report.runs:
         for rule in dict.fromkeys(p.selected_by for p in r.per_run if p.selected_by):
-            out.print(f"{r.label}: best step by schedule.select: {rule}", highlight=False, soft_wrap=True)
+            out.print(f"{r.label}: best step by schedule.select: {rule}", highlight=False)
         for p in r.per_run:
             if p.selection_warning:
                 name = f"{r.label}/{Path(p.path).name}" if len(r.per_run) > 1 else r.label
-                out.print(
-                    f"[yellow]warning[/]: {name}: schedule.select: {p.selection_warning}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                out.print(f"[yellow]warning[/]: {name}: schedule.select: {p.selection_warning}", highlight=False)
+
+
+def _print_failures(report: Report, out: Console) -> None:
+    """Per run with failed examples, each step's: those that raised an error (a warning) beside those
+    whose answers did not parse."""
+    for r in report.runs:
+        for p in r.per_run:
+            steps = [f"{folder} ({failure_counts(c)})" for folder, c in p.failures.items() if failure_counts(c)]
+            if not steps:
+                continue
+            name = f"{r.label}/{Path(p.path).name}" if len(r.per_run) > 1 else r.label
+            errors = any(split["errors"] for c in p.failures.values() for split in c.values())
+            lead = "[yellow]warning[/]: " if errors else ""
+            out.print(f"{lead}{name} failed examples by step: {', '.join(steps)}", highlight=False)
 
 
 def _pairs_table(report: Report) -> Table:

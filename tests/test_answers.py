@@ -50,3 +50,49 @@ def test_a_collapsed_program_is_flagged_and_a_reader_is_not():
 def test_parse_failures_do_not_hide_a_collapse():
     rows = _rows([("positive", "positive"), ("negative", None), ("negative", "positive"), ("positive", None)])
     assert answer_warnings(answer_summary(rows, "sentiment"), [1.0, 0.0, 0.0, 0.0])[0].startswith("answers 'positive'")
+
+
+# ---------------------------------------------------------------- what to try
+def test_likely_causes_name_what_the_step_shows_with_an_override_each():
+    from jointcli.answers import StepFacts, likely_causes
+
+    balanced = ["pos", "neg"] * 30
+    named = {"program.modules.0.instructions": "Classify the review as pos or neg."}
+    # a weight step with enough steps, trained on balanced rows, instructions that name the labels: the model
+    fine = StepFacts("w", balanced, "label", 24, 60, 24, trained=balanced, instructions=named, model="small")
+    assert likely_causes(fine) == [
+        "likely cause: none of those jointopt checks (24 optimizer steps on 60 rows, trained rows as balanced as "
+        "the split, instructions that name the labels): the task may be beyond the model; test: a larger one, "
+        "models.small.path=<a Hugging Face checkpoint folder>"
+    ]
+    assert likely_causes(StepFacts("p", balanced, "label", instructions=named)) == []  # no training to judge
+    few = StepFacts("w", balanced, "label", steps=8, rows=60, floor=24, trained=balanced, instructions=named)
+    assert likely_causes(few) == [
+        "likely cause: 8 optimizer steps on 60 rows are too few to learn more than one answer; "
+        "test: optimizers.w.train.steps=24"
+    ]
+    skewed = StepFacts("w", balanced, "label", steps=30, rows=49, floor=24, trained=["pos"] * 49, instructions=named)
+    assert likely_causes(skewed) == [
+        "likely cause: the weight step trained on rows that are 49 of 49 'pos' (1.00; the training split: 0.50); "
+        "test: optimizers.w.traces.source=labels"
+    ]
+
+
+def test_instructions_that_do_not_name_the_labels_are_a_cause():
+    from jointcli.answers import StepFacts, likely_causes
+
+    gold = ["entailment", "not_entailment"] * 10
+    half = {"program.modules.1.instructions": "Answer entailment when the second sentence follows."}
+    (line,) = likely_causes(StepFacts("p", gold, "label", instructions=half))
+    assert line == (
+        "likely cause: the instructions do not name the labels (entailment, not_entailment); test: "
+        "'program.modules.1.instructions=Answer entailment when the second sentence follows. Answer with one "
+        "of: entailment, not_entailment.'"
+    )
+    both = {"program.modules.0.instructions": "Answer Entailment or not_entailment."}
+    assert likely_causes(StepFacts("p", gold, "label", instructions=both)) == []
+    own = {"the docstring of classify's signature in your program class": "Given the fields `a`, produce `label`."}
+    (line,) = likely_causes(StepFacts(None, gold, "label", instructions=own))
+    assert line.endswith("name them in the docstring of classify's signature in your program class")
+    free_text = [f"answer {i}" for i in range(20)]  # not label-like: no label to name
+    assert likely_causes(StepFacts("p", free_text, "label", instructions=own)) == []

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import dspy
 import pytest
 
 from jointcli.rundir import RunDir
 
-from .conftest import RECIPES, cli, manifest, run_cli, tiny
+from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 
 TINY = tiny()
 
@@ -129,6 +130,35 @@ def test_optimizer_names_and_arguments_are_checked(runs, capsys):
         == 2
     )
     assert "does not accept ['bogus']" in capsys.readouterr().err
+
+
+def test_the_docs_list_the_optimizer_arguments_validate_cannot_check():
+    from jointcli.steps.arguments import unchecked_arguments
+
+    page = (ROOT / "docs" / "commands.md").read_text()
+    listed = page.split("DSPy says nothing of these")[1].split("\n\n")[1]
+    documented = {
+        line[2:].split(":")[0]: re.findall(r"`([\w.]+)`", line) for line in listed.splitlines() if line.startswith("- ")
+    }
+    assert documented == unchecked_arguments()
+
+
+@pytest.mark.model
+def test_an_unchecked_argument_is_named_by_the_error_it_causes(runs, capsys):
+    # stop_at_score has no type DSPy declares: validate takes it, and the optimizer's comparison fails
+    args = [
+        *tiny(2, 2, 2),
+        "optimizers.p.optimizer=BootstrapFewShotWithRandomSearch",
+        "optimizers.p.args={stop_at_score: high, num_candidate_programs: 1, max_bootstrapped_demos: 0}",
+        "--runs-dir",
+        runs,
+    ]
+    assert cli("validate", RECIPES / "sst2.yaml", *args[:-2]) == 0
+    capsys.readouterr()
+    assert cli("optimize-prompts", RECIPES / "sst2.yaml", *args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: step 00-p failed: TypeError: "), err
+    assert err.endswith("(optimizers.p.args.stop_at_score='high' went unchecked: DSPy declares no type for it)"), err
 
 
 @pytest.mark.model

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jointcli.files import write_jsonl
+from jointcli.files import write_json, write_jsonl
 from jointcli.recipe import load_recipe
 from jointcli.rundir import RunDir
 from jointcli.stats import bootstrap_ci, mcnemar, paired_difference, pareto_front
@@ -296,3 +296,37 @@ def test_sweep_adopts_the_finished_prefix_of_a_sibling(tmp_path):
         assert adopt_prefix(SimpleNamespace(run=run, recipe=recipe), [donor]) == 0
     finally:
         run.unlock()
+
+
+def test_compare_and_status_show_each_steps_errors_beside_its_parse_failures(tmp_path, capsys):
+    run = made_run(tmp_path, "noisy", [1.0] * 8, kinds=("baseline", "eval"))
+    baseline, prompt = run.steps()
+    # as record_eval writes them: examples that raised (errors) and answers that did not parse
+    baseline.info.update(dev_n=8, dev_errors=1, dev_parse_failures=2)
+    baseline.seconds, baseline.tokens = 19.508, {"in": 12345, "out": 678}
+    # a manifest that does not record errors: its eval.json does
+    prompt.info.update(dev_n=8, dev_parse_failures=3, test_n=8, test_errors=0, test_parse_failures=1)
+    write_json(run.step_dir(prompt) / "eval.json", {"split": "dev", "errors": 1})
+    write_json(run.step_dir(prompt) / "eval-test.json", {"split": "test"})
+    write_json(run.step_dir(baseline) / "eval.json", {"split": "dev"})
+    for step in (baseline, prompt):
+        run.update(step)
+    made_run(tmp_path, "clean", [1.0] * 8)
+
+    assert cli("compare", "noisy", "clean", "--runs-dir", tmp_path, "--json") == 0
+    noisy, clean = (r["per_run"][0] for r in json.loads(capsys.readouterr().out)["runs"])
+    assert noisy["failures"] == {
+        "00-baseline": {"dev": {"errors": 1, "parse_failures": 2}},
+        "01-eval": {"dev": {"errors": 1, "parse_failures": 3}, "test": {"errors": 0, "parse_failures": 1}},
+    }
+    assert clean["failures"] == {}
+    assert cli("compare", "noisy", "clean", "--runs-dir", tmp_path) == 0
+    assert (
+        "warning: noisy failed examples by step: 00-baseline (1 error, 2 parse failures), "
+        "01-eval (1 error, 3 parse failures; test: 1 parse failure)\n" in capsys.readouterr().err
+    )
+
+    assert cli("status", run.path) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().err.splitlines() if "│ 0" in line}
+    assert "19.5 │ 12,345/678" in rows["00-baseline"] and "1 error, 2 parse failures" in rows["00-baseline"]
+    assert "1 error, 3 parse failures; test: 1 parse failure" in rows["01-eval"]

@@ -59,6 +59,33 @@ def test_gsm8k_rows():
     assert "9 * 2 = $18" in first["reasoning"]
 
 
+@pytest.mark.parametrize(
+    "name, n, fields, counts",
+    [
+        ("boolq", 3270, ["passage", "question", "answer"], {"yes": 2033, "no": 1237}),
+        ("rte", 277, ["sentence1", "sentence2", "label"], {"entailment": 146, "not_entailment": 131}),
+        ("mrpc", 408, ["sentence1", "sentence2", "label"], {"equivalent": 279, "not_equivalent": 129}),
+    ],
+)
+def test_the_tasks_beyond_sst2_have_words_for_labels(name, n, fields, counts):
+    source = f"builtin:{name}"
+    rows = D.load_rows(source)
+    assert len(rows) == n and list(rows[0]) == fields
+    inputs, labels = D.BUILTIN_FIELDS[source]
+    assert inputs + labels == [f for f in fields if f in inputs + labels] and set(inputs + labels) == set(fields)
+    values = [r[labels[0]] for r in rows]
+    assert {v: values.count(v) for v in counts} == counts and set(values) == set(counts)
+    assert all(r[f] == r[f].strip() and r[f] for r in rows for f in inputs)
+    splits = D.load_splits(make(source, inputs, labels, train=8, dev=4, test=4))
+    assert len(splits.train) == 8 and set(splits.train[0].inputs().keys()) == set(inputs)
+
+
+def test_every_builtin_names_its_fields():
+    assert set(D.BUILTIN_FIELDS) == set(D._BUILTINS)
+    for source, (inputs, labels) in D.BUILTIN_FIELDS.items():
+        assert set(inputs + labels) <= set(D.load_rows(source)[0]), source
+
+
 def test_builtin_rows_are_copies():
     rows = D.load_rows("builtin:iris")
     rows[0]["species"] = "changed"

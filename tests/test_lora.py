@@ -317,6 +317,9 @@ def test_fingerprints_of_the_default_settings_stay_the_same():
     where = (Path("/models/m"), rows, Path("/runs/a/adapter"))
 
     def key(train: Train) -> str:
+        # one row: train.min_steps lengthens its default training (48 steps, not 2; a new fingerprint,
+        # test_the_floor_on_steps_changes_the_fingerprint_only_where_it_lengthens_training); min_steps=1 does not
+        train = train.model_copy(update={"min_steps": 1})
         return resume_fingerprint(TrainJob(*where, Lora(), train, 0, None, "cpu", "float32"), rows)
 
     default = "058d103f1873ff2e6b9fa7e0851fa41d8ade12d3be9c35bff2dde2f8816f8436"
@@ -326,8 +329,10 @@ def test_fingerprints_of_the_default_settings_stay_the_same():
     s_step = TrainJob(*where, Lora(r=2), Train(epochs=1, batch_size=2), 3, None, "cuda", "bfloat16", soft=soft)
     assert resume_fingerprint(s_step, rows).startswith("32893dbdd40eb739")
     engine = SimpleNamespace(weights_id="w123", device="cpu", checkpoint="/models/m")
-    assert _job_hash(engine, None, rows, Lora(), Train(), 0) == "65b4d96957a181f68f5d"
-    assert _job_hash(engine, None, rows, Lora(), Train(save_steps=5, share_prefix=False), 0) == "65b4d96957a181f68f5d"
+    assert _job_hash(engine, None, rows, Lora(), Train(min_steps=1), 0) == "65b4d96957a181f68f5d"
+    assert _job_hash(engine, None, rows, Lora(), Train(min_steps=1, save_steps=5, share_prefix=False), 0) == (
+        "65b4d96957a181f68f5d"
+    )
 
 
 def test_out_of_memory_names_the_settings_that_bound_it():
@@ -612,3 +617,29 @@ def torch_allclose(a, b) -> bool:
     import torch
 
     return torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_floor_on_steps_changes_the_fingerprint_only_where_it_lengthens_training():
+    """train.min_steps lengthens the default training of a small data set, and only then is the training
+    (and so its resume fingerprint and the provider's job hash) another one."""
+    from types import SimpleNamespace
+
+    from jointcli.models.provider import _job_hash
+    from jointcli.training.job import TrainJob
+    from jointcli.training.work import resume_fingerprint
+
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    engine = SimpleNamespace(weights_id="w123", device="cpu", checkpoint="/models/m")
+
+    def keys(train: Train, n: int) -> tuple[str, str]:
+        job = TrainJob(Path("/models/m"), [row] * n, Path("/runs/a/adapter"), Lora(), train, 0, None, "cpu", "float32")
+        return resume_fingerprint(job, [row] * n), _job_hash(engine, None, [row] * n, Lora(), train, 0)
+
+    # 192 rows of 8 a step: 2 epochs are 48 steps, the floor adds none
+    assert keys(Train(), 192) == keys(Train(min_steps=1), 192) == keys(Train(min_steps=48), 192)
+    # 60 rows: 2 epochs are 16 steps, the floor makes them 48: another training
+    assert keys(Train(), 60) != keys(Train(min_steps=1), 60)
+    assert keys(Train(), 60) == keys(Train(min_steps=48), 60)
+    # epochs or steps set: taken as they are, whatever min_steps says
+    assert keys(Train(epochs=1, min_steps=1), 60) == keys(Train(epochs=1), 60)
+    assert keys(Train(steps=48), 60) != keys(Train(), 60)  # steps 48 and "2 epochs, at least 48" are written apart

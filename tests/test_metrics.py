@@ -145,3 +145,53 @@ def test_bad_reference(user_module, ref, reason):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(f"metric.name: cannot import '{ref}': ") and reason in msg
+
+
+# raises on every second call: half of an evaluation's examples, whichever thread scores them
+HALF_RAISING_METRIC = """
+import itertools, threading
+_calls, _lock = itertools.count(), threading.Lock()
+def score(example, pred, trace=None):
+    with _lock:
+        n = next(_calls)
+    if n % 2:
+        raise ValueError(f"metric bug on call {n}")
+    return 1.0
+"""
+
+
+@pytest.mark.model
+def test_a_metric_that_raises_on_half_the_examples_fails_the_step(tmp_path, monkeypatch, capsys):
+    from .conftest import RECIPES, cli, manifest, tiny
+
+    (tmp_path / "half_metric_jt.py").write_text(HALF_RAISING_METRIC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = tmp_path / "runs"
+    # adapter: text reads the whole answer as the output: every example reaches the metric
+    args = [*tiny(2, 4, 2), "program.modules.classify.adapter=text", "metric.name=half_metric_jt:score"]
+    try:
+        assert cli("eval", RECIPES / "sst2.yaml", *args, "--runs-dir", runs) == 1
+        err = capsys.readouterr().err
+        assert (
+            "error: dev eval: 2 of 4 examples raised an error (50%, more than runtime.max_error_rate 0.1); "
+            "the first, in the metric: ValueError: metric bug on call" in err
+        ), err
+        assert err.rstrip().endswith("all in 00-baseline/failures-dev.jsonl"), err
+        (step,) = manifest(runs / "sst2")["steps"]
+        assert step["status"] == "failed" and step["info"]["dev_errors"] == 2 and "dev" not in step["scores"]
+        failures = (runs / "sst2" / "00-baseline" / "failures-dev.jsonl").read_text().splitlines()
+        assert len(failures) == 2 and all('"in": "metric"' in line for line in failures)
+
+        assert cli("status", runs / "sst2") == 0
+        (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line]
+        assert "failed" in row and "2 errors; dev eval: 2 of 4 examples raised" in row
+
+        # a rate the recipe allows: the step is done, and status still shows the count
+        allowed = [*args, "runtime.max_error_rate=0.5", "--runs-dir", runs, "--name", "tolerant"]
+        assert cli("eval", RECIPES / "sst2.yaml", *allowed) == 0
+        capsys.readouterr()
+        assert cli("status", runs / "tolerant") == 0
+        (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line and "done" in line]
+        assert "2 errors" in row
+    finally:
+        sys.modules.pop("half_metric_jt", None)

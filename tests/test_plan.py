@@ -108,7 +108,10 @@ def test_pipeline_counts_and_json_without_weights(tmp_path):
     assert list(train) == ["classify"]  # w.modules: [classify]
     assert (train["classify"]["rows"], train["classify"]["steps"]) == (10, math.ceil(10 / 8))
     assert train["classify"]["lora_parameters"] == llama_lora(LLAMA, r=8)
-    assert plan["warnings"] == []
+    # 10 rows at the recipe's 1 epoch: 2 optimizer steps, and the plan says it is short
+    assert [w.split(": so few")[0] for w in plan["warnings"]] == [
+        "02-w: w (classify): 2 optimizer steps on 10 rows, fewer than 12"
+    ]
 
 
 def test_a_model_that_cannot_fit_warns(tmp_path):
@@ -124,10 +127,45 @@ def test_a_model_that_cannot_fit_warns(tmp_path):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    lines = [
+        line for line in out.stderr.splitlines() if line.startswith("warning:") and "optimizer steps on" not in line
+    ]
     assert len(lines) == 1 and "02-w: w (classify): LoRA training needs about" in lines[0], out.stderr
     assert "it will not fit" in lines[0]
     assert f"{llama_lora(HUGE, r=8):,}" in out.stderr.replace("\n", "")  # the LoRA line, in the table's wrap
+
+
+def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path):
+    """Three weight steps on 60 rows: the default length (2 epochs, at least train.min_steps), one epoch as
+    a recipe may set it (shorter than half the floor: a warning) and train.steps. In a fresh process, as
+    the other plans without weights: the plan reads the folder's config with transformers."""
+    folder = config_only(tmp_path / "ckpt", LLAMA)
+    out = run_cli(
+        "plan",
+        str(RECIPES / "sst2.yaml"),
+        f"models.small.path={folder}",
+        *("data.split.train=60", "data.split.dev=4", "data.split.test=4"),
+        "optimizers.w.train={learning_rate: 3.0e-3, batch_size: 8}",
+        "optimizers.one={type: weight, train: {epochs: 1}}",
+        "optimizers.fixed={type: weight, train: {steps: 30}}",
+        "schedule.strategy=w -> one -> fixed",
+        "--no-probe",
+        "--json",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    trained = {s["optimizer"]: s["train"]["classify"] for s in plan["steps"] if s["train"]}
+    epoch = "60 rows / 8 a step = 8 an epoch"
+    assert {k: (t["rows"], t["steps"], t["steps_from"]) for k, t in trained.items()} == {
+        "w": (60, 48, f"{epoch}; 2 epochs = 16, less than train.min_steps: 48"),
+        "one": (60, 8, f"{epoch}; 1 epoch = 8"),
+        "fixed": (60, 30, "train.steps: 30 (3.8 epochs of 60 rows / 8 a step)"),
+    }
+    assert [w.split(": so few")[0] for w in plan["warnings"]] == [
+        "02-w: one (classify): 8 optimizer steps on 60 rows, fewer than 12"
+    ]
+    assert "try optimizers.one.train.steps=48" in plan["warnings"][0]
 
 
 def test_miprov2_calls_are_dspys_own_estimate():
@@ -217,3 +255,26 @@ def test_the_probe_times_every_step_of_a_tiny_recipe():
     assert all(s.seconds > 0 for s in plan.steps)
     assert plan.seconds == pytest.approx(sum(s.seconds for s in plan.steps))
     assert plan.steps[2].train["classify"]["steps"] == 3  # 6 rows, 2 a step
+
+
+def test_the_floor_on_steps_arithmetic():
+    """train.steps, or epochs x the steps of an epoch, or (neither set) 2 epochs and at least min_steps."""
+    from jointcli.recipe import Train
+    from jointcli.training.microbatch import plan_steps
+
+    rows, floor = 60, Train().min_steps
+    assert Train().optimizer_steps(rows) == max(floor, 2 * math.ceil(rows / 8)) == 48
+    assert Train().optimizer_steps(400) == 2 * 50  # 2 epochs are more than the floor: the floor adds nothing
+    assert Train(epochs=1).optimizer_steps(rows) == 8 and Train(epochs=1.5, batch_size=4).optimizer_steps(rows) == 23
+    assert Train(steps=5).optimizer_steps(rows) == 5 and Train(min_steps=1).optimizer_steps(rows) == 16
+    assert Train(batch_size=4, grad_accum=2, min_steps=24).optimizer_steps(rows) == 24  # 8 rows a step either way
+    planned = plan_steps(rows, 8, 0, seed=0, steps=24)
+    assert len(planned) == 24 and sorted(i for step in planned[:8] for i in step) == list(range(rows))
+    assert plan_steps(rows, 8, 1.0, seed=0) == plan_steps(rows, 8, 0, seed=0, steps=8)  # epochs as they were
+
+
+def test_validate_refuses_epochs_and_steps_together(capsys):
+    code = cli("validate", RECIPES / "sst2.yaml", "optimizers.w.train.steps=24")  # the recipe sets epochs: 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1
+    assert "optimizers.w.train: give epochs (1) or steps (24), not both" in lines[0]

@@ -21,9 +21,10 @@ from jointcli.errors import InputError
 from jointcli.failpoints import VARIABLE, _target
 from jointcli.files import write_json, write_jsonl
 from jointcli.recipe import load_recipe
+from jointcli.recipe.schema import run_folder
 from jointcli.rundir import RunDir
 
-from .conftest import RECIPES, ROOT, cli, manifest, tiny
+from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 
 RECIPE = load_recipe(RECIPES / "sst2.yaml", [])
 
@@ -90,6 +91,35 @@ def test_status_of_a_damaged_manifest_names_the_step_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step folders in" in err and "00-baseline, 01-p, 02-w" in err
     assert "manifest.json: damaged or unreadable" in err and "Traceback" not in err
+
+
+def test_in_a_pipe_a_message_is_one_line_however_long_its_path(tmp_path):
+    # rich breaks lines at 80 columns where it sees no terminal; jointopt's console never does
+    deep = tmp_path / "/".join(["a-folder-with-a-long-name"] * 8)
+    run = finished_run(deep)
+    (run.path / "manifest.json").write_text('{"steps": [')
+    result = run_cli("status", str(run.path))  # a fresh process, its stderr a pipe
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert f"step folders in {run.path}: 00-baseline, 01-p, 02-w" in lines, result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == [
+        line for line in lines if str(run.path / "manifest.json") in line
+    ], result.stderr
+    assert len(lines) == 2, result.stderr
+
+
+# ---------------------------------------------------------------- names stay under the runs root
+def test_a_run_name_never_leaves_the_runs_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("JOINTOPT_RUNS", str(tmp_path / "root" / "runs"))
+    assert cli("eval", RECIPES / "sst2.yaml", "data.split.dev=2", "--name", "../../escaped") == 2
+    assert capsys.readouterr().err.startswith("error: --name: '../../escaped' has '/'")
+    assert list(tmp_path.iterdir()) == []  # no run folder, not even the runs root
+    # below the command line too: a run's folder, a seed's or a sweep's, is inside the root or refused
+    for name in ("../escaped", "/tmp/escaped", "sst2/../../escaped", ".", "sst2/.."):
+        with pytest.raises(InputError, match="is not inside the runs root"):
+            RunDir.open(tmp_path / "runs", name, RECIPE)
+    assert list(tmp_path.iterdir()) == []
+    assert run_folder(tmp_path / "runs", "sst2-sweep/p-w/seed-0") == tmp_path / "runs" / "sst2-sweep/p-w/seed-0"
 
 
 # ---------------------------------------------------------------- finished steps with files gone

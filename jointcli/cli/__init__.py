@@ -16,7 +16,7 @@ bodies, so that `jointopt --help` loads neither DSPy nor torch.
 """
 
 # each command joins the app when its module loads, and --help lists them in that order
-from . import recipes, runs  # noqa: F401
+from . import init, recipes, runs  # noqa: F401
 from .main import app, main
 
 __all__ = ["app", "main"]

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..strategy import parse_seeds
+
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
@@ -21,7 +23,31 @@ RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default
 Overrides = Annotated[
     list[str] | None, typer.Argument(help="key.path=value overrides, e.g. data.split.train=16", show_default=False)
 ]
-NameOpt = Annotated[str | None, typer.Option("--name", help="run name (default: the recipe's name)")]
+
+
+def _run_name(name: str | None) -> str | None:
+    """--name follows the rule of the recipe's `name` (recipe/schema.py): a folder under the runs root."""
+    from ..recipe.schema import check_run_name  # pydantic and the schema: not for --help
+
+    return None if name is None else check_run_name(name, "--name")
+
+
+def seed_list(seeds: str | None) -> str | None:
+    """--seeds names at least one seed, each once (strategy.parse_seeds): given empty, it is refused
+    before any work, not read as no seeds."""
+    if seeds is not None:
+        parse_seeds(seeds)
+    return seeds
+
+
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        callback=_run_name,
+        help="run name, its folder under the runs root (default: the recipe's name); letters, digits, '_', '-' and '.'",
+    ),
+]
 RunsOpt = Annotated[Path, typer.Option("--runs-dir", envvar="JOINTOPT_RUNS", help="root of run directories")]
 RunArg = Annotated[Path, typer.Argument(help="run directory (or a name under the runs root)")]
 OptimizerOpt = Annotated[

@@ -75,7 +75,7 @@ def main() -> None:
     except JointoptError as err:
         if debug:
             console.print_exception()
-        console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/]: {err}", highlight=False)
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("interrupted")
@@ -88,9 +88,5 @@ def main() -> None:
     except Exception as err:
         if debug:
             raise
-        console.print(
-            f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        console.print(f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)", highlight=False)
         sys.exit(1)

@@ -12,7 +12,7 @@ import typer
 
 from ..console import console
 from ..errors import InputError
-from .app import ForceOpt, NameOpt, OptimizerOpt, Overrides, RecipeArg, RunsOpt, app, load, run_path
+from .app import ForceOpt, NameOpt, OptimizerOpt, Overrides, RecipeArg, RunsOpt, app, load, run_path, seed_list
 
 
 def _one_step(
@@ -185,7 +185,9 @@ def joint(
     name: NameOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     force: ForceOpt = False,
-    seeds: Annotated[str | None, typer.Option(help="run once per seed, e.g. 0,1,2 -> NAME/seed-0, ...")] = None,
+    seeds: Annotated[
+        str | None, typer.Option(callback=seed_list, help="run once per seed, e.g. 0,1,2 -> NAME/seed-0, ...")
+    ] = None,
     init_from: Annotated[
         Path | None, typer.Option("--init-from", help="start from another run's best program (prompts and adapters)")
     ] = None,

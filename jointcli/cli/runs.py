@@ -25,6 +25,7 @@ from .app import (
     RunsOpt,
     app,
     run_path,
+    seed_list,
 )
 
 
@@ -63,7 +64,9 @@ def sweep(
     strategies: Annotated[
         str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")
     ] = DEFAULT_STRATEGIES,
-    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds (default: the recipe's)")] = None,
+    seeds: Annotated[
+        str | None, typer.Option(callback=seed_list, help="comma-separated seeds (default: the recipe's)")
+    ] = None,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     require: RequireOpt = None,
@@ -129,7 +132,7 @@ def status(
         notes = {folder: "damaged" for folder in damage} | ({running[0]: running[1]} if running else {})
         print_steps(rd, notes)
         if running:
-            console.print(" ".join(running), highlight=False, soft_wrap=True)
+            console.print(" ".join(running), highlight=False)
     if damage:
         raise rd.damage_error(damage)
 
@@ -138,7 +141,7 @@ def _print_folders(path: Path) -> None:
     """The step folders on disk at `path`, for a run whose manifest cannot be read."""
     folders = sorted(p.name for p in path.glob("[0-9][0-9]*-*") if p.is_dir()) if path.is_dir() else []
     if folders:
-        console.print(f"step folders in {path}: {', '.join(folders)}", highlight=False, soft_wrap=True)
+        console.print(f"step folders in {path}: {', '.join(folders)}", highlight=False)
 
 
 def _running_step(run) -> tuple[str, str, str] | None:
@@ -186,5 +189,4 @@ def export(
         f"exported {manifest['step']} of {manifest['run']} to {out} ({manifest['format']}; {modules}); "
         f"how to serve it: {out / 'README.md'}",
         highlight=False,
-        soft_wrap=True,
     )

@@ -29,6 +29,8 @@ class RunSummary:
     error: str | None
     selected_by: str | None = None  # the schedule.select rule in words; None: the best dev score
     selection_warning: str | None = None  # why the rule chose no step (the best dev score is used)
+    # step folder -> split -> {"errors": examples that raised, "parse_failures": answers that did not parse}
+    failures: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +146,7 @@ def _run_summary(run: RunRecord) -> RunSummary:
         run.error,
         rule.rule if rule else None,
         rule.fallback if rule else None,
+        run.failures,
     )
 
 

@@ -28,6 +28,8 @@ class RunRecord:
     test_rows: list[dict] = field(default_factory=list, repr=False)  # the best step's test predictions
     error: str | None = None  # why the run stopped, when its last step failed
     selection: Selection | None = None  # with a schedule.select rule: what it chooses among the steps
+    # step folder -> split -> examples that raised an error and whose answers did not parse (failed steps too)
+    failures: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
@@ -44,6 +46,7 @@ class RunRecord:
             [s for s in run.done_steps() if s.kind in PROGRAM_KINDS],
             shipped.step,
             selection=shipped.selection,
+            failures={step.folder: counts for step in every if (counts := run.eval_failures(step))},
         )
         last = every[-1] if every else None
         if last is not None and last.status != "done":

@@ -213,7 +213,7 @@ def _job_hash(engine, init_adapter: Path | None, rows: list[dict], lora: Lora, t
         "weights": getattr(engine, "weights_id", str(engine.checkpoint)),
         "device": str(engine.device),
         "lora": lora.model_dump(mode="json"),
-        "train": train.identity(),
+        "train": train.identity(rows=len(rows)),  # with the steps train.min_steps adds, if any
         "seed": seed,
     }
     if init_adapter is not None:  # only then: the names of adapters trained from the base weights stay as they were

@@ -3,13 +3,15 @@ seconds from the probe), and build_plan, which puts them together."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 from ..data import load_splits
 from ..errors import InputError
 from ..program import build_program, model_of, module_names
-from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, WeightOptimizer
+from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, Train, WeightOptimizer
+from ..recipe.optimizers import DEFAULT_EPOCHS
 from ..strategy import parse_strategy
 from ..training.microbatch import plan_steps
 from ..weights.device import cpu_kind, resolve_device, resolve_train_dtype
@@ -18,6 +20,44 @@ from .probe import Probe, run_probe
 from .prompts import Prompts
 from .result import Calls, Phase, Plan, StepPlan
 from .sizes import GB, available_memory, lora_parameters, module_models, trained_modules, training_memory
+
+
+def _steps_from(train: Train, rows: int) -> str:
+    """Where a weight step's optimizer steps come from, with the arithmetic, as the plan shows it.
+
+    >>> _steps_from(Train(), 60)
+    '60 rows / 8 a step = 8 an epoch; 2 epochs = 16, less than train.min_steps: 48'
+    >>> _steps_from(Train(epochs=1), 120), _steps_from(Train(steps=30), 60)
+    ('120 rows / 8 a step = 15 an epoch; 1 epoch = 15', 'train.steps: 30 (3.8 epochs of 60 rows / 8 a step)')
+    """
+    per_step = train.batch_size * train.grad_accum
+    per_epoch = math.ceil(rows / per_step)
+    if train.steps is not None:
+        return f"train.steps: {train.steps} ({train.steps / per_epoch:.1f} epochs of {rows} rows / {per_step} a step)"
+    epochs = train.epochs if train.epochs is not None else DEFAULT_EPOCHS
+    by_epochs = Train(epochs=epochs, batch_size=train.batch_size, grad_accum=train.grad_accum).optimizer_steps(rows)
+    line = (
+        f"{rows} rows / {per_step} a step = {per_epoch} an epoch; {epochs:g} epoch{'s' * (epochs != 1)} = {by_epochs}"
+    )
+    if train.optimizer_steps(rows) > by_epochs:
+        line += f", less than train.min_steps: {train.min_steps}"
+    return line
+
+
+# A weight step shorter than this is warned of before it runs: 8 optimizer steps learned one constant answer
+# on every small task measured, and sst2's 15 learned the task (docs/your-own-task.md)
+SHORT_STEPS = 12
+
+
+def short_training(key: str, name: str, train: Train, rows: int, steps: int) -> str:
+    """The warning for a training of fewer than SHORT_STEPS optimizer steps, which only a recipe's own
+    epochs or steps can make (the default is never shorter than train.min_steps), with the override that
+    lengthens it to the floor."""
+    return (
+        f"{key} ({name}): {steps} optimizer steps on {rows} rows, fewer than {SHORT_STEPS}: so few steps can "
+        f"learn one answer for every input; try optimizers.{key}.train.steps={train.min_steps} "
+        "(train.min_steps, instead of train.epochs)"
+    )
 
 
 class Estimator:
@@ -76,7 +116,8 @@ class Estimator:
             prompt, completion = self.prompts.per_example(self.splits.train, demos, members)
             virtual = spec.soft_prompt.virtual_tokens if isinstance(spec, SimultaneousOptimizer) else 0
             row_tokens, rows = round((prompt + completion) / len(members)) + virtual, n_train * len(members)
-            steps = len(plan_steps(rows, per_step, spec.train.epochs, 0))
+            planned = plan_steps(rows, per_step, 0, 0, steps=spec.train.optimizer_steps(rows))
+            steps = len(planned)
             device = resolve_device(self.recipe.models[info["model"]].device)
             dtype = resolve_train_dtype(spec.train.dtype, device)
             trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
@@ -87,6 +128,7 @@ class Estimator:
                 "modules": members,
                 "rows": rows,
                 "steps": steps,
+                "steps_from": _steps_from(spec.train, rows),
                 "row_tokens": row_tokens,
                 "parameters": info["parameters"],
                 "lora_parameters": trainable,
@@ -100,7 +142,9 @@ class Estimator:
                     f"{key} ({name}): LoRA training needs about {memory['lora'] / GB:.1f} GB, more than "
                     f"the {self.free / GB:.1f} GB of {device} memory available; it will not fit"
                 )
-            tokens += round(rows * row_tokens * spec.train.epochs)
+            if steps < SHORT_STEPS:
+                warnings.append(short_training(key, name, spec.train, rows, steps))
+            tokens += row_tokens * sum(len(step) for step in planned)
             if self.probe and self.probe.step_seconds:
                 seconds += steps * self.probe.step_seconds * row_tokens / self.probe.row_tokens
         probed = self.probe is not None and self.probe.step_seconds is not None

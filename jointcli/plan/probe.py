@@ -126,7 +126,7 @@ class _Prober:
                 rows,
                 Path(tmp) / "adapter",
                 spec.lora,
-                spec.train.model_copy(update={"epochs": 1.0}),
+                spec.train.model_copy(update={"epochs": None, "steps": 1}),
                 seed=self.recipe.seed,
                 log_path=Path(tmp) / "log.jsonl",
                 device=model.device,

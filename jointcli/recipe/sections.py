@@ -245,6 +245,14 @@ class Runtime(Strict):
         description="failed examples (a small model's unparsable answers among them) a DSPy optimizer "
         "tolerates before it stops, where its args set no max_errors (DSPy's own default is 10)",
     )
+    max_error_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="the share of an evaluation's examples whose program or metric may raise (an error, not "
+        "an answer that did not parse) before its step fails: a bug in a metric stops the run at its first "
+        "evaluation instead of scoring 0 on those examples",
+    )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

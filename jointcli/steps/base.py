@@ -31,6 +31,7 @@ from ..recipe import Recipe
 from ..rundir import RunDir, Step
 from ..state import ProgramState
 from ..step_kinds import StepKind
+from .arguments import unchecked_given
 
 if TYPE_CHECKING:
     from ..data import Splits
@@ -90,6 +91,7 @@ def run_step(ctx: StepContext, kind: StepKind, body: Callable[[Step], None], inf
         raise
     except Exception as err:  # a library failed inside the step: the step failed, not the input
         message = f"step {step.folder} failed: {type(err).__name__}: {err}".splitlines()[0]
+        message += unchecked_given(ctx.recipe, step.info.get("optimizer"))  # a value DSPy gave no type to check
         ctx.run.fail(step, message, time.perf_counter() - start)
         raise StepError(message) from err
     ctx.run.finish(step, time.perf_counter() - start)

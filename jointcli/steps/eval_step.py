@@ -34,9 +34,12 @@ def eval_step(ctx: StepContext, split: str = "dev") -> Step:
 
 
 def score_on_test(ctx: StepContext, step: Step) -> None:
-    """Score a finished step's program on the test split, into that step's folder."""
+    """Score a finished step's program on the test split, into that step's folder; a StepError when
+    more examples raised than runtime.max_error_rate allows."""
     program, _ = ctx.current_program(upto=step.index)
     with step_log(ctx.run.step_dir(step) / "dspy-test.log"):
         result = ctx.evaluate(program, "test")
-    ctx.record_eval(step, result, "test")
-    ctx.run.update(step)
+    try:
+        ctx.record_eval(step, result, "test")
+    finally:  # too many errors: the counts are recorded, the test score is not (a resume scores it again)
+        ctx.run.update(step)

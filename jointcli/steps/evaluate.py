@@ -46,6 +46,31 @@ class EvalResult:
         costs = [u["cost_usd"] for u in self.usage.values() if u["cost_usd"] is not None]
         return sum(costs) if costs else None
 
+    def failures(self) -> list[dict]:
+        """failures-<split>.jsonl: each example whose program or metric raised, or whose answer did not
+        parse, with where it failed (program or metric) and the error."""
+        return [
+            {"example": r["index"], "in": r.get("failed_in"), "parse_failure": r["parse_failure"], "error": r["error"]}
+            for r in self.rows
+            if r["error"]
+        ]
+
+    def too_many_errors(self, max_rate: float, where: str | None = None) -> StepError | None:
+        """The error that fails the step when more than `max_rate` of the examples raised (parse
+        failures aside; runtime.max_error_rate), or every one did; None otherwise. `where`: the file
+        that lists them all."""
+        if not self.errors or (self.errors / self.n <= max_rate + 1e-9 and self.errors < self.n):
+            return None
+        first = next(r for r in self.rows if r["error"] and not r["parse_failure"])
+        share = (
+            "every example raised an error"
+            if self.errors == self.n
+            else f"{self.errors} of {self.n} examples raised an error ({self.errors / self.n:.0%}, more than "
+            f"runtime.max_error_rate {max_rate:g})"
+        )
+        listed = f"; all in {where}" if where else ""
+        return StepError(f"{share}; the first, in the {first.get('failed_in') or 'program'}: {first['error']}{listed}")
+
     def summary(self) -> dict:
         """eval.json: everything but the per-example rows."""
         return {
@@ -130,18 +155,21 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
         "score": 0.0,
         "error": None,
         "parse_failure": False,
+        "failed_in": None,  # program or metric
     }
     start = time.perf_counter()
     calls = _CallLog()
     with dspy.context(caller_modules=[calls]):
+        stage = "program"
         try:
             prediction = program(**inputs)
             row["prediction"] = {k: _plain(v) for k, v in prediction.items()}
+            stage = "metric"
             row["score"] = float(metric(example, prediction))
         except AdapterParseError as err:
-            row["parse_failure"], row["error"] = True, _first_line(err)
-        except Exception as err:  # one bad example must not end the evaluation; counted below
-            row["error"] = f"{type(err).__name__}: {_first_line(err)}"
+            row["parse_failure"], row["error"], row["failed_in"] = True, _first_line(err), stage
+        except Exception as err:  # one bad example must not end the evaluation: counted, and judged by the step
+            row["error"], row["failed_in"] = f"{type(err).__name__}: {_first_line(err)}", stage
     row["seconds"] = round(time.perf_counter() - start, 4)
     row["tokens_in"], row["tokens_out"], row["cached_calls"] = calls.tokens()
     row["calls"] = len(calls.history)
@@ -155,23 +183,23 @@ def evaluate(
     metric: Callable,
     num_threads: int = 4,
     label: str = "evaluating",
+    check: bool = True,
 ) -> EvalResult:
-    """Score `program` on `examples`; raises StepError when every example failed to run, or when a
-    model's server failed (parallel_map)."""
+    """Score `program` on `examples`; raises StepError when a model's server failed (parallel_map), and
+    with `check` when every example raised (a step checks the result itself, after writing it:
+    Context.record_eval)."""
     start = time.perf_counter()
     rows = parallel_map(lambda item: _one(program, metric, *item), list(enumerate(examples)), num_threads, label)
     seconds = time.perf_counter() - start
 
     errors = [r for r in rows if r["error"] and not r["parse_failure"]]
-    if rows and len(errors) == len(rows):
-        raise StepError(f"every example failed; first error: {errors[0]['error']}")
     scores = [r["score"] for r in rows]
     summary = answer_summary(rows, getattr(metric, "field", None))
     usage: dict[str, dict] = {}
     for row in rows:
         for model, counts in row["usage"].items():
             usage[model] = _add_usage(usage.get(model), counts)
-    return EvalResult(
+    result = EvalResult(
         score=sum(scores) / len(scores) if scores else 0.0,
         n=len(rows),
         scores=scores,
@@ -186,6 +214,9 @@ def evaluate(
         warnings=answer_warnings(summary, scores),
         usage=usage,
     )
+    if check and (error := result.too_many_errors(1.0)):
+        raise error
+    return result
 
 
 def _plain(value):

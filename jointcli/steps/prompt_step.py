@@ -3,7 +3,10 @@
     PromptStep("p").run(ctx)        # what `jointopt optimize-prompts` and a strategy's `p` do: NN-p
 
 The optimizer is the recipe's `optimizers.<key>` (prompts.py builds it); the modules it does not
-name keep their prompts; the new program is saved as the run's state and scored on dev.
+name keep their prompts; the new program is saved as the run's state and scored on dev. An optimizer
+that bootstraps demos first runs the program it would bootstrap with on a few training examples, in
+parallel; when none of them parses, no demo can come out of it, and the step stops in seconds instead of
+minutes: it keeps the program as it was and records why in its manifest entry (`stopped_early`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ..rundir import Step
 from ..state import save_state
 from ..step_kinds import StepKind
 from .base import StepContext, note, run_step
-from .prompts import make_optimizer, optimize_prompts
+from .prompts import cannot_bootstrap, make_optimizer, optimize_prompts
 from .proposals import ProposalAdapter
 
 
@@ -43,9 +46,14 @@ class PromptStep:
         adapter = ProposalAdapter(program)
         # optimizers that propose instructions use the settings' LM; their proposals parse leniently
         with dspy.context(lm=lm, adapter=adapter), phase(f"prompt step {self.key} ({spec.optimizer})", total=None):
-            optimized = optimize_prompts(
-                program, spec, optimizer, trainset, chosen, names, ctx.recipe.seed + step.index
-            )
+            stop = cannot_bootstrap(optimizer, spec, program, trainset, ctx.recipe.runtime.num_threads)
+            if stop is None:
+                optimized = optimize_prompts(
+                    program, spec, optimizer, trainset, chosen, names, ctx.recipe.seed + step.index
+                )
+        if stop is not None:  # the program as it was, scored on dev (DSPy's cache answers what was asked before)
+            optimized, step.info["stopped_early"] = program, stop
+            note(f"prompt step {self.key} ({spec.optimizer}) stopped: {stop}; the program is kept as it was")
         if adapter.summary():
             note(f"prompt step {self.key} ({spec.optimizer}): {adapter.summary()}")
             step.info["proposals"] = {"made": adapter.proposals, "kept_current": adapter.kept}

@@ -21,10 +21,11 @@ import inspect
 from typing import Any
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
 from ..errors import InputError
 from ..recipe import PromptOptimizer
-from .parallel import watching_servers
+from .parallel import parallel_map, watching_servers
 
 PROMPT_OPTIMIZERS = (
     "LabeledFewShot",
@@ -50,6 +51,13 @@ NOT_A_STEP = {
     "training examples on every call), which no saved program holds, DSPy's own program.save included; use "
     "BootstrapFewShot or LabeledFewShot, whose demos are saved",
 }
+
+
+# Optimizers whose demos are bootstrapped: the program, with labeled demos from the training split, answers
+# training examples, and the answers that pass the metric become demos (MIPROv2 bootstraps its demo sets so)
+BOOTSTRAPPING = ("BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "BootstrapFewShotWithOptuna", "MIPROv2")
+PROBE_EXAMPLES = 8  # run first, in parallel: when none of them parses, no demo can be bootstrapped
+NO_FORMAT = "no demo could be bootstrapped: the model does not follow the output format"
 
 
 def optimizer_class(name: str):
@@ -117,3 +125,55 @@ def optimize_prompts(
                 predictor.demos = copy.deepcopy(before[name].demos)
                 predictor.signature = before[name].signature
     return optimized
+
+
+def demo_counts(optimizer, compile_args: dict) -> tuple[int, int] | None:
+    """(demos to bootstrap, labeled demos of the program that bootstraps them) of a BOOTSTRAPPING optimizer,
+    as it will compile (its compile arguments win: MIPROv2's max_*_demos, Optuna's max_demos); None for
+    the others."""
+    if type(optimizer).__name__ not in BOOTSTRAPPING:
+        return None
+    boot = getattr(optimizer, "max_bootstrapped_demos", getattr(optimizer, "max_num_samples", 0))
+    boot = compile_args.get("max_bootstrapped_demos", compile_args.get("max_demos", boot))
+    labeled = compile_args.get("max_labeled_demos", getattr(optimizer, "max_labeled_demos", 0))
+    return int(boot or 0), int(labeled or 0)
+
+
+def bootstrap_teacher(program: dspy.Module, trainset: list[dspy.Example], labeled: int) -> dspy.Module:
+    """The program that answers the training examples while demos are bootstrapped, as DSPy's
+    BootstrapFewShot makes it: the program, or with `labeled` demos when it is not compiled, a fresh copy
+    with that many labeled demos of the training split (LabeledFewShot, seeded as DSPy seeds it)."""
+    teacher = program.deepcopy()
+    if labeled and getattr(teacher, "_compiled", False) is False:
+        teacher = dspy.LabeledFewShot(k=labeled).compile(teacher.reset_copy(), trainset=trainset)
+    return teacher
+
+
+def cannot_bootstrap(optimizer, spec: PromptOptimizer, program, trainset: list, num_threads: int) -> str | None:
+    """Why `optimizer` cannot bootstrap a demo, found in seconds, or None: it bootstraps, and the program it
+    bootstraps with answers none of the first PROBE_EXAMPLES training examples in a form that parses (run
+    in parallel, each without itself among the labeled demos, as DSPy runs them). Run under the step's
+    LM and adapter. Examples that fail for another reason leave the decision to the optimizer."""
+    counts = demo_counts(optimizer, spec.compile_args)
+    examples = trainset[:PROBE_EXAMPLES]
+    if counts is None or counts[0] == 0 or not examples:
+        return None
+    teacher = bootstrap_teacher(program, trainset, counts[1])
+
+    def parses(example: dspy.Example) -> str:
+        own = teacher.deepcopy()
+        for predictor in own.predictors():
+            predictor.demos = [d for d in predictor.demos if d != example]
+        try:
+            own(**example.inputs())
+            return "parsed"
+        except AdapterParseError:
+            return "unparsed"
+        except Exception:  # noqa: BLE001 - another failure: the optimizer decides, as it would have
+            return "failed"
+
+    outcomes = parallel_map(parses, examples, num_threads, "can it bootstrap a demo")
+    if any(o != "unparsed" for o in outcomes):
+        return None
+    demos = f", with {counts[1]} labeled demos" if counts[1] and getattr(program, "_compiled", False) is False else ""
+    return f"{NO_FORMAT} (0 of the first {len(examples)} training examples parsed{demos})"

@@ -29,11 +29,13 @@ from ..weights.device import autocast
 from .microbatch import micro_batch_losses, plan_step, plan_steps
 
 
-def curriculum_steps(ranked: list[int], rows_per_step: int, epochs: float, seed: int, stages: int) -> list[list[int]]:
+def curriculum_steps(
+    ranked: list[int], rows_per_step: int, epochs: float, seed: int, stages: int, *, total: int | None = None
+) -> list[list[int]]:
     """Row indices of every optimizer step, stage by stage (see the module docstring); `ranked`: every
-    row, easiest first (`rank`)."""
+    row, easiest first (`rank`); `total` optimizer steps when given, else those of `epochs`."""
     n = len(ranked)
-    total = len(plan_steps(n, rows_per_step, epochs, seed))
+    total = total if total is not None else len(plan_steps(n, rows_per_step, epochs, seed))
     steps: list[list[int]] = []
     for stage in range(1, stages + 1):
         end = round(total * stage / stages)

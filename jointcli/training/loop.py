@@ -123,10 +123,11 @@ def _training_plan(job: TrainJob, data: TrainData, ranks: Ranks, difficulty: lis
     ranked = None
     if difficulty is not None:
         ranked = rank(difficulty, data.answers() if train.curriculum.balance else None)
+    total = train.optimizer_steps(len(data.rows))  # train.steps, or epochs (at least min_steps when unset)
     steps = (
-        plan_steps(len(data.rows), rows_per_step, train.epochs, job.seed)
+        plan_steps(len(data.rows), rows_per_step, 0, job.seed, steps=total)
         if ranked is None
-        else curriculum_steps(ranked, rows_per_step, train.epochs, job.seed, train.curriculum.stages)
+        else curriculum_steps(ranked, rows_per_step, 0, job.seed, train.curriculum.stages, total=total)
     )
     return Plan(steps=steps, per_epoch=math.ceil(len(data.rows) / rows_per_step), ranks=ranks, curriculum=ranked)
 

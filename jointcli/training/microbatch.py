@@ -49,23 +49,28 @@ def _common_len(a: list[int], b: list[int]) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
-def plan_steps(n_rows: int, rows_per_step: int, epochs: float, seed: int) -> list[list[int]]:
+def plan_steps(
+    n_rows: int, rows_per_step: int, epochs: float, seed: int, *, steps: int | None = None
+) -> list[list[int]]:
     """Row indices of every optimizer step: a fresh seeded shuffle each epoch, cut into steps of
-    `rows_per_step` (the last of an epoch may be shorter); ceil(epochs x steps per epoch) steps.
+    `rows_per_step` (the last of an epoch may be shorter); ceil(epochs x steps per epoch) steps, or
+    `steps` when given (Train.optimizer_steps: a recipe's train.steps, or its floor min_steps).
 
     >>> [len(step) for step in plan_steps(10, 4, 2.0, seed=3)]  # 2 epochs of 10 rows, 4 a step
     [4, 4, 2, 4, 4, 2]
+    >>> [len(step) for step in plan_steps(10, 4, 0, seed=3, steps=4)]  # 4 steps: an epoch and a step
+    [4, 4, 2, 4]
     """
     per_epoch = math.ceil(n_rows / rows_per_step)
-    total = max(1, math.ceil(epochs * per_epoch - 1e-9))
-    steps: list[list[int]] = []
+    total = steps if steps is not None else max(1, math.ceil(epochs * per_epoch - 1e-9))
+    planned: list[list[int]] = []
     epoch = 0
-    while len(steps) < total:
+    while len(planned) < total:
         order = list(range(n_rows))
         random.Random(f"{seed}:{epoch}").shuffle(order)
-        steps += [order[i : i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
+        planned += [order[i : i + rows_per_step] for i in range(0, n_rows, rows_per_step)]
         epoch += 1
-    return steps[:total]
+    return planned[:total]
 
 
 def plan_step(lengths: Sequence[int], step: list[int], token_budget: int, rows: list[Row] | None = None) -> list[Group]:

@@ -34,7 +34,7 @@ def resume_fingerprint(job: TrainJob, pairs: list[dict]) -> str:
     settings = {
         "checkpoint": str(Path(job.checkpoint).resolve()),
         "lora": job.lora.model_dump(mode="json"),
-        "train": job.train.identity("processes"),
+        "train": job.train.identity("processes", rows=len(pairs)),
         "seed": job.seed,
         "device": job.device,
         "dtype": job.dtype,
