@@ -76,6 +76,7 @@ def step_facts(ctx: Context, step: Step) -> StepFacts:
             facts.trained = [a for row in read_jsonl(traces) if (a := trained_answer(row, label)) is not None]
     state = current_state(ctx.run, ctx.recipe, build_program(ctx.recipe), step.index)
     program = load_program(ctx.run, ctx.recipe, state)
+    facts.tuned = any(m.adapter for m in state.modules.values())
     facts.instructions = _instructions(ctx.recipe, program, label)
     answering = [m for m in module_names(ctx.recipe, program) if _outputs(program, m, label)]
     facts.model = model_of(ctx.recipe, answering[-1]) if answering else None

@@ -133,6 +133,7 @@ class StepFacts:
     # sentence saying where) -> the instructions
     instructions: dict[str, str] = field(default_factory=dict)
     model: str | None = None  # the recipe's name of the model that answers the label
+    tuned: bool = False  # the step's program runs on weights a weight step trained
 
 
 def _share(values: list) -> tuple[str, int, float]:
@@ -149,7 +150,7 @@ def likely_causes(facts: StepFacts) -> list[str]:
     """The causes of a collapsed or majority-level score that the facts show, each with the override
     that tests it: too few optimizer steps for the rows, a label imbalance in the training rows (the
     split's, or the traces' when they are more one-sided), instructions that do not name the labels; for
-    a weight step that none of them explains, the model's size."""
+    a program on trained weights that none of them explains, the model's size."""
     out = []
     if facts.steps is not None and facts.floor and facts.steps < facts.floor:
         out.append(
@@ -172,11 +173,12 @@ def likely_causes(facts: StepFacts) -> list[str]:
                     f"optimizers.{facts.key}.traces.source=labels"
                 )
     out += _unnamed_labels(facts)
-    if not out and facts.steps is not None:  # a weight step none of these explains: the model's size may
+    if not out and (facts.steps is not None or facts.tuned):  # trained, and none of these explains it
+        length = f"{facts.steps} optimizer steps on {facts.rows} rows" if facts.steps is not None else "training length"
         out.append(
-            f"likely cause: none of those jointopt checks ({facts.steps} optimizer steps on {facts.rows} rows, "
-            "trained rows as balanced as the split, instructions that name the labels): the task may be beyond "
-            f"the model; test: a larger one, models.{facts.model or 'NAME'}.path=<a Hugging Face checkpoint folder>"
+            f"likely cause: none of those jointopt checks ({length}, trained rows as balanced as the split, "
+            "instructions that name the labels): the task may be beyond the model; test: a larger one, "
+            f"models.{facts.model or 'NAME'}.path=<a Hugging Face checkpoint folder>"
         )
     return out
 

@@ -49,6 +49,11 @@ from .recipe.schema import NAME_MAX, check_run_name
 
 MAX_TRAIN, MAX_HELD_OUT = 120, 100  # the quickstart's split: enough to tell steps apart, minutes per step
 BATCH = 8  # rows an optimizer step, as the quickstart
+DEMOS = 4  # labeled demos of the prompt step, as the quickstart: a training row holds them and its example
+# A training row in DSPy's ChatAdapter format, in characters: the system message (fields, format,
+# instructions) ~700, and per example its values and ~30 of markers a field; ~3.5 characters a token
+ROW_OVERHEAD, FIELD_MARKERS, CHARS_PER_TOKEN = 700, 30, 3.5
+MAX_LENGTH = 1024  # train.max_length's default: longer rows are left out of the training
 _ID_NAME = re.compile(r"(?i)^(id|idx|index|key|uid|uuid|guid|row|.*_id)$")
 
 
@@ -72,6 +77,7 @@ class Made:
     fields: Fields
     split: tuple[int, int, int]
     rows: int
+    row_tokens: int = 0  # a training row with DEMOS demos, at the 90th percentile of the examples' lengths
 
 
 # ---------------------------------------------------------------- the fields
@@ -183,6 +189,29 @@ def max_tokens(label: str, longest: str) -> tuple[int, str]:
     return min(512, max(16, math.ceil(len(text) / 2.5) + 4)), text
 
 
+def row_tokens(rows: list[dict], fields: list[str], demos: int = DEMOS) -> int:
+    """About how many tokens a training row takes (a prompt with `demos` demos, the example and its answer),
+    with examples of the 90th percentile of the data's lengths.
+
+    >>> row_tokens([{"q": "x" * 300, "a": "yes"}] * 10, ["q", "a"])  # (700 + 5 x 363) / 3.5
+    719
+    """
+    lengths = sorted(sum(len(str(row.get(f, ""))) + FIELD_MARKERS for f in fields) for row in rows)
+    typical = lengths[min(len(lengths) - 1, int(len(lengths) * 0.9))]
+    return math.ceil((ROW_OVERHEAD + (demos + 1) * typical) / CHARS_PER_TOKEN)
+
+
+def max_length(tokens: int) -> int | None:
+    """train.max_length for rows of about `tokens` tokens, with room (a multiple of 256), when the default
+    (MAX_LENGTH) would leave many of them out; None otherwise.
+
+    >>> max_length(800), max_length(1741)
+    (None, 2048)
+    """
+    wanted = math.ceil(tokens * 1.15 / 256) * 256
+    return wanted if wanted > MAX_LENGTH else None
+
+
 def train_steps(train: int) -> int:
     """Optimizer steps of the weight steps: one epoch of BATCH rows a step, at least MIN_STEPS.
 
@@ -284,6 +313,13 @@ def _optimizers(made: Made, out: str) -> list[str]:
     steps = train_steps(train)
     arithmetic = f"{train} rows / {BATCH} a step = {math.ceil(train / BATCH)} optimizer steps an epoch"
     why = f"{arithmetic}; {steps}: at least train.min_steps" if steps == MIN_STEPS else f"{arithmetic}: one epoch"
+    longest = max_length(made.row_tokens)
+    length = f", max_length: {longest}" if longest else ""
+    rows_note = (
+        [f"    # rows with {DEMOS} demos: ~{made.row_tokens:,} tokens (90th percentile); max_length keeps them"]
+        if longest
+        else []
+    )
     return [
         "optimizers:",
         "  p:                            # prompt step: 4 labeled demos + up to 2 bootstrapped ones",
@@ -295,7 +331,8 @@ def _optimizers(made: Made, out: str) -> list[str]:
         "    traces: {source: program+labels, threshold: 1.0}",
         "    lora: {r: 8, alpha: 16}",
         f"    # {why}",
-        f"    train: {{steps: {steps}, learning_rate: 3.0e-3, batch_size: {BATCH}}}",
+        *rows_note,
+        f"    train: {{steps: {steps}, learning_rate: 3.0e-3, batch_size: {BATCH}{length}}}",
         "  s:                            # simultaneous: a soft prompt and LoRA in one backward pass, on w's rows",
         f"    type: simultaneous          #   jointopt joint {out} 'schedule.strategy=p -> s -> p'",
         "    traces: {source: program+labels, threshold: 1.0}",
@@ -304,7 +341,7 @@ def _optimizers(made: Made, out: str) -> list[str]:
         "    groups:",
         "      lora: {learning_rate: 3.0e-3}",
         "      soft_prompt: {learning_rate: 3.0e-3}",
-        f"    train: {{steps: {steps}, batch_size: {BATCH}}}",
+        f"    train: {{steps: {steps}, batch_size: {BATCH}{length}}}",
         "",
         "schedule:",
         '  strategy: "p -> w -> p"       # BetterTogether',
@@ -329,7 +366,7 @@ def make_recipe(source: str, inputs: list[str] | None, labels: list[str] | None,
     rows = load_rows(source)
     fields = choose_fields(source, rows, inputs, labels)
     name = check_run_name(name, "--name") if name else name_of(source)
-    made = Made("", name, fields, split_sizes(len(rows)), len(rows))
+    made = Made("", name, fields, split_sizes(len(rows)), len(rows), row_tokens(rows, fields.inputs + fields.labels))
     made.text = "\n".join(_head(made, source, out) + _program(made) + _optimizers(made, out)) + "\n"
     check_recipe(validate_recipe(yaml.safe_load(made.text), "the recipe jointopt init made"))
     return made

@@ -96,3 +96,16 @@ def test_instructions_that_do_not_name_the_labels_are_a_cause():
     assert line.endswith("name them in the docstring of classify's signature in your program class")
     free_text = [f"answer {i}" for i in range(20)]  # not label-like: no label to name
     assert likely_causes(StepFacts("p", free_text, "label", instructions=own)) == []
+
+
+def test_a_prompt_step_on_trained_weights_that_nothing_explains_points_at_the_model():
+    from jointcli.answers import StepFacts, likely_causes
+
+    gold = ["equivalent", "not_equivalent"] * 20
+    named = {"program.modules.0.instructions": "Give the label: equivalent or not_equivalent."}
+    assert likely_causes(StepFacts("p", gold, "label", instructions=named)) == []  # zero-shot: nothing trained
+    (line,) = likely_causes(StepFacts("p", gold, "label", instructions=named, model="small", tuned=True))
+    assert line.startswith("likely cause: none of those jointopt checks (training length, ")
+    assert line.endswith(
+        "the task may be beyond the model; test: a larger one, models.small.path=<a Hugging Face checkpoint folder>"
+    )

@@ -114,6 +114,8 @@ def test_the_builtin_tasks_give_recipes_that_validate(tmp_path, name):
     words = {"rte": "entailment or not_entailment", "boolq": "yes or no", "mrpc": "equivalent or not_equivalent"}
     assert words[name] in recipe.program.modules[0].instructions
     assert recipe.data.split.train == 120
+    # rows with 4 demos of BoolQ's passages: ~1,700 tokens, of RTE's sentence pairs ~1,200; MRPC's fit the default
+    assert recipe.optimizers["w"].train.max_length == {"rte": 1536, "boolq": 2048, "mrpc": 1024}[name]
 
 
 def test_the_numbers_it_derives():
