@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..program import model_of
 from ..recipe import LocalModel, Recipe, WeightOptimizer
+from ..weights.adapter import lora_config
 from ..weights.checkpoint import resolve_checkpoint
 
 GB = 2**30
@@ -48,19 +49,11 @@ def model_facts(checkpoint: Path) -> dict:
 
 
 def lora_parameters(checkpoint: Path, lora) -> int:
-    """The parameters PEFT trains for the recipe's LoRA settings (as lora.load_for_training sets it up)."""
+    """The parameters PEFT trains for the recipe's LoRA settings (weights.adapter.lora_config, as the trainer)."""
     import torch  # see _meta_model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        target_modules=targets,
-    )
+    config = lora_config(lora)
     with torch.device("meta"):
         model = get_peft_model(_meta_model(checkpoint), config)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

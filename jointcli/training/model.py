@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import StepError
 from ..recipe import Lora
-from ..weights.adapter import load_adapter
+from ..weights.adapter import load_adapter, lora_config
 from ..weights.checkpoint import load_causal_lm
 from ..weights.soft_prompt import init_soft_prompt, load_soft_prompt
 from .job import SoftTraining, TrainJob
@@ -45,7 +45,7 @@ def load_for_training(
     a new one as `lora` says, or `init_adapter`'s (its r, alpha and target modules; `lora` is ignored)."""
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     transformers.set_seed(seed)  # before the LoRA A matrices are initialized
     model = load_causal_lm(checkpoint, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -55,14 +55,7 @@ def load_for_training(
     if init_adapter is not None:
         model = load_adapter(model, init_adapter, trainable=True)
     else:
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            bias="none",
-            task_type="CAUSAL_LM",
-            target_modules=lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules),
-        )
+        config = lora_config(lora)
         model = get_peft_model(model, config)
     for p in model.parameters():  # the adapter trains in fp32 whatever the base weights are
         if p.requires_grad and p.dtype != torch.float32:

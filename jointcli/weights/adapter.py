@@ -81,3 +81,19 @@ def load_adapter(model, adapter_dir: str | Path, name: str = "default", trainabl
     return PeftModel.from_pretrained(
         model, str(adapter_dir), adapter_name=name, is_trainable=trainable, local_files_only=True
     )
+
+
+def lora_config(lora):
+    """PEFT's LoraConfig for the recipe's `lora:` settings (recipe.Lora): what the trainer trains and
+    what `jointopt plan` counts."""
+    from peft import LoraConfig  # peft imports torch: only when an adapter is built
+
+    targets = lora.target_modules if lora.target_modules == "all-linear" else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+    )
