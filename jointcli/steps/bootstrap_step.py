@@ -35,7 +35,9 @@ class BootstrapStep:
         spec: WeightOptimizer = step_optimizer(ctx.recipe, self.key, WeightOptimizer)
 
         def body(step: Step) -> None:
-            counts = write_traces(ctx.run.step_dir(step), collect(ctx, spec, step.index))
+            counts = write_traces(
+                ctx.run.step_dir(step), collect(ctx, spec, step.index), ctx.recipe.runtime.max_error_rate
+            )
             step.info["traces"] = counts
             if not counts["rows"]:
                 raise no_traces_error(counts, spec, prompted(ctx.run))
@@ -74,21 +76,24 @@ def collect(ctx: StepContext, spec: WeightOptimizer, step_index: int) -> Traces:
     )
 
 
-def write_traces(folder: Path, traces: Traces) -> dict:
+def write_traces(folder: Path, traces: Traces, max_error_rate: float = 1.0) -> dict:
     """traces.jsonl, traces.json (counts) and, when examples failed to run, failures.jsonl: the errors
-    go to the file, the console gets one line. Returns the counts."""
+    go to the file, the console gets one line. Returns the counts; a StepError (the files written) when
+    more examples raised than `max_error_rate` (runtime.max_error_rate) allows."""
     write_jsonl(folder / "traces.jsonl", traces.rows)
     counts = traces.counts()
     write_json(folder / "traces.json", counts)
     if traces.failures:
         write_jsonl(folder / "failures.jsonl", traces.failures)
-        where = Counter(f["module"] for f in traces.failures)
+        where = Counter(f["module"] or f["in"] for f in traces.failures)
         first = traces.failures[0]["error"].splitlines()[0][:160]
         note(
             f"{len(traces.failures)} of {traces.run} examples failed to run (in "
             f"{', '.join(f'{m}: {n}' for m, n in where.most_common())}), e.g. {first}; all in "
             f"{folder.name}/failures.jsonl"
         )
+    if error := traces.too_many_errors(max_error_rate, f"{folder.name}/failures.jsonl"):
+        raise error
     return counts
 
 

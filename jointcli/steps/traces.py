@@ -8,7 +8,8 @@ A row's `messages` are the chat messages the module's adapter sends (system, dem
 followed by the assistant's answer in that adapter's format: exactly what a fine-tune on the
 module should teach. The adapter is DSPy's ChatAdapter, or for a recipe module with `adapter: text`
 the plain TextAdapter (no system message, no field markers). Failed predictions (parse failures,
-errors) are never kept, whatever the metric says.
+errors) are never kept, whatever the metric says; an example whose program or metric raised is an
+error (`Traces.errors`), one whose answer did not parse a parse failure, as in an evaluation.
 
 With `gold` (trace source `program+labels`), an example whose trace failed still teaches the
 modules that produce label fields: the module's own current prompt (its demos included) on the
@@ -23,7 +24,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
+from ..errors import StepError
 from ..program import module_adapter, predictors_of
 from .parallel import parallel_map
 
@@ -34,11 +37,13 @@ class Traces:
     run: int  # examples run
     passed: int  # examples whose score reached the threshold
     per_module: dict[str, int] = field(default_factory=dict)  # rows
-    errors: int = 0  # examples the program failed to run (an answer no adapter could parse, ...)
+    errors: int = 0  # examples whose program or metric raised (parse failures aside)
     # module -> examples it ran on, answered in a form that parsed, and that then passed the metric:
     # in a pipeline, the module that runs but never parses blocks every module after it
     modules: dict[str, dict[str, int]] = field(default_factory=dict)
-    failures: list[dict] = field(default_factory=list)  # {"example", "module", "error"} of those examples
+    # {"example", "module", "in", "parse_failure", "error"} of the examples that raised or did not parse
+    failures: list[dict] = field(default_factory=list)
+    parse_failures: int = 0  # examples with an answer no adapter could parse
 
     def counts(self) -> dict:
         """traces.json: examples run and passed, rows per module and per source (program, teacher or
@@ -49,9 +54,22 @@ class Traces:
             "rows": len(self.rows),
             "per_module": self.per_module,
             "per_source": dict(Counter(row["source"] for row in self.rows)),
+            "parse_failures": self.parse_failures,
             "errors": self.errors,
             "modules": self.modules,
         }
+
+    def too_many_errors(self, max_rate: float, where: str) -> StepError | None:
+        """The error that fails the step when more than `max_rate` of the examples raised (parse
+        failures aside; runtime.max_error_rate), as an evaluation's; None otherwise."""
+        if not self.errors or self.errors / self.run <= max_rate + 1e-9:
+            return None
+        first = next(f for f in self.failures if not f["parse_failure"])
+        return StepError(
+            f"bootstrapping traces: {self.errors} of {self.run} training examples raised an error "
+            f"({self.errors / self.run:.0%}, more than runtime.max_error_rate {max_rate:g}); the first, in the "
+            f"{first['in']}: {first['error'].splitlines()[0][:300]}; all in {where}"
+        )
 
 
 def _messages(predictor: dspy.Predict, inputs: dict, outputs: dict) -> list[dict]:
@@ -94,23 +112,17 @@ def collect_traces(
     owner = _module_of(program, modules)
     tally = _ModuleTally(program, all_modules or modules)
 
-    def one(item):
-        index, example = item
-        with dspy.context(trace=[]):
-            try:
-                prediction = program(**example.inputs())
-            except Exception as err:  # a failed prediction teaches nothing; counted, and kept for the user
-                return index, None, list(dspy.settings.trace), f"{type(err).__name__}: {err}"
-            score = float(metric(example, prediction))
-            return index, score, list(dspy.settings.trace), None
-
-    rows, passed, errors, failures = [], 0, 0, []
+    rows, passed, errors, parse_failures, failures = [], 0, 0, 0, []
     per_module = {m: 0 for m in modules}
-    for index, score, calls, error in parallel_map(one, list(enumerate(trainset)), num_threads, "bootstrapping traces"):
-        errors += score is None
+    for index, score, calls, error in parallel_map(
+        lambda item: _run_one(program, metric, *item), list(enumerate(trainset)), num_threads, "bootstrapping traces"
+    ):
         failed_in = tally.add(calls, passed=score is not None and score >= threshold, failed=error is not None)
         if error is not None:
-            failures.append({"example": index, "module": failed_in, "error": error[:2000]})
+            parse_failures += error["parse_failure"]
+            errors += not error["parse_failure"]
+            module = failed_in if error["in"] == "program" else None
+            failures.append({"example": index, "module": module, **error, "error": error["error"][:2000]})
         if score is not None and score >= threshold:
             passed += 1
             for predictor, inputs, outputs in calls:
@@ -121,7 +133,21 @@ def collect_traces(
             for row in _gold_rows(program, trainset[index], index, score or 0.0, calls, gold):
                 rows.append(row)
                 per_module[row["module"]] += 1
-    return Traces(rows, len(trainset), passed, per_module, errors, tally.counts, failures)
+    return Traces(rows, len(trainset), passed, per_module, errors, tally.counts, failures, parse_failures)
+
+
+def _run_one(program: dspy.Module, metric, index: int, example: dspy.Example):
+    """(index, score or None, the calls traced, the failure or None) of one training example."""
+    with dspy.context(trace=[]):
+        stage = "program"
+        try:
+            prediction = program(**example.inputs())
+            stage = "metric"
+            score = float(metric(example, prediction))
+        except Exception as err:  # a failed example teaches nothing; counted, kept for the user, judged
+            failure = {"in": stage, "parse_failure": isinstance(err, AdapterParseError)}
+            return index, None, list(dspy.settings.trace), {**failure, "error": f"{type(err).__name__}: {err}"}
+        return index, score, list(dspy.settings.trace), None
 
 
 class _ModuleTally:

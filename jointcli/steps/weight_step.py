@@ -69,7 +69,7 @@ class WeightStep:
         source = self.traces or fresh_traces(ctx.run)
         if source is None:
             traces = collect(ctx, spec, step.index)
-            return traces.rows, write_traces(folder, traces)
+            return traces.rows, write_traces(folder, traces, ctx.recipe.runtime.max_error_rate)
         rows = read_jsonl(source)
         copy_file(source, folder / "traces.jsonl")
         return rows, {"rows": len(rows), "from": str(source)}
