@@ -94,8 +94,8 @@ def format_answers(answers: dict[str, int]) -> str:
 
 
 def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[str]:
-    """One line per reason to distrust the score: the program collapsed to one answer, or its 95%
-    interval holds the majority-class score."""
+    """One line per reason to distrust the score: the program collapsed to one answer, its 95%
+    interval holds the majority-class score, or lies below it (while some answers parse)."""
     from .stats import bootstrap_ci  # numpy: `status` imports this module only to format answers
 
     if summary is None or not scores:
@@ -109,6 +109,11 @@ def answer_warnings(summary: AnswerSummary | None, scores: list[float]) -> list[
         warnings.append(
             f"{mean:.3f} is within the 95% interval [{low:.3f}, {high:.3f}] of always answering "
             f"{summary.majority_label!r} ({summary.majority_score:.3f})"
+        )
+    elif high < summary.majority_score and given:  # answers that parse, and worse than a constant
+        warnings.append(
+            f"{mean:.3f} is below always answering {summary.majority_label!r} ({summary.majority_score:.3f}): "
+            f"its 95% interval [{low:.3f}, {high:.3f}] lies under that score"
         )
     return warnings
 

@@ -47,6 +47,17 @@ def test_a_collapsed_program_is_flagged_and_a_reader_is_not():
     assert answer_warnings(reader, [1.0] * 50) == []
 
 
+def test_a_score_significantly_below_the_majority_class_is_flagged():
+    """A program that answers, and answers worse than a constant would: its interval lies under the
+    majority-class score. One whose answers never parse is told apart by its answers, not warned twice."""
+    gold = ["positive"] * 70 + ["negative"] * 30
+    contrary = answer_summary(_rows([(g, "negative" if g == "positive" else "positive") for g in gold]), "sentiment")
+    (warning,) = answer_warnings(contrary, [0.0] * 100)
+    assert warning.startswith("0.000 is below always answering 'positive' (0.700): its 95% interval [0.000, 0.000]")
+    unparsed = answer_summary(_rows([(g, None) for g in gold]), "sentiment")
+    assert answer_warnings(unparsed, [0.0] * 100) == []
+
+
 def test_parse_failures_do_not_hide_a_collapse():
     rows = _rows([("positive", "positive"), ("negative", None), ("negative", "positive"), ("positive", None)])
     assert answer_warnings(answer_summary(rows, "sentiment"), [1.0, 0.0, 0.0, 0.0])[0].startswith("answers 'positive'")
