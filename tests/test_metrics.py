@@ -161,68 +161,67 @@ def score(example, pred, trace=None):
 """
 
 
-@pytest.mark.model
-def test_a_metric_that_raises_on_half_the_examples_fails_the_step(tmp_path, monkeypatch, capsys):
-    from .conftest import RECIPES, cli, manifest, tiny
-
+@pytest.fixture
+def half_metric(tmp_path, monkeypatch):
+    """Overrides of recipes/sst2.yaml for a tiny run scored by HALF_RAISING_METRIC (imported from tmp_path)."""
     (tmp_path / "half_metric_jt.py").write_text(HALF_RAISING_METRIC)
     monkeypatch.syspath_prepend(str(tmp_path))
-    runs = tmp_path / "runs"
+    from .conftest import tiny
+
     # adapter: text reads the whole answer as the output: every example reaches the metric
-    args = [*tiny(2, 4, 2), "program.modules.classify.adapter=text", "metric.name=half_metric_jt:score"]
-    try:
-        assert cli("eval", RECIPES / "sst2.yaml", *args, "--runs-dir", runs) == 1
-        err = capsys.readouterr().err
-        assert (
-            "error: dev eval: 2 of 4 examples raised an error (50%, more than runtime.max_error_rate 0.1); "
-            "the first, in the metric: ValueError: metric bug on call" in err
-        ), err
-        assert err.rstrip().endswith("all in 00-baseline/failures-dev.jsonl"), err
-        (step,) = manifest(runs / "sst2")["steps"]
-        assert step["status"] == "failed" and step["info"]["dev_errors"] == 2 and "dev" not in step["scores"]
-        failures = (runs / "sst2" / "00-baseline" / "failures-dev.jsonl").read_text().splitlines()
-        assert len(failures) == 2 and all('"in": "metric"' in line for line in failures)
-
-        assert cli("status", runs / "sst2") == 0
-        (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line]
-        assert "failed" in row and "2 errors; dev eval: 2 of 4 examples raised" in row
-
-        # a rate the recipe allows: the step is done, and status still shows the count
-        allowed = [*args, "runtime.max_error_rate=0.5", "--runs-dir", runs, "--name", "tolerant"]
-        assert cli("eval", RECIPES / "sst2.yaml", *allowed) == 0
-        capsys.readouterr()
-        assert cli("status", runs / "tolerant") == 0
-        (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line and "done" in line]
-        assert "2 errors" in row
-    finally:
-        sys.modules.pop("half_metric_jt", None)
+    yield [*tiny(4, 4, 2), "program.modules.classify.adapter=text", "metric.name=half_metric_jt:score"]
+    sys.modules.pop("half_metric_jt", None)
 
 
 @pytest.mark.model
-def test_a_metric_that_raises_on_half_the_training_examples_fails_the_bootstrap(tmp_path, monkeypatch, capsys):
-    """The traces a weight step trains on are held to runtime.max_error_rate as an evaluation is."""
-    from .conftest import RECIPES, cli, manifest, tiny
+def test_a_metric_that_raises_on_half_the_examples_fails_the_step(tmp_path, half_metric, capsys):
+    from .conftest import RECIPES, cli, manifest
 
-    (tmp_path / "half_metric_jt.py").write_text(HALF_RAISING_METRIC)
-    monkeypatch.syspath_prepend(str(tmp_path))
     runs = tmp_path / "runs"
-    args = [*tiny(4, 2, 2), "program.modules.classify.adapter=text", "metric.name=half_metric_jt:score"]
-    try:
-        assert cli("bootstrap", RECIPES / "sst2.yaml", *args, "--runs-dir", runs) == 1
-        err = capsys.readouterr().err
-        assert (
-            "bootstrapping traces: 2 of 4 training examples raised an error (50%, more than "
-            "runtime.max_error_rate 0.1); the first, in the metric: ValueError: metric bug on call" in err
-        ), err
-        assert err.rstrip().endswith("all in 00-bootstrap/failures.jsonl"), err
-        (step,) = manifest(runs / "sst2")["steps"]
-        assert step["status"] == "failed"
-        failures = (runs / "sst2" / "00-bootstrap" / "failures.jsonl").read_text().splitlines()
-        assert len(failures) == 2 and all('"in": "metric"' in line for line in failures)
+    assert cli("eval", RECIPES / "sst2.yaml", *half_metric, "--runs-dir", runs) == 1
+    err = capsys.readouterr().err
+    assert (
+        "error: dev eval: 2 of 4 examples raised an error (50%, more than runtime.max_error_rate 0.1); "
+        "the first, in the metric: ValueError: metric bug on call" in err
+    ), err
+    assert err.rstrip().endswith("all in 00-baseline/failures-dev.jsonl"), err
+    (step,) = manifest(runs / "sst2")["steps"]
+    assert step["status"] == "failed" and step["info"]["dev_errors"] == 2 and "dev" not in step["scores"]
+    failures = (runs / "sst2" / "00-baseline" / "failures-dev.jsonl").read_text().splitlines()
+    assert len(failures) == 2 and all('"in": "metric"' in line for line in failures)
 
-        allowed = [*args, "runtime.max_error_rate=0.5", "--runs-dir", runs, "--name", "tolerant"]
-        assert cli("bootstrap", RECIPES / "sst2.yaml", *allowed) == 0
-        counts = json.loads((runs / "tolerant" / "00-bootstrap" / "traces.json").read_text())
-        assert counts["errors"] == 2 and counts["parse_failures"] == 0 and counts["run"] == 4
-    finally:
-        sys.modules.pop("half_metric_jt", None)
+    assert cli("status", runs / "sst2") == 0
+    (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line]
+    assert "failed" in row and "2 errors; dev eval: 2 of 4 examples raised" in row
+
+    # a rate the recipe allows: the step is done, and status still shows the count
+    allowed = [*half_metric, "runtime.max_error_rate=0.5", "--runs-dir", runs, "--name", "tolerant"]
+    assert cli("eval", RECIPES / "sst2.yaml", *allowed) == 0
+    capsys.readouterr()
+    assert cli("status", runs / "tolerant") == 0
+    (row,) = [line for line in capsys.readouterr().err.splitlines() if "00-baseline" in line and "done" in line]
+    assert "2 errors" in row
+
+
+@pytest.mark.model
+def test_a_metric_that_raises_on_half_the_training_examples_fails_the_bootstrap(tmp_path, half_metric, capsys):
+    """The traces a weight step trains on are held to runtime.max_error_rate as an evaluation is."""
+    from .conftest import RECIPES, cli, manifest
+
+    runs = tmp_path / "runs"
+    assert cli("bootstrap", RECIPES / "sst2.yaml", *half_metric, "--runs-dir", runs) == 1
+    err = capsys.readouterr().err
+    assert (
+        "bootstrapping traces: 2 of 4 training examples raised an error (50%, more than "
+        "runtime.max_error_rate 0.1); the first, in the metric: ValueError: metric bug on call" in err
+    ), err
+    assert err.rstrip().endswith("all in 00-bootstrap/failures.jsonl"), err
+    (step,) = manifest(runs / "sst2")["steps"]
+    assert step["status"] == "failed"
+    failures = (runs / "sst2" / "00-bootstrap" / "failures.jsonl").read_text().splitlines()
+    assert len(failures) == 2 and all('"in": "metric"' in line for line in failures)
+
+    allowed = [*half_metric, "runtime.max_error_rate=0.5", "--runs-dir", runs, "--name", "tolerant"]
+    assert cli("bootstrap", RECIPES / "sst2.yaml", *allowed) == 0
+    counts = json.loads((runs / "tolerant" / "00-bootstrap" / "traces.json").read_text())
+    assert counts["errors"] == 2 and counts["parse_failures"] == 0 and counts["run"] == 4
