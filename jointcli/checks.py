@@ -249,6 +249,8 @@ def _check_prompt_optimizer(key: str, spec: PromptOptimizer) -> None:
         _check_arguments(key, spec.optimizer, where, given)
     if spec.optimizer == "GEPA":
         _check_gepa(key, spec)
+    if spec.optimizer == "KNNFewShot" and spec.modules != "all":
+        raise InputError(f"optimizers.{key}.modules: KNNFewShot sets the demos of every module on each call; use all")
 
 
 def _check_arguments(key: str, optimizer: str, where: str, given: dict) -> None:

@@ -31,6 +31,7 @@ from .recipe import Recipe, load_recipe
 from .rundir import RunDir, Step, eval_files
 from .state import ProgramState, attach_models, current_state, load_program
 from .steps.evaluate import EvalResult, evaluate
+from .steps.knn import apply_knn
 from .weights.checkpoint import jointopt_home
 
 _cache_setting: bool | None = None
@@ -90,6 +91,8 @@ class Context:
 
     def attach(self, program: dspy.Module, state: ProgramState) -> None:
         attach_models(program, self.recipe, state, self.run.path, self.pool)
+        if state.knn:  # a KNNFewShot step's neighbour lookup, which program.json does not hold
+            apply_knn(program, state.knn, self)
 
     def trainset(self, step_index: int) -> list[dspy.Example]:
         """The training split, reshuffled for each step from the recipe's seed (deterministic)."""

@@ -30,6 +30,7 @@ from .steps.eval_step import score_on_test
 from .steps.init_step import init_step, warm_start
 from .steps.registry import PLANNED
 from .strategy import parse_seeds, parse_strategy
+from .tracking import track
 
 PlanEntry = tuple[str, str | None]  # (step kind, optimizer key); the baseline has no key
 
@@ -110,6 +111,7 @@ def run_joint(ctx: Context) -> Step:
         if "test" not in step.scores:
             score_on_test(ctx, step)
     ctx.run.set_manifest_field("finished", True)
+    track(ctx.run, ctx.recipe, "FINISHED")  # MLflow, when on: the test scores and the step that ships
     return best
 
 

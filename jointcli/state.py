@@ -7,6 +7,9 @@ of that model, if any. A step folder holds it as `program.json` + `state.json`:
     {"program": "program.json",
      "modules": {"classify": {"model": "small", "adapter": "02-w/adapters/classify"}}}
 
+A KNNFewShot step's state adds `"knn"`: what rebuilds the neighbour lookup its program does on every
+call, which program.json cannot hold (steps/knn.py; Context.attach rebuilds it).
+
 Paths are relative to the run directory, so a run directory can be moved or copied whole.
 The state of a run is the state of its latest finished step that has one; before any, the
 recipe's own program (its instructions, no demos, no adapters).
@@ -36,18 +39,20 @@ class ModuleState:
 class ProgramState:
     program_file: str | None = None  # program.json, relative to the run directory; None: the recipe's program
     modules: dict[str, ModuleState] = field(default_factory=dict)
+    knn: dict | None = None  # a KNNFewShot step's neighbour lookup, which program.json cannot hold (steps/knn.py)
 
     @classmethod
     def initial(cls, recipe: Recipe, program: dspy.Module) -> ProgramState:
         return cls(None, {m: ModuleState(model_of(recipe, m)) for m in module_names(recipe, program)})
 
     def to_json(self) -> dict:
-        return {"program": self.program_file, "modules": {k: vars(v) for k, v in self.modules.items()}}
+        knn = {"knn": self.knn} if self.knn else {}
+        return {"program": self.program_file, "modules": {k: vars(v) for k, v in self.modules.items()}, **knn}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> ProgramState:
         try:
-            return cls(data.get("program"), {k: ModuleState(**v) for k, v in data["modules"].items()})
+            return cls(data.get("program"), {k: ModuleState(**v) for k, v in data["modules"].items()}, data.get("knn"))
         except (KeyError, TypeError, AttributeError) as err:
             raise InputError(f"{where}: damaged program state ({err})") from None
 
@@ -90,7 +95,7 @@ def save_state(run: RunDir, folder: Path, program: dspy.Module, state: ProgramSt
     finally:
         for p, lm in saved_lms:
             p.lm = lm
-    new = ProgramState(str((folder / "program.json").relative_to(run.path)), state.modules)
+    new = ProgramState(str((folder / "program.json").relative_to(run.path)), state.modules, state.knn)
     write_json(folder / "state.json", new.to_json())
     return new
 

@@ -3,7 +3,7 @@
     >>> StepKind("w"), kind_of_optimizer("simultaneous")
     (<StepKind.WEIGHT: 'w'>, <StepKind.SIMULTANEOUS: 's'>)
     >>> [k.value for k in SCHEDULE_KINDS]
-    ['init', 'baseline', 'p', 'w', 's']
+    ['init', 'baseline', 'p', 'w', 's', 'g']
 
 A kind's value is written into manifest.json and into the step's folder name (`02-w`), so the values
 never change. To add a step kind: add it here with the groups it belongs to, give it a module under
@@ -25,13 +25,21 @@ class StepKind(StrEnum):
     PROMPT = "p"  # a prompt optimizer
     WEIGHT = "w"  # LoRA fine-tuning
     SIMULTANEOUS = "s"  # a soft prompt and LoRA trained together
+    REINFORCE = "g"  # LoRA trained by GRPO on the metric's rewards
     BOOTSTRAP = "bootstrap"  # traces recorded for a weight step
 
 
 # the steps that save a program state (state.json; the program of every later step builds on it)
-STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)
+STATE_KINDS = (StepKind.INIT, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS, StepKind.REINFORCE)
 # the finished steps that count in a schedule (bootstrap and eval steps feed or report on them)
-SCHEDULE_KINDS = (StepKind.INIT, StepKind.BASELINE, StepKind.PROMPT, StepKind.WEIGHT, StepKind.SIMULTANEOUS)
+SCHEDULE_KINDS = (
+    StepKind.INIT,
+    StepKind.BASELINE,
+    StepKind.PROMPT,
+    StepKind.WEIGHT,
+    StepKind.SIMULTANEOUS,
+    StepKind.REINFORCE,
+)
 # the steps whose program is scored: what compare counts and what may ship (a bootstrap only records traces)
 PROGRAM_KINDS = (*SCHEDULE_KINDS, StepKind.EVAL)
 # an optimizer's type (recipe `optimizers.<key>.type`) -> the kind of step it runs as
@@ -39,6 +47,7 @@ OPTIMIZER_KINDS = {
     "prompt": StepKind.PROMPT,
     "weight": StepKind.WEIGHT,
     "simultaneous": StepKind.SIMULTANEOUS,
+    "reinforce": StepKind.REINFORCE,
 }
 
 

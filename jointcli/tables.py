@@ -199,13 +199,15 @@ def _training_lines(plan: Plan) -> list[str]:
     for s in plan.steps:
         for name, t in s.train.items():
             mem = t["memory_gb"]
+            whole = f" (the whole process ~{mem['process']:.1f} GB)" if "process" in mem else ""
             what = "LoRA and the soft prompt train" if s.kind == "s" else "LoRA trains"
             lines.append(
                 f"{s.step} {name}: {what} {t['lora_parameters']:,} of {t['parameters']:,} parameters "
                 f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} rows of ~{t['row_tokens']} tokens "
                 f"at most, {t['steps']} optimizer steps; memory ({t['device']}, {t['dtype']}; activations of "
                 f"{t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, full fine-tuning "
-                f"~{mem['full']:.1f} GB, {plan.machine['memory_available_gb']} GB available"
+                f"~{mem['full']:.1f} GB{whole}, "
+                f"{plan.machine['memory_available_gb']} GB available"
             )
     return lines
 

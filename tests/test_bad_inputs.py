@@ -238,7 +238,7 @@ CASES = [
     ),
     case(
         "optimizer-type",
-        "optimizers.p.type: 'prompts' is not one of 'prompt', 'weight', 'simultaneous'; did you mean 'prompt'?",
+        "optimizers.p.type: 'prompts' is not one of 'prompt', 'weight', 'simultaneous', 'reinforce'; did you mean 'prompt'?",
         "validate",
         SST2,
         "optimizers.p.type=prompts",
@@ -391,7 +391,7 @@ CASES = [
         "unknown-prompt-optimizer",
         "error: optimizers.p.optimizer: unknown prompt optimizer 'MiproV2'; available: "
         "LabeledFewShot, BootstrapFewShot, BootstrapFewShotWithRandomSearch, BootstrapFewShotWithOptuna, MIPROv2, "
-        "COPRO, SIMBA, InferRules, GEPA; "
+        "COPRO, SIMBA, InferRules, KNNFewShot, GEPA; "
         "did you mean 'MIPROv2'?",
         "validate",
         SST2,
@@ -525,12 +525,21 @@ CASES = [
         "optimizers.p.optimizer=Ensemble",
     ),
     case(
-        "knn-is-no-step",
-        "error: optimizers.p.optimizer: KNNFewShot picks each example's demos while the program runs",
+        "knn-modules-all",
+        "error: optimizers.p.modules: KNNFewShot sets the demos of every module on each call; use all",
         "validate",
         SST2,
         "optimizers.p.optimizer=KNNFewShot",
         "optimizers.p.args={k: 2}",
+        "optimizers.p.modules=[classify]",
+    ),
+    case(
+        "knn-needs-k",
+        "error: optimizers.p.args: KNNFewShot needs k",
+        "validate",
+        SST2,
+        "optimizers.p.optimizer=KNNFewShot",
+        "optimizers.p.args={}",
     ),
     case(
         "required-compile-arg",
@@ -652,7 +661,7 @@ CASES = [
     case(
         "strategy-unknown-step",
         "error: schedule.strategy: unknown step 'P' in 'P -> w'; steps are the keys of "
-        "optimizers: p, w, s; did you mean 'p'?",
+        "optimizers: p, w, s, g; did you mean 'p'?",
         "validate",
         SST2,
         "schedule.strategy=P -> w",
@@ -965,8 +974,18 @@ CASES = [
         "p",
     ),
     case(
+        "reinforce-optimizer-in-finetune",
+        "error: optimizers.g: is a reinforce optimizer, which trains on its own rollouts, not on traces; "
+        "run it in a schedule: jointopt joint RECIPE 'schedule.strategy=g'",
+        "finetune",
+        SST2,
+        *RUNS,
+        "--optimizer",
+        "g",
+    ),
+    case(
         "optimizer-not-in-recipe",
-        "error: optimizers.q: no such optimizer in the recipe (it has p, w, s)",
+        "error: optimizers.q: no such optimizer in the recipe (it has p, w, s, g)",
         "optimize-prompts",
         SST2,
         *RUNS,

@@ -135,6 +135,39 @@ def test_a_model_that_cannot_fit_warns(tmp_path):
     assert f"{llama_lora(HUGE, r=8):,}" in out.stderr.replace("\n", "")  # the LoRA line, in the table's wrap
 
 
+@pytest.mark.parametrize("engine", ["bfloat16", "float32"])
+def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, engine):
+    """LoRA: the frozen weights, 16 bytes a trainable parameter, the activations of a micro-batch
+    (Korthikanti et al.: layers x (34 h + 5 heads x row tokens) bytes a token in 16-bit, x2 in fp32).
+    The whole process: its base, plus the engine's weights unless the trainer shares them (same dtype)."""
+    from jointcli.plan.sizes import PROCESS_BASE
+    from jointcli.recipe.optimizers import TOKEN_BUDGET
+
+    folder = config_only(tmp_path / "huge", HUGE)
+    out = run_cli(
+        "plan",
+        str(RECIPES / "sst2.yaml"),
+        f"models.small.path={folder}",
+        f"models.small.dtype={engine}",
+        *("data.split.train=8", "data.split.dev=2", "data.split.test=2", "optimizers.w.train.dtype=float32"),
+        "--no-probe",
+        "--json",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    t = next(s["train"]["classify"] for s in json.loads(out.stdout)["steps"] if s["train"])
+    n, h, gb = llama_parameters(HUGE), HUGE["hidden_size"], 2**30
+    tokens = min(8 * t["row_tokens"], max(TOKEN_BUDGET["cpu"]["float32"], t["row_tokens"]))  # 8 rows a step
+    assert (t["parameters"], t["dtype"], t["micro_batch_tokens"]) == (n, "float32", tokens)
+    per_token = HUGE["num_hidden_layers"] * (34 * h + 5 * HUGE["num_attention_heads"] * t["row_tokens"]) * 2
+    activations = t["micro_batch_tokens"] * per_token
+    lora = 4 * n + 16 * t["lora_parameters"] + activations
+    engine_bytes = 0 if engine == "float32" else 2 * n  # shared with the trainer only in its dtype
+    assert t["memory_gb"]["activations"] == pytest.approx(activations / gb, abs=0.006)
+    assert t["memory_gb"]["lora"] == pytest.approx(lora / gb, abs=0.006)
+    assert t["memory_gb"]["process"] == pytest.approx((PROCESS_BASE + lora + engine_bytes) / gb, abs=0.006)
+
+
 def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path):
     """Three weight steps on 60 rows: the default length (2 epochs, at least train.min_steps), one epoch as
     a recipe may set it (shorter than half the floor: a warning) and train.steps. In a fresh process, as

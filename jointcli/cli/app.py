@@ -69,6 +69,14 @@ MinScoreOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the whole report as JSON to stdout")]
+TrackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--track",
+        help="log the runs and their steps to MLflow (pip install 'jointopt\\[mlflow]'): the recipe's "
+        "tracking.mlflow, else $MLFLOW_TRACKING_URI, else sqlite:///<runs dir>/mlflow.db",
+    ),
+]
 PlotOpt = Annotated[
     Path | None, typer.Option("--plot", help="write score-by-step and quality/cost plots to this PNG file")
 ]
@@ -79,6 +87,14 @@ def load(path: Path, overrides: list[str] | None) -> Recipe:
     from ..recipe import load_recipe  # pydantic and the schema: not for --help
 
     return load_recipe(path, overrides or [])
+
+
+def tracked(path: Path, overrides: list[str] | None, track: bool) -> list[str]:
+    """The overrides with --track applied (tracking.switch_on: MLflow with its defaults where the recipe
+    names no tracking); exit 2 when tracking is on and MLflow is not installed."""
+    from ..tracking import switch_on  # the recipe schema: not for --help
+
+    return switch_on(load(path, overrides), overrides or [], track)
 
 
 def run_path(run: Path, runs_dir: Path) -> Path:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 import typer
+from rich.markup import escape
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click.exceptions import ClickException
@@ -75,7 +76,7 @@ def main() -> None:
     except JointoptError as err:
         if debug:
             console.print_exception()
-        console.print(f"[red]error[/]: {err}", highlight=False)
+        console.print(f"[red]error[/]: {escape(str(err))}", highlight=False)  # [brackets] are text
         sys.exit(err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("interrupted")
@@ -88,5 +89,8 @@ def main() -> None:
     except Exception as err:
         if debug:
             raise
-        console.print(f"[red]error[/]: {type(err).__name__}: {err} (JOINTOPT_DEBUG=1 for a traceback)", highlight=False)
+        console.print(
+            f"[red]error[/]: {type(err).__name__}: {escape(str(err))} (JOINTOPT_DEBUG=1 for a traceback)",
+            highlight=False,
+        )
         sys.exit(1)

@@ -12,7 +12,20 @@ import typer
 
 from ..console import console
 from ..errors import InputError
-from .app import ForceOpt, NameOpt, OptimizerOpt, Overrides, RecipeArg, RunsOpt, app, load, run_path, seed_list
+from .app import (
+    ForceOpt,
+    NameOpt,
+    OptimizerOpt,
+    Overrides,
+    RecipeArg,
+    RunsOpt,
+    TrackOpt,
+    app,
+    load,
+    run_path,
+    seed_list,
+    tracked,
+)
 
 
 def _one_step(
@@ -35,7 +48,12 @@ def _one_step(
 
     r = load(recipe, overrides)
     key = pick_optimizer(r, optimizer, kind)
-    step_optimizer(r, key, PromptOptimizer if kind == "prompt" else WeightOptimizer)
+    spec = step_optimizer(r, key, PromptOptimizer if kind == "prompt" else WeightOptimizer)
+    if spec.type == "reinforce":  # its step rolls out and scores the program: a schedule's step
+        raise InputError(
+            f"optimizers.{key}: is a reinforce optimizer, which trains on its own rollouts, not on traces; "
+            f"run it in a schedule: jointopt joint RECIPE 'schedule.strategy={key}'"
+        )
     with open_run(recipe, overrides, name, runs_dir, force) as ctx:
         step(ctx, key)
         print_steps(ctx.run)
@@ -103,6 +121,7 @@ def eval_(
     runs_dir: RunsOpt = Path("runs"),
     split: Annotated[str, typer.Option(help="dev or test")] = "dev",
     force: ForceOpt = False,
+    track: TrackOpt = False,
 ) -> None:
     """Evaluate the run's current program (the recipe's, before any step) on a split.
 
@@ -114,6 +133,7 @@ def eval_(
 
     if split not in ("dev", "test"):
         raise InputError(f"--split: {split!r} is not dev or test")
+    overrides = tracked(recipe, overrides, track)
     with open_run(recipe, overrides, name, runs_dir, force) as ctx:
         eval_step(ctx, split)
         print_steps(ctx.run)
@@ -127,6 +147,7 @@ def optimize_prompts(
     runs_dir: RunsOpt = Path("runs"),
     optimizer: OptimizerOpt = None,
     force: ForceOpt = False,
+    track: TrackOpt = False,
 ) -> None:
     """A prompt step (NN-p): run the recipe's DSPy prompt optimizer on the current program.
 
@@ -134,6 +155,7 @@ def optimize_prompts(
     """
     from ..steps.prompt_step import prompt_step
 
+    overrides = tracked(recipe, overrides, track)
     _one_step(prompt_step, "prompt", recipe, overrides, name, runs_dir, force, optimizer)
 
 
@@ -145,6 +167,7 @@ def bootstrap(
     runs_dir: RunsOpt = Path("runs"),
     optimizer: OptimizerOpt = None,
     force: ForceOpt = False,
+    track: TrackOpt = False,
 ) -> None:
     """Record the passing traces of the current program (or teacher, or labels) on the training split.
 
@@ -152,6 +175,7 @@ def bootstrap(
     """
     from ..steps.bootstrap_step import bootstrap_step
 
+    overrides = tracked(recipe, overrides, track)
     _one_step(bootstrap_step, "weight", recipe, overrides, name, runs_dir, force, optimizer)
 
 
@@ -164,6 +188,7 @@ def finetune(
     optimizer: OptimizerOpt = None,
     force: ForceOpt = False,
     traces: Annotated[Path | None, typer.Option(help="traces.jsonl to train on (e.g. from another run)")] = None,
+    track: TrackOpt = False,
 ) -> None:
     """A weight step (NN-w): LoRA fine-tuning on the run's latest traces (bootstrapping first if none);
     NN-s with a simultaneous optimizer: a soft prompt trained with the LoRA adapter.
@@ -173,6 +198,7 @@ def finetune(
     """
     from ..steps.weight_step import weight_step
 
+    overrides = tracked(recipe, overrides, track)
     _one_step(
         lambda ctx, key: weight_step(ctx, key, traces), "weight", recipe, overrides, name, runs_dir, force, optimizer
     )
@@ -191,14 +217,17 @@ def joint(
     init_from: Annotated[
         Path | None, typer.Option("--init-from", help="start from another run's best program (prompts and adapters)")
     ] = None,
+    track: TrackOpt = False,
 ) -> None:
     """Run the recipe's schedule (e.g. p -> w -> p) end to end; run it again to resume.
 
     jointopt joint recipes/sst2.yaml
     jointopt joint recipes/sst2.yaml schedule.strategy="w -> p" --name sst2-wp --seeds 0,1,2
+    jointopt joint recipes/sst2.yaml --track      # MLflow: runs/mlflow.db, or $MLFLOW_TRACKING_URI
     """
     from ..schedule import run_joint_seeds
     from ..tables import print_steps
 
     start = run_path(init_from, runs_dir) if init_from is not None else None
+    overrides = tracked(recipe, overrides, track)
     run_joint_seeds(recipe, overrides, name, runs_dir, force, seeds=seeds, init_from=start, after=print_steps)

@@ -23,10 +23,30 @@ from .app import (
     RequireOpt,
     RunArg,
     RunsOpt,
+    TrackOpt,
     app,
     run_path,
     seed_list,
+    tracked,
 )
+
+StrategiesOpt = Annotated[str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")]
+SeedsOpt = Annotated[str | None, typer.Option(callback=seed_list, help="comma-separated seeds (default: the recipe's)")]
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="run the runs in parallel on Ray (pip install 'jointopt\\[ray]'): a local Ray started for the "
+        "sweep, or the cluster at --ray-address (or $RAY_ADDRESS), the runs root on shared storage",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", envvar="RAY_ADDRESS", help="with --ray: the cluster to run on")
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", help="print each run's command and the run it waits for (--json: as JSON); run nothing"),
+]
 
 
 @app.command()
@@ -61,16 +81,16 @@ def sweep(
     name: NameOpt = None,
     runs_dir: RunsOpt = Path("runs"),
     force: ForceOpt = False,
-    strategies: Annotated[
-        str, typer.Option(help="comma-separated strategies; 'none' is zero-shot")
-    ] = DEFAULT_STRATEGIES,
-    seeds: Annotated[
-        str | None, typer.Option(callback=seed_list, help="comma-separated seeds (default: the recipe's)")
-    ] = None,
+    strategies: StrategiesOpt = DEFAULT_STRATEGIES,
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     require: RequireOpt = None,
     min_score: MinScoreOpt = None,
+    track: TrackOpt = False,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run the recipe under each strategy and seed (resumably), then compare them.
 
@@ -79,10 +99,17 @@ def sweep(
     makes runs/sst2-sweep/p-w-p/seed-0, ... (strategy folders: "p -> w" -> p-w)
     """
     from ..compare import check_gate_syntax
-    from ..sweep import run_sweep
+    from ..sweep import plan_sweep, run_sweep
+    from ..sweep_graph import dry_run as print_tasks
 
     check_gate_syntax(require or [], min_score or [])  # before the sweep runs, not after
-    result = run_sweep(recipe, overrides, name, runs_dir, force, strategies=strategies, seeds=seeds)
+    overrides = tracked(recipe, overrides, track)
+    if dry_run:
+        tasks = plan_sweep(recipe, overrides, name, strategies, seeds)[2]
+        print(print_tasks(tasks, recipe, overrides, runs_dir, as_json))
+        return
+    on_ray = (ray_address or "local") if ray else None
+    result = run_sweep(recipe, overrides, name, runs_dir, force, strategies=strategies, seeds=seeds, ray=on_ray)
     if error := result.failure():  # the report shows what the failed runs finished; no gates then
         _report(result.groups, as_json, plot, [], [])
         raise error

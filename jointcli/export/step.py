@@ -1,5 +1,8 @@
 """The step to export, the program state it ran, and the folder written: program.json, recipe.yaml,
-the weights (PEFT adapter folders, or checkpoints merged by PEFT), README.md and export.json."""
+the weights (PEFT adapter folders, or checkpoints merged by PEFT), README.md and export.json.
+
+A KNNFewShot step is refused: its program looks up its demos per call among the run's training
+examples, embedded by the run's local model (steps/knn.py), which a served program.json cannot do."""
 
 from __future__ import annotations
 
@@ -59,6 +62,11 @@ def step_state(run: RunDir, recipe: Recipe, step: Step) -> ProgramState:
     for file in [state.program_file] + [m.adapter for m in state.modules.values()]:
         if file:  # the steps whose files make this program: an adapter may come from an earlier step
             _refuse_damaged(run, step, Path(file).parts[0], damage)
+    if state.knn:
+        raise InputError(
+            f"{run.path}: step {step.folder} picks its demos per call from the nearest training examples "
+            "(KNNFewShot), which program.json cannot hold; export a step without KNNFewShot"
+        )
     return state
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import (
+    ConfigurationError,
     ContextLengthError,
     InvalidRequestError,
     Response,
@@ -50,6 +51,7 @@ from ..weights.adapter import check_adapter_dir, load_adapter
 from ..weights.chat import chat_ids
 from ..weights.checkpoint import load_causal_lm, load_tokenizer, resolve_checkpoint
 from ..weights.device import limit_torch_threads, resolve_device, resolve_dtype
+from ..weights.memory import on_release, register_frozen
 from ..weights.soft_prompt import load_soft_prompt, virtual_ids
 from .batch_decoder import BatchDecoder, Job
 from .model_id import check_adapter_name, split_model_id
@@ -79,6 +81,8 @@ class LocalEngine:
         self.tokenizer = load_tokenizer(self.checkpoint)  # its chat template makes every prompt
         model = load_causal_lm(self.checkpoint, self.dtype)
         self.model = model.to(self.device).eval()
+        register_frozen(self.checkpoint, self.model)  # a trainer of the same dtype shares these weights
+        on_release(self.release_caches)  # emptied before training (weights/memory.py)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.weights_id = _weights_fingerprint(
             self.checkpoint, self.dtype, prompt_files=not self.source.startswith("builtin:")
@@ -111,6 +115,13 @@ class LocalEngine:
         _forget(self)
         self.decoder.join()
         self.model = self._peft = None
+
+    def release_caches(self) -> None:
+        """Empty the prefix cache (it refills as calls come): what weights/memory.release_memory frees."""
+        try:
+            self.decoder.call(self.decoder.prefixes.clear).result()
+        except ConfigurationError:  # closed: join() emptied it
+            pass
 
     def set_limits(self, limits: EngineLimits) -> None:
         """Serve with these batch limits from the next batch on."""

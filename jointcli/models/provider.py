@@ -48,6 +48,7 @@ from ..training.lora import TrainResult, train_lora
 from ..weights.adapter import adapter_digest, adapter_name, is_adapter_dir
 from ..weights.checkpoint import jointopt_home
 from .local import engine_lm
+from .reinforce import LocalReinforceJob
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +108,15 @@ class LocalProvider(Provider):
         super().__init__()
         self.finetunable = True
         self.TrainingJob = LocalTrainingJob
+        self.reinforceable = True  # stock dspy.GRPO: reinforce.py
+        self.ReinforceJob = LocalReinforceJob
         self.engine = engine
         self.adapters_dir = Path(adapters_dir) if adapters_dir else None
 
     def __repr__(self) -> str:
         return f"LocalProvider({self.engine!r})"
+
+    parse_train_kwargs = staticmethod(parse_train_kwargs)  # for LocalReinforceJob
 
     @staticmethod
     def is_provider_model(model: str) -> bool:

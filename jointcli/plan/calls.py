@@ -42,7 +42,7 @@ def bootstrap_runs(s: dict, train: int, pass_rate: float | None) -> Calls:
 def optimizer_calls(spec: PromptOptimizer, train: int, predictors: int, pass_rate: float | None) -> Calls:
     """LM calls of a prompt optimizer's compile() on `train` examples (jointopt passes no valset)."""
     s, name = optimizer_settings(spec), spec.optimizer
-    if name == "LabeledFewShot":
+    if name in ("LabeledFewShot", "KNNFewShot"):  # KNNFewShot's calls come later: each program call bootstraps
         return Calls.exact(0)
     if name == "BootstrapFewShot":
         runs, extra = bootstrap_runs(s, train, pass_rate), 0
@@ -103,7 +103,7 @@ def _mipro_runs(s: dict, train: int, predictors: int, pass_rate: float | None) -
 def demos_after(spec: PromptOptimizer, before: int, train: int) -> int:
     """Demos per predictor after a prompt step (COPRO and GEPA change instructions only)."""
     s = optimizer_settings(spec)
-    if spec.optimizer == "LabeledFewShot":
+    if spec.optimizer in ("LabeledFewShot", "KNNFewShot"):  # KNNFewShot: those of each call, from k examples
         return min(train, s["k"])
     if spec.optimizer == "SIMBA":
         return min(train, s["max_demos"])

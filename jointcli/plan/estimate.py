@@ -14,7 +14,7 @@ from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer,
 from ..recipe.optimizers import DEFAULT_EPOCHS
 from ..strategy import parse_strategy
 from ..training.microbatch import plan_steps
-from ..weights.device import cpu_kind, resolve_device, resolve_train_dtype
+from ..weights.device import cpu_kind, resolve_device, resolve_dtype, resolve_train_dtype
 from .calls import demos_by_step, optimizer_calls, optimizer_settings
 from .probe import Probe, run_probe
 from .prompts import Prompts
@@ -121,8 +121,7 @@ class Estimator:
             device = resolve_device(self.recipe.models[info["model"]].device)
             dtype = resolve_train_dtype(spec.train.dtype, device)
             trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
-            budget = spec.train.micro_batch_tokens(device, dtype)
-            memory = training_memory(info, trainable, per_step, row_tokens, budget, dtype)
+            memory = self._memory(info, spec.train, trainable, row_tokens, device, dtype)
             train[name] = {
                 "model": info["model"],
                 "modules": members,
@@ -150,6 +149,13 @@ class Estimator:
         probed = self.probe is not None and self.probe.step_seconds is not None
         return Phase(Calls.exact(0), tokens, 0, seconds if probed else None), train, warnings
 
+    def _memory(self, info: dict, train: Train, trainable: int, row_tokens: int, device: str, dtype: str) -> dict:
+        """training_memory of one adapter, with the peak of the whole process on CPU (the engine serves
+        the model in the same process)."""
+        per_step, budget = train.batch_size * train.grad_accum, train.micro_batch_tokens(device, dtype)
+        engine = resolve_dtype(self.recipe.models[info["model"]].dtype, device).itemsize if device == "cpu" else None
+        return training_memory(info, trainable, per_step, row_tokens, budget, dtype, engine_width=engine)
+
     def steps(self, keys: list[str]) -> list[StepPlan]:
         """The baseline, a step per optimizer key of the strategy, then the test evaluation."""
         walk = demos_by_step(self.recipe, keys, self.names, len(self.splits.train))
@@ -174,7 +180,7 @@ class Estimator:
                     else self.evaluation("train", walk[i], adapted)
                 )
                 train, info, warnings = self.training(key, spec, walk[i])
-                kind = "s" if isinstance(spec, SimultaneousOptimizer) else "w"
+                kind = {"simultaneous": "s", "reinforce": "g"}.get(spec.type, "w")  # g: costed as a w step
                 step = StepPlan(
                     f"{i:02d}-{kind}",
                     kind,

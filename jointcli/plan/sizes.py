@@ -1,6 +1,7 @@
 """What the models weigh and what training them needs, from each checkpoint's config.json alone:
 the model built on PyTorch's `meta` device has every shape and no weights, so no weights are read.
-Memory: what this process could still use, and an estimate of what LoRA and full fine-tuning need."""
+Memory: what this process could still use, an estimate of what LoRA and full fine-tuning need, and of
+the peak of the whole process that serves and trains one local model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ GB = 2**30
 # Activation bytes per token per layer, Korthikanti et al. 2022 ("Reducing activation recomputation"):
 # 34 h + 5 a s in 16-bit (h hidden size, a heads, s row length); x2 in fp32. An estimate.
 ACT_HIDDEN, ACT_ATTENTION = 34, 5
+# What a CPU process that runs a schedule holds besides the weights and the training: Python, torch,
+# transformers, DSPy, the data, the engine's working memory. From bench/joint_run.py's breakdown on
+# sst2 (libraries 0.26 GB; the engine's RSS beyond its weights and what its calls keep, ~0.25 GB);
+# with it the sst2 estimate is within 10% of `make run`'s measured peaks (docs/performance.md, Memory).
+PROCESS_BASE = int(0.5 * GB)
 
 
 def _meta_model(checkpoint: Path):
@@ -91,22 +97,43 @@ def available_memory(device: str) -> tuple[int, str]:
 
 
 def training_memory(
-    facts: dict, trainable: int, rows_per_step: int, row_tokens: int, token_budget: int, dtype: str
+    facts: dict,
+    trainable: int,
+    rows_per_step: int,
+    row_tokens: int,
+    token_budget: int,
+    dtype: str,
+    engine_width: int | None = None,
 ) -> dict:
     """Bytes to train, LoRA against full fine-tuning: weights, gradients, AdamW's two moments (fp32),
     activations of one micro-batch (`token_budget` computed tokens, train.micro_batch_tokens; one row
-    when longer)."""
+    when longer). With `engine_width` (bytes a weight of the in-process engine, 2 or 4), also the peak
+    of the whole process ("process", on CPU): PROCESS_BASE, the engine's weights and LoRA training,
+    whose frozen weights are the engine's own when their widths match (weights/memory.py).
+
+    >>> facts = {"parameters": 100, "hidden_size": 4, "layers": 2, "heads": 2}
+    >>> m = training_memory(facts, 10, 8, 50, 100, "float32", engine_width=4)
+    >>> m["micro_batch_tokens"], m["activations"] == 100 * 2 * (34 * 4 + 5 * 2 * 50) * 2
+    (100, True)
+    >>> m["lora"] - m["activations"], m["process"] - m["lora"] == PROCESS_BASE   # shared: 400 B once
+    (560, True)
+    >>> training_memory(facts, 10, 8, 50, 100, "float32", engine_width=2)["process"] - m["process"]
+    200
+    """
     width = 2 if dtype == "bfloat16" else 4
     tokens = min(rows_per_step * row_tokens, max(token_budget, row_tokens))
     per_token = ACT_HIDDEN * facts["hidden_size"] + ACT_ATTENTION * facts["heads"] * row_tokens
     activations = tokens * facts["layers"] * per_token * width // 2
     n = facts["parameters"]
-    return {
+    out = {
         "lora": n * width + trainable * 16 + activations,
         "full": n * 16 + activations,
         "activations": activations,
         "micro_batch_tokens": tokens,
     }
+    if engine_width is not None:
+        out["process"] = PROCESS_BASE + out["lora"] + (0 if engine_width == width else n * engine_width)
+    return out
 
 
 def trained_modules(recipe: Recipe, spec: WeightOptimizer, names: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ from .sections import (
     LiteLLMModel,
     LocalModel,
     Metric,
+    MlflowTracking,
     ModelSpec,
     Module,
     Program,
@@ -35,6 +36,7 @@ from .sections import (
     Schedule,
     Select,
     Split,
+    Tracking,
     did_you_mean,
 )
 
@@ -47,6 +49,7 @@ __all__ = [
     "LocalModel",
     "Lora",
     "Metric",
+    "MlflowTracking",
     "ModelSpec",
     "Module",
     "OptimizerSpec",
@@ -61,6 +64,7 @@ __all__ = [
     "SoftPrompt",
     "Split",
     "TraceSettings",
+    "Tracking",
     "Train",
     "WeightOptimizer",
     "did_you_mean",

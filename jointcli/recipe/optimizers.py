@@ -74,8 +74,10 @@ class Curriculum(Strict):
 
 # Computed tokens per micro-batch when train.token_budget is null, by device and training dtype: rows x
 # the longest row (with a shared prefix: the prefix once + rows x the longest suffix). The CPU budget
-# fits several sst2 rows that share their prompt in one micro-batch.
-TOKEN_BUDGET = {"cpu": {"bfloat16": 1024, "float32": 1024}, "cuda": {"bfloat16": 8192, "float32": 4096}}
+# keeps `make run` within 3 GB: on sst2 (a ~370-token shared prefix, ~90-token suffixes) 512 tokens hold
+# the prefix and one or two rows: activations ~1.0 GB against ~2.2 GB at 1024, for ~6% more training
+# time (docs/performance.md, Memory).
+TOKEN_BUDGET = {"cpu": {"bfloat16": 512, "float32": 512}, "cuda": {"bfloat16": 8192, "float32": 4096}}
 
 # Train's settings of how a step is computed and how often it is saved, not of what is trained: a
 # fingerprint that must tell them apart (a resume's: the micro-batches fix the order of float additions)
@@ -130,7 +132,7 @@ class Train(Strict):
         None,
         ge=1,
         description="computed tokens per micro-batch: bounds activation memory, never changes the optimizer "
-        "step (batch_size x grad_accum rows); lower it when training runs out of memory; null: 1024 on CPU, "
+        "step (batch_size x grad_accum rows); lower it when training runs out of memory; null: 512 on CPU, "
         "8192 (bf16) or 4096 (fp32) on a GPU",
     )
     save_steps: int = Field(
@@ -187,7 +189,7 @@ class Train(Strict):
         """token_budget, or when it is null the default for this device ("cpu", "cuda") and training dtype.
 
         >>> Train().micro_batch_tokens("cpu", "float32"), Train(token_budget=400).micro_batch_tokens("cpu", "float32")
-        (1024, 400)
+        (512, 400)
         """
         return self.token_budget or TOKEN_BUDGET[device][dtype]
 
@@ -241,4 +243,27 @@ class SimultaneousOptimizer(WeightOptimizer):
         return self.groups.lora.learning_rate or self.train.learning_rate
 
 
-OptimizerSpec = Annotated[PromptOptimizer | WeightOptimizer | SimultaneousOptimizer, Field(discriminator="type")]
+class ReinforceOptimizer(WeightOptimizer):
+    """The `g` step: GRPO from the metric (training/grpo.py). Each step rolls out train.batch_size x
+    train.grad_accum training examples group_size times at `temperature`, scores every rollout with the
+    metric and updates each module's adapter `iterations` times on the group-relative advantages;
+    train.steps (or train.epochs over the training examples) says how many such steps."""
+
+    type: Literal["reinforce"]
+    group_size: int = Field(4, ge=2, description="rollouts of each example: its group")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    iterations: int = Field(1, ge=1, description="optimizer steps on each batch of rollouts (TRL's num_iterations)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped to [1 - epsilon, 1 + epsilon]")
+    beta: float = Field(0.0, ge=0, description="weight of the KL term to the adapter the step starts from")
+    format_failure: float = Field(0.0, description="reward of a rollout whose answer did not parse")
+
+    @model_validator(mode="after")
+    def _no_traces(self) -> ReinforceOptimizer:
+        if self.traces != TraceSettings():  # the default is written back into a run's recipe.yaml
+            raise ValueError("traces does not apply: a reinforce optimizer learns from its own rollouts")
+        return self
+
+
+OptimizerSpec = Annotated[
+    PromptOptimizer | WeightOptimizer | SimultaneousOptimizer | ReinforceOptimizer, Field(discriminator="type")
+]

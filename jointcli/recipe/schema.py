@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import InputError
 from .optimizers import OptimizerSpec, PromptOptimizer
-from .sections import Data, Metric, ModelSpec, Program, Runtime, Schedule, Strict, did_you_mean
+from .sections import Data, Metric, ModelSpec, Program, Runtime, Schedule, Strict, Tracking, did_you_mean
 
 # ---------------------------------------------------------------- a run's name
 NAME_MAX = 100  # characters: one folder name, with room for a sweep's '-sweep' under any file system's limit
@@ -79,6 +79,11 @@ class Recipe(Strict):
     optimizers: dict[str, OptimizerSpec] = Field(default_factory=dict)
     schedule: Schedule = Schedule()
     runtime: Runtime = Runtime()
+    tracking: Tracking = Field(
+        Tracking(),
+        exclude=True,  # where a run is reported is no part of the run: not in its frozen recipe.yaml
+        description="experiment tracking (MLflow): where runs are reported, kept out of the run's frozen recipe",
+    )
 
     @field_validator("name")
     @classmethod

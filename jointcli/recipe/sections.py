@@ -255,6 +255,27 @@ class Runtime(Strict):
     )
 
 
+# ---------------------------------------------------------------- tracking
+class MlflowTracking(Strict):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://HOST:PORT, sqlite:///PATH, ...); "
+        "default $MLFLOW_TRACKING_URI, else sqlite:///<runs root>/mlflow.db",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default $MLFLOW_EXPERIMENT_NAME, else the recipe's name"
+    )
+
+
+class Tracking(Strict):
+    """Where runs are reported (jointcli/tracking/); not part of what a run computes, so not frozen with it."""
+
+    mlflow: MlflowTracking | None = Field(
+        None, description="log runs, their steps and sweeps to MLflow (pip install 'jointopt[mlflow]'); also --track"
+    )
+    adapters: bool = Field(False, description="also log the LoRA adapters of weight steps as artifacts")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """'; did you mean 'args'?' for the choice closest to a mistyped `word` (case aside), else ''."""
     by_lower = {str(c).lower(): str(c) for c in choices}

@@ -13,8 +13,9 @@ DSPy's optimizers take their settings in `__init__` and their data in `compile`:
 `ctx` is a `StepContext`; `jointcli.context.Context` is the one implementation. Every step starts from
 the run's current program state (the latest finished step's) and a step that changes the program
 saves the new state, so steps chain whichever command runs them. `run_step` is the one way a step
-enters the manifest: begun, then done, failed or interrupted. step_kinds.py lists the kinds;
-registry.py says which class runs each kind a schedule plans.
+enters the manifest: begun, then done, failed or interrupted (and MLflow with it, when a command
+tracks: tracking/). step_kinds.py lists the kinds; registry.py says which class runs each kind a
+schedule plans.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..recipe import Recipe
 from ..rundir import RunDir, Step
 from ..state import ProgramState
 from ..step_kinds import StepKind
+from ..tracking import track
 from .arguments import unchecked_given
 
 if TYPE_CHECKING:
@@ -79,22 +81,27 @@ def run_step(ctx: StepContext, kind: StepKind, body: Callable[[Step], None], inf
     """Begin a step, run `body(step)`; the manifest records success, failure or interruption."""
     step = ctx.run.begin(kind)
     step.info.update(info or {})
+    track(ctx.run, ctx.recipe, "RUNNING")  # MLflow (tracking/), when it is on: a no-op otherwise
     start = time.perf_counter()
     try:
         with step_log(ctx.run.step_dir(step) / "dspy.log"):
             body(step)
     except KeyboardInterrupt:
         ctx.run.fail(step, "interrupted", time.perf_counter() - start)
+        track(ctx.run, ctx.recipe, "KILLED")
         raise
     except JointoptError as err:
         ctx.run.fail(step, str(err), time.perf_counter() - start)
+        track(ctx.run, ctx.recipe, "FAILED")
         raise
     except Exception as err:  # a library failed inside the step: the step failed, not the input
         message = f"step {step.folder} failed: {type(err).__name__}: {err}".splitlines()[0]
         message += unchecked_given(ctx.recipe, step.info.get("optimizer"))  # a value DSPy gave no type to check
         ctx.run.fail(step, message, time.perf_counter() - start)
+        track(ctx.run, ctx.recipe, "FAILED")
         raise StepError(message) from err
     ctx.run.finish(step, time.perf_counter() - start)
+    track(ctx.run, ctx.recipe, "FINISHED")
     return step
 
 

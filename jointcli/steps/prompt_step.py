@@ -7,9 +7,17 @@ name keep their prompts; the new program is saved as the run's state and scored 
 that bootstraps demos first runs the program it would bootstrap with on a few training examples, in
 parallel; when none of them parses, no demo can come out of it, and the step stops in seconds instead of
 minutes: it keeps the program as it was and records why in its manifest entry (`stopped_early`).
+
+KNNFewShot compiles nothing: its program looks up the k training examples nearest each input while it
+runs (knn.py). The step records that lookup in its state (`knn`), and every later command that makes
+the state a program again (Context.attach) rebuilds it. A later prompt step optimizes the program's
+prompts without the lookup, and its state has none.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import replace
 
 import dspy
 
@@ -18,9 +26,10 @@ from ..console import phase
 from ..program import module_names
 from ..recipe import PromptOptimizer
 from ..rundir import Step
-from ..state import save_state
+from ..state import ProgramState, save_state
 from ..step_kinds import StepKind
 from .base import StepContext, note, run_step
+from .knn import knn_record, row_of_examples, without_knn
 from .prompts import cannot_bootstrap, make_optimizer, optimize_prompts
 from .proposals import ProposalAdapter
 
@@ -38,9 +47,13 @@ class PromptStep:
 
     def _optimize(self, ctx: StepContext, spec: PromptOptimizer, step: Step) -> None:
         program, state = ctx.current_program()
+        program, state = without_knn(program), replace(state, knn=None)  # the prompts, without a KNN lookup
         names = module_names(ctx.recipe, program)
         chosen = names if spec.modules == "all" else list(spec.modules)
         trainset = ctx.trainset(step.index)
+        if spec.optimizer == "KNNFewShot":  # ctx.attach gives the program the lookup the state records
+            self._finish(ctx, step, program, self._with_knn(ctx, spec, state, trainset))
+            return
         optimizer = make_optimizer(self.key, spec, self._supplied(ctx, spec, program, chosen, trainset, step))
         lm = self._own_lm(program, chosen)
         adapter = ProposalAdapter(program)
@@ -57,9 +70,21 @@ class PromptStep:
         if adapter.summary():
             note(f"prompt step {self.key} ({spec.optimizer}): {adapter.summary()}")
             step.info["proposals"] = {"made": adapter.proposals, "kept_current": adapter.kept}
+        self._finish(ctx, step, optimized, state)
+
+    @staticmethod
+    def _finish(ctx: StepContext, step: Step, optimized: dspy.Module, state: ProgramState) -> None:
+        """Attach the models (and a KNN lookup), save the new state, score it on dev."""
         ctx.attach(optimized, state)
         save_state(ctx.run, ctx.run.step_dir(step), optimized, state)
         ctx.record_eval(step, ctx.evaluate(optimized, "dev"), "dev")
+
+    @staticmethod
+    def _with_knn(ctx: StepContext, spec: PromptOptimizer, state: ProgramState, trainset: list) -> ProgramState:
+        """The state with KNNFewShot's lookup: its args, the step's training examples, the model that
+        embeds them (that of the program's first module, its base weights)."""
+        model = state.modules[next(iter(state.modules))].model
+        return replace(state, knn=knn_record(spec, model, trainset, row_of_examples(ctx)))
 
     @staticmethod
     def _own_lm(program: dspy.Module, chosen: list[str]) -> dspy.LM:
@@ -75,10 +100,20 @@ class PromptStep:
             name: ctx.pool.get(getattr(spec, field)) if getattr(spec, field) else own
             for name, field in (("prompt_model", "prompt_model"), ("task_model", "task_model"))
         }
+        models["prompt_model"] = quiet(models["prompt_model"])
         reflection = ctx.pool.get(spec.reflection_model) if spec.reflection_model else None
         supplied = {"metric": ctx.metric, "num_threads": ctx.recipe.runtime.num_threads}
         supplied |= {"seed": ctx.recipe.seed + step.index, "reflection_lm": reflection, **models}
         return supplied
+
+
+def quiet(lm: dspy.LM) -> dspy.LM:
+    """A copy of `lm` whose inspect_history prints nothing: COPRO logs the prompt model's history at
+    debug level, but builds the message first, and building it prints the history (DSPy's
+    inspect_history prints), whatever the logging level. Answers and their cache are the LM's own."""
+    copied = copy.copy(lm)
+    copied.inspect_history = lambda n=1, file=None: None
+    return copied
 
 
 def prompt_step(ctx: StepContext, key: str) -> Step:

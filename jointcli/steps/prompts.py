@@ -11,7 +11,8 @@ With a program and its training examples (the program's LM answers the optimizer
 
 Settings come from the recipe (`optimizers.<key>.args` go to the constructor, `compile_args` to
 `compile`); checks.py checks their names and types against these signatures before any step, so an
-argument the optimizer does not take is an error, never silently dropped.
+argument the optimizer does not take is an error, never silently dropped. KNNFewShot compiles nothing:
+its program looks its demos up on every call, a lookup the step records in the program state (knn.py).
 """
 
 from __future__ import annotations
@@ -36,20 +37,18 @@ PROMPT_OPTIMIZERS = (
     "COPRO",
     "SIMBA",
     "InferRules",
+    "KNNFewShot",
     "GEPA",
 )
 # jointopt passes these; a recipe names the models (prompt_model, task_model, reflection_model), not args
-SUPPLIED = ("student", "trainset", "teacher", "metric", "prompt_model", "task_model", "reflection_lm")
+SUPPLIED = ("student", "trainset", "teacher", "metric", "prompt_model", "task_model", "reflection_lm", "vectorizer")
 NEEDS = {"MIPROv2": "optuna", "BootstrapFewShotWithOptuna": "optuna"}  # the optional package each needs
 # **kwargs an optimizer's constructor hands to another optimizer: their names are that one's parameters
-FORWARDS_TO = {"InferRules": "BootstrapFewShot"}
+FORWARDS_TO = {"InferRules": "BootstrapFewShot", "KNNFewShot": "BootstrapFewShot"}
 NOT_A_STEP = {
     "Ensemble": "Ensemble combines several programs into one (compile(programs)); a prompt step optimizes "
     "the run's one program: compare the runs instead (jointopt compare), or ensemble exported programs in "
     "your own code",
-    "KNNFewShot": "KNNFewShot picks each example's demos while the program runs (it bootstraps the k nearest "
-    "training examples on every call), which no saved program holds, DSPy's own program.save included; use "
-    "BootstrapFewShot or LabeledFewShot, whose demos are saved",
 }
 
 

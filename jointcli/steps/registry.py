@@ -15,6 +15,7 @@ from ..step_kinds import StepKind
 from .base import StepRunner
 from .eval_step import EvalStep
 from .prompt_step import PromptStep
+from .reinforce_step import ReinforceStep
 from .weight_step import WeightStep
 
 
@@ -28,4 +29,5 @@ PLANNED: dict[StepKind, Callable[[str | None], StepRunner]] = {
     StepKind.PROMPT: PromptStep,
     StepKind.WEIGHT: WeightStep,
     StepKind.SIMULTANEOUS: WeightStep,
+    StepKind.REINFORCE: ReinforceStep,
 }

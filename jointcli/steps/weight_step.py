@@ -53,7 +53,7 @@ class WeightStep:
             ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index, instructions
         )
         _merge_logs(folder, list(groups))
-        new = ProgramState(state.program_file, dict(state.modules))
+        new = ProgramState(state.program_file, dict(state.modules), state.knn)
         for module in modules:
             name = state.modules[module].model if spec.adapters == "shared" else module
             if name in groups:

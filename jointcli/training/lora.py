@@ -21,6 +21,9 @@ summed NLL of its completion tokens over their count. How it computes them:
   autocast, LoRA weights and AdamW in fp32 (training/model.py). fp32 on CPU by default, even with
   avx512_bf16 (weights/device.py: what `dtype: auto` means);
 - no gradient checkpointing (TRL's default): micro-batches keep memory small without it;
+- memory (weights/memory.py): before training, the engine's prefix cache is emptied and the C heap's
+  free memory handed back; the frozen weights are the engine's where the dtypes match; after it, the
+  training's memory goes back to the system before the next step;
 - torch threads set to the CPU budget (affinity and cgroup quota) while training;
 - with train.processes > 1, each step's rows shared out to that many processes
   (training/data_parallel.py).
@@ -41,6 +44,7 @@ from ..errors import StepError
 from ..files import remove_stale_staged
 from ..recipe import Lora, Train
 from ..weights.device import resolve_device, resolve_train_dtype
+from ..weights.memory import release_memory
 from .data_parallel import launch
 from .job import SoftTraining, TrainJob, TrainResult
 from .loop import train_in_process
@@ -94,7 +98,10 @@ def train_lora(
             soft=soft,
         )
         remove_stale_staged(out_dir)  # adapter folders half-written by a killed run; we hold the lock
-        return launch(job) if train.processes > 1 else train_in_process(job)
+        release_memory()  # the engine's caches and the heap's free memory, before the training's peak
+        result = launch(job) if train.processes > 1 else train_in_process(job)
+        release_memory()  # the training's model and activations, back to the system
+        return result
 
 
 @contextmanager

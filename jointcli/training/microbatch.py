@@ -335,6 +335,8 @@ def _label_nll(base, hidden, labels, per_row: bool = False):
     cap = getattr(base.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     if cap:  # Gemma 2 (and Gemma 3 checkpoints that set it): the model's forward caps its logits so
         logits = torch.tanh(logits / cap) * cap
+    if per_row == "token":  # every label token's cross-entropy, row after row, and each row's count (grpo.py)
+        return F.cross_entropy(logits, targets[keep], reduction="none"), keep.sum(dim=1)
     if per_row:
         rows = keep.nonzero()[:, 0]
         losses = F.cross_entropy(logits, targets[keep], reduction="none")

@@ -4,6 +4,11 @@ prompt), and AdamW over them (`TrainState`).
     model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
     state = start_optimizer(model, job, soft_prompt_param(model, data.tokenizer, job.soft, job.init_adapter, 0))
 
+The frozen base weights are the in-process engine's own tensors where it holds them in the training
+dtype (weights/memory.py): fp32 on a CPU without native bf16. On CPU, attention runs on the grouped
+key/value heads as they are (`_grouped_attention`), rather than on a copy repeated for every query
+head that autograd would keep for the backward pass.
+
 Precision: on bf16 (dtype bfloat16) the frozen base weights are stored in bf16 and the forward pass
 runs under autocast, while the LoRA weights and AdamW stay fp32; PEFT's cast of each LoRA input to
 fp32 is turned off (under autocast it only kept an fp32 copy of every linear input alive).
@@ -19,6 +24,7 @@ from ..errors import StepError
 from ..recipe import Lora
 from ..weights.adapter import load_adapter, lora_config
 from ..weights.checkpoint import load_causal_lm
+from ..weights.memory import share_frozen
 from ..weights.soft_prompt import init_soft_prompt, load_soft_prompt
 from .job import SoftTraining, TrainJob
 
@@ -52,6 +58,7 @@ def load_for_training(
     model.config.use_cache = False
     if device == "cuda":
         model.to("cuda")
+    share_frozen(checkpoint, model)  # the engine's copy, when it holds the same dtype: one copy, not two
     if init_adapter is not None:
         model = load_adapter(model, init_adapter, trainable=True)
     else:
@@ -62,8 +69,52 @@ def load_for_training(
             p.data = p.data.float()
     if dtype == "bfloat16":
         _no_fp32_input_casts(model)
+    if device == "cpu":  # measured there (docs/performance.md, Memory); GPUs keep transformers' attention
+        _grouped_attention(model)
     model.train()
     return model
+
+
+GQA_SDPA = "jointopt_gqa_sdpa"  # the attention the trainer registers with transformers
+
+
+def _grouped_attention(model) -> None:
+    """With grouped key/value heads (SmolLM2: 3 for 9 query heads) and transformers' SDPA attention,
+    train with SDPA's own grouped-query attention: transformers repeats every key and value for each
+    query head first (repeat_kv), and on CPU autograd keeps those copies for the backward pass."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = model.config.get_text_config()
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if model.config._attn_implementation != "sdpa" or kv == heads:
+        return
+    AttentionInterface.register(GQA_SDPA, _gqa_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
+    model.set_attn_implementation(GQA_SDPA)
+
+
+def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa_attention_forward, the key/value heads given to SDPA as they are (enable_gqa);
+    the cases this does not cover (a position bias, a causal pass without a mask over a longer cache)
+    go to transformers' own."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if kwargs.get("position_bias") is not None or (attention_mask is None and q_len != kv_len):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    causal = (
+        q_len > 1
+        and attention_mask is None
+        and (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _no_fp32_input_casts(model) -> None:

@@ -1,0 +1,114 @@
+"""Rollouts for the reinforce step (g): a group of sampled runs of the program per training example,
+each scored by the metric, every module call in it a training row credited with that score.
+
+    rollouts = collect_rollouts(sampling(program, temperature=1.0), examples, metric, group_size=4,
+                                format_failure=0.0, modules=["classify"], num_threads=16)
+    rollouts[0] == Rollout(example=0, sample=0, reward=1.0, calls=[("classify", {"messages": [...]})])
+
+`sampling` gives every predictor a copy of its LM at the temperature, with DSPy's response cache off:
+the samples of a group are the same request, so a cached answer would make the group identical. A
+call's row is the chat its module's adapter sends (system, demos, user) followed by its answer in that
+adapter's format; an answer that did not parse ends the run, and its raw text is the row's answer,
+the rollout's reward the format-failure score (as DSPy's bootstrap_trace_data does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+
+from ..program import module_adapter, predictors_of
+from .evaluate import _CallLog  # an evaluation's count of an example's LM calls and tokens
+from .parallel import parallel_map
+
+
+@dataclass
+class Rollout:
+    example: int  # index in the step's examples
+    sample: int  # which of its group
+    reward: float
+    calls: list[tuple[str, dict]] = field(default_factory=list)  # (module, {"messages": [...]})
+    parsed: bool = True  # every call's answer parsed
+    answer: str | None = None  # the program's output fields, as text (for rollouts.jsonl)
+    error: str | None = None
+    tokens: tuple[int, int] = (0, 0)  # input and output tokens of its LM calls
+
+
+def sampling(program: dspy.Module, temperature: float) -> dspy.Module:
+    """`program` with every predictor's LM copied at `temperature`, its response cache off."""
+    for predictor in program.predictors():
+        predictor.lm = predictor.lm.copy(temperature=temperature, cache=False)
+    return program
+
+
+def collect_rollouts(
+    program: dspy.Module,
+    examples: list[dspy.Example],
+    metric,
+    group_size: int,
+    format_failure: float,
+    modules: list[str],
+    num_threads: int,
+) -> list[Rollout]:
+    """`group_size` runs of `program` on each example (example-major order), scored by `metric`; the
+    calls of `modules` become rows."""
+    owner = {id(p): m for m in modules for p in predictors_of(program, m)}
+
+    def one(item: tuple[int, int]) -> Rollout:
+        calls = _CallLog()
+        with dspy.context(caller_modules=[calls]):
+            rollout = run(item)
+        rollout.tokens = calls.tokens()[:2]
+        return rollout
+
+    def run(item: tuple[int, int]) -> Rollout:
+        index, sample = item
+        example = examples[index]
+        known = example.inputs().toDict()
+        with dspy.context(trace=[]):
+            try:
+                prediction = program(**example.inputs())
+            except AdapterParseError as err:
+                rollout = Rollout(index, sample, format_failure, parsed=False, error="answer did not parse")
+                _add_calls(rollout, dspy.settings.trace, owner, known)
+                _add_failed(rollout, program, err, owner, known)
+                return rollout
+            except Exception as err:  # the program itself failed: no answer to learn from
+                return Rollout(index, sample, format_failure, parsed=False, error=f"{type(err).__name__}: {err}"[:500])
+            reward = float(metric(example, prediction))
+            rollout = Rollout(index, sample, reward, answer=str(dict(prediction.items())))
+            _add_calls(rollout, dspy.settings.trace, owner, known)
+            return rollout
+
+    items = [(i, j) for i in range(len(examples)) for j in range(group_size)]
+    return parallel_map(one, items, num_threads, "rollouts")
+
+
+def _add_calls(rollout: Rollout, trace: list, owner: dict[int, str], known: dict) -> None:
+    """The parsed calls of the run: rows of the modules trained; every output joins what later
+    modules may have been given."""
+    for predictor, inputs, outputs in list(trace):
+        known.update(outputs.toDict())
+        if (module := owner.get(id(predictor))) is not None:
+            data = module_adapter(predictor).format_finetune_data(
+                signature=predictor.signature, demos=predictor.demos, inputs=dict(inputs), outputs=outputs.toDict()
+            )
+            rollout.calls.append((module, {"messages": data["messages"]}))
+
+
+def _add_failed(rollout: Rollout, program: dspy.Module, err: AdapterParseError, owner: dict, known: dict) -> None:
+    """The call whose answer did not parse: its prompt (on the inputs it was given: the example's and
+    earlier modules' outputs, by name) and its raw answer."""
+    predictor = next((p for p in program.predictors() if p.signature == err.signature), None)
+    if predictor is None or id(predictor) not in owner:
+        return
+    wanted = list(predictor.signature.input_fields)
+    if not set(wanted) <= set(known):
+        return
+    inputs = {k: known[k] for k in wanted}
+    messages = module_adapter(predictor).format(signature=predictor.signature, demos=predictor.demos, inputs=inputs)
+    answer = {"role": "assistant", "content": str(err.lm_response or "")}
+    rollout.answer = answer["content"][:500]
+    rollout.calls.append((owner[id(predictor)], {"messages": [*messages, answer]}))
