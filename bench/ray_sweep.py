@@ -71,7 +71,11 @@ def main() -> None:
         print(f"serial_wall: {serial:.1f} s")
         print(f"ray_wall: {ray:.1f} s")
         print(f"ray_over_serial: {ray / serial:.2f}")
-        print(f"same_scores: {scores(scratch / 'serial') == scores(scratch / 'ray')}")
+        serial_scores, ray_scores = scores(scratch / "serial"), scores(scratch / "ray")
+        print(f"same_scores: {serial_scores == ray_scores}")
+        for run in sorted(set(serial_scores) | set(ray_scores)):
+            if serial_scores.get(run) != ray_scores.get(run):
+                print(f"  {run}: serial {serial_scores.get(run)}, ray {ray_scores.get(run)}")
         shutil.rmtree(scratch, ignore_errors=True)
 
 
