@@ -105,7 +105,7 @@ def _wait(ray, tasks: list[SweepTask], refs: dict, runs_dir: Path) -> list[str]:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             task, code = by_ref[ready[0]], ray.get(ready[0])
-            folder = task.folder.split("/", 1)[1]
+            folder = task.run
             if code:
                 failed.append(folder)
             state = "done" if code == 0 else f"[red]failed[/] (exit code {code}; {log_file(runs_dir, task)})"

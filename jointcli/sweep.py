@@ -108,7 +108,7 @@ def run_sweep(
     one strategy failing (e.g. no traces to train on) is a result too."""
     overrides = overrides or []
     base, plan, tasks = plan_sweep(recipe_path, overrides, name, strategies, seeds)
-    root_name = tasks[0].folder.split("/", 1)[0]
+    root_name = tasks[0].root
     seed_values = list(dict.fromkeys(task.seed for task in tasks))
     with sweep_run(base, runs_dir / root_name, runs_dir, plan, seed_values) as failed:  # MLflow, when on
         if ray is not None:
@@ -116,9 +116,7 @@ def run_sweep(
 
             failed += run_on_ray(tasks, recipe_path, overrides, runs_dir, force, ray)
         else:
-            failed += [
-                t.folder.split("/", 1)[1] for t in tasks if not _run_task(t, recipe_path, overrides, runs_dir, force)
-            ]
+            failed += [t.run for t in tasks if not _run_task(t, recipe_path, overrides, runs_dir, force)]
     groups = [load_group(str(runs_dir / root_name / slug(s)), runs_dir, label=slug(s)) for s in plan]
     return SweepResult(runs_dir / root_name, groups, failed)
 
@@ -128,7 +126,7 @@ def _run_task(task: SweepTask, recipe_path: Path, overrides: list[str], runs_dir
     extra = [f"schedule.strategy={task.strategy}", f"seed={task.seed}"]
     with open_run(recipe_path, overrides + extra, task.folder, runs_dir, force) as ctx:
         console.rule(f"{task.strategy if task.strategy != 'none' else 'zero-shot'} (seed {task.seed})")
-        root = runs_dir / task.folder.split("/", 1)[0]
+        root = runs_dir / task.root
         if adopted := adopt_prefix(ctx, sibling_runs(root, task.seed)):
             console.print(f"{ctx.run.path}: {adopted} step(s) adopted from a sibling run")
         try:

@@ -33,10 +33,20 @@ class SweepTask:
     folder: str  # <sweep name>/<strategy folder>/seed-<n>, under the runs root
     after: SweepTask | None  # the sibling whose finished steps this run adopts: it runs first
 
+    @property
+    def root(self) -> str:
+        """The sweep's folder under the runs root: <sweep name>."""
+        return self.folder.split("/", 1)[0]
+
+    @property
+    def run(self) -> str:
+        """The run's folder within the sweep: <strategy folder>/seed-<n>."""
+        return self.folder.split("/", 1)[1]
+
     def args(self, recipe: Path, overrides: list[str], runs_dir: Path, force: bool = False) -> list[str]:
         """The arguments of `jointopt` that run this task alone (into the sweep's folders)."""
-        root = self.folder.split("/", 1)[0]
-        flags = ["--strategies", self.strategy, "--seeds", str(self.seed), "--name", root, "--runs-dir", str(runs_dir)]
+        flags = ["--strategies", self.strategy, "--seeds", str(self.seed), "--name", self.root]
+        flags += ["--runs-dir", str(runs_dir)]
         return ["sweep", str(recipe), *overrides, *flags, *(["--force"] if force else [])]
 
 

@@ -28,14 +28,13 @@ dynamic sampling does.
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import staged_dir, write_json
 from ..recipe import Lora, Train
 from ..weights.checkpoint import load_tokenizer
-from ..weights.device import autocast, cpu_budget
+from ..weights.device import autocast, cpu_budget, torch_threads
 from .job import TrainJob
 from .microbatch import micro_batch_losses, plan_step
 from .model import TrainState, load_for_training, start_optimizer
@@ -103,7 +102,7 @@ class GrpoPolicy:
         if not data[0]:
             self.state.step += self.job.grpo.iterations  # the learning rate's schedule goes on
             return figures
-        with _threads(cpu_budget()), autocast(self.job.device, self.job.dtype):
+        with torch_threads(cpu_budget()), autocast(self.job.device, self.job.dtype):
             ref = self._logps(data[0]) if self.start is not None else None
             old: dict[int, object] = {}
             for _ in range(self.job.grpo.iterations):
@@ -204,15 +203,3 @@ class GrpoPolicy:
         done = self.state.step
         self.state.step = done * self.job.grpo.iterations  # optimizer steps, for the learning rate
         return done
-
-
-@contextmanager
-def _threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -30,7 +30,7 @@ from ..errors import StepError
 from ..failpoints import failpoint
 from ..files import remove_path, staged_dir, write_json, write_jsonl
 from ..weights.adapter import ADAPTER_FILES, SOFT_PROMPT_SUBFOLDER, is_adapter_dir
-from ..weights.device import autocast, cpu_budget
+from ..weights.device import autocast, cpu_budget, torch_threads
 from ..weights.soft_prompt import save_soft_prompt
 from .curriculum import curriculum_steps, rank, row_losses
 from .job import RESULT_FILE, TrainJob, TrainResult
@@ -143,7 +143,7 @@ def _train_loop(job: TrainJob, state: TrainState, data: TrainData, plan: Plan, l
     start = time.perf_counter()
     threads = max(1, cpu_budget() // plan.ranks.count)
     with (
-        _threads(threads) if job.device == "cpu" else nullcontext(),
+        torch_threads(threads) if job.device == "cpu" else nullcontext(),
         phase(f"LoRA training {job.out_dir.name}", n_steps - state.step) if plan.ranks.main else _silent() as tick,
     ):
         for index in range(state.step, n_steps):
@@ -250,18 +250,6 @@ def _save_adapter(job: TrainJob, state: TrainState, result: TrainResult) -> None
 def _silent():
     """phase()'s stand-in in the processes other than 0: their progress is process 0's."""
     yield lambda n=1, note="": None
-
-
-@contextmanager
-def _threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _JsonlLog:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,19 @@ def limit_torch_threads() -> None:
     budget = cpu_budget()
     if torch.get_num_threads() > budget:
         torch.set_num_threads(budget)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block (a trainer's CPU share), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_process_defaults() -> None:
