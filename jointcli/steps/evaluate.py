@@ -90,7 +90,7 @@ class EvalResult:
         }
 
 
-class _CallLog:
+class CallLog:
     """Stands first in DSPy's `caller_modules` while one example runs, so DSPy appends each LM call's
     history entry here too. Unlike `dspy.track_usage`, this sees cache hits, whose entries keep the
     cached response and its token counts (and cost): an evaluation's cost does not depend on what was
@@ -158,7 +158,7 @@ def _one(program: dspy.Module, metric: Callable, index: int, example: dspy.Examp
         "failed_in": None,  # program or metric
     }
     start = time.perf_counter()
-    calls = _CallLog()
+    calls = CallLog()
     with dspy.context(caller_modules=[calls]):
         stage = "program"
         try:

@@ -20,7 +20,7 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from ..program import module_adapter, predictors_of
-from .evaluate import _CallLog  # an evaluation's count of an example's LM calls and tokens
+from .evaluate import CallLog
 from .parallel import parallel_map
 
 
@@ -57,7 +57,7 @@ def collect_rollouts(
     owner = {id(p): m for m in modules for p in predictors_of(program, m)}
 
     def one(item: tuple[int, int]) -> Rollout:
-        calls = _CallLog()
+        calls = CallLog()
         with dspy.context(caller_modules=[calls]):
             rollout = run(item)
         rollout.tokens = calls.tokens()[:2]
