@@ -370,28 +370,53 @@ def test_prefix_cache_never_outlives_its_adapter(engine, tmp_path):
     assert base.text not in (out_a[0].text, out_b[0].text)
 
 
-def test_decoding_matches_transformers_generate(engine):
-    """The engine's own decode loop against model.generate, greedy fp32, token for token: the key/value
-    cache must really be used (transformers renamed forward's keyword for it; a wrong name is ignored)."""
+SAMPLING = {"temperature": 0.9, "top_p": 0.95, "top_k": 40}
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_decoding_matches_transformers_generate(engine, sampled):
+    """The engine's own decode loop against model.generate, fp32, token for token: the key/value cache
+    must really be used (transformers renamed forward's keyword for it; a wrong name is ignored). A
+    sampled request with seed s draws what generate draws after torch.manual_seed(s): the same
+    temperature, top-k and top-p warpers and the same generator algorithm."""
     import torch
 
-    for text in PROMPTS[:2]:
-        ours = ask(engine, text, max_tokens=12)
+    for seed, text in enumerate(PROMPTS[:2]):
+        config = {"max_tokens": 12, **(SAMPLING if sampled else {})}
+        ours = ask(engine, text, seed=seed, **config)
         prompt = engine.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
         ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        model, base_weights, _ = engine._weights("local/smollm2")  # earlier tests added adapters: base only
+        base_weights, _ = engine._weights("local/smollm2")  # earlier tests added adapters: base only
+        torch.manual_seed(seed)
         with torch.inference_mode(), base_weights:
-            out = model.generate(
+            out = (engine._peft or engine.model).generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=12,
-                do_sample=False,
+                do_sample=sampled,
+                **(SAMPLING if sampled else {}),
                 pad_token_id=engine.tokenizer.pad_token_id,
             )
         theirs = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert ours.message.text == theirs
+
+
+def test_sampled_rows_batch_with_greedy_rows_and_draw_what_they_draw_alone(engine):
+    """Sampled requests (temperature > 0) join a batch with greedy ones; each row draws from a
+    generator of its own, so a seeded row gives the same answer in the batch as alone, and rows of one
+    prompt with other seeds give other answers."""
+    sampled = [request("Write a short poem about the sea.", seed=s, max_tokens=16, **SAMPLING) for s in range(4)]
+    requests = [request(PROMPTS[0]), *sampled, request(PROMPTS[1])]
+    reference = alone(engine, requests)
+    with settings(engine, batch_window_s=0.3):
+        before = dict(engine.decoder.stats)
+        batched = together(engine, requests)
+        assert engine.decoder.stats["batches"] == before["batches"] + 1
+        assert engine.decoder.stats["sampled"] == before.get("sampled", 0) + 4
+    assert same(batched, reference)
+    assert len({r.text for r in batched[1:5]}) > 1
 
 
 # ---------------------------------------------------------------- the recipe's limits

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -224,8 +225,8 @@ def test_batching_and_prefix_reuse_keep_the_soft_prompt_answers(engine, adapter:
 
 
 def test_sampled_requests_use_the_soft_prompt_too(engine, adapter: Path):
-    """A sampled request (temperature > 0) runs alone through generate(): from the embeddings, the soft
-    prompt included; the same seed gives the same answer."""
+    """A sampled request (temperature > 0) is decoded like a greedy one, its virtual tokens standing
+    for the soft prompt: the same seed gives the same answer, another seed another one."""
     from dspy.lm15 import Config, Message, Request
 
     engine.add_adapter("s-soft", adapter)
@@ -237,8 +238,10 @@ def test_sampled_requests_use_the_soft_prompt_too(engine, adapter: Path):
     )
     before = engine.decoder.stats["sampled"]
     first, second = engine.complete(request), engine.complete(request)
-    assert engine.decoder.stats["sampled"] == before + 2
+    others = [engine.complete(replace(request, config=replace(request.config, seed=s))) for s in (4, 5, 6)]
+    assert engine.decoder.stats["sampled"] == before + 5
     assert first.message.text == second.message.text and first.usage.output_tokens > 0
+    assert any(o.message.text != first.message.text for o in others)
     assert first.usage.input_tokens == 4 + len(engine._prompt_ids(request))  # the virtual tokens count
 
 

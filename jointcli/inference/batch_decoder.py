@@ -1,13 +1,13 @@
-"""Serves generation jobs on one worker thread: concurrent greedy requests are decoded together as a batch.
+"""Serves generation jobs on one worker thread: concurrent requests are decoded together as a batch.
 
 Callers put jobs on a queue (BatchDecoder.submit) and wait for their futures; the worker serves the
 queue in batches. After the first job it waits a few milliseconds for others (longer, up to
 `max_wait_s`, while fewer jobs are there than were waiting at once during the last batch: DSPy's
 threads come back a few ms apart, and a batch that leaves half of them behind splits the callers
-into two cohorts for good), then runs every greedy job it holds that uses the same weights (base
-model or one adapter) as one batch, up to `max_batch` rows (generation.py decodes them). Sampled
-requests (temperature > 0) run alone with `model.generate`. Other calls (BatchDecoder.call: adapter
-loads) run between batches, never during one.
+into two cohorts for good), then runs every job it holds that uses the same weights (base model or
+one adapter) as one batch, up to `max_batch` rows (generation.py decodes them; greedy and sampled
+rows share a batch). Other calls (BatchDecoder.call: adapter loads) run between batches, never during
+one.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ __all__ = ["BatchDecoder", "Job"]
 class BatchDecoder(Generation):
     """The worker thread that owns the model and serves its generation jobs (see the module docstring).
 
-    `select_weights(model_id)` (the engine's) returns the module to generate with, a context that
-    selects its weights and the prefix-cache key of those weights; `model` is the base model with the
-    LoRA layers (if any) injected, so a forward pass runs the weights the context selected.
+    `select_weights(model_id)` (the engine's) returns a context that selects its weights and the
+    prefix-cache key of those weights; `model` is the base model with the LoRA layers (if any)
+    injected, so a forward pass runs the weights the context selected.
 
     Tuning knobs besides Generation's (attributes, may be changed between calls): batch_window_s,
     max_wait_s."""
@@ -110,14 +110,12 @@ class BatchDecoder(Generation):
                     return
                 if not isinstance(job, Job):
                     self._run_call(*job)
-                elif not job.greedy:
-                    self._run_batch([job])
                 else:
                     batch = self._gather(job, held)
                     self._run_batch(batch)
 
     def _gather(self, first: Job, held: list) -> list[Job]:
-        """Greedy jobs that arrive together with `first`; anything else is held back for later, in order."""
+        """Jobs that arrive together with `first`; a call is held back for later, in order."""
         batch = [first]
         start = time.perf_counter()
         with self._lock:
@@ -131,10 +129,10 @@ class BatchDecoder(Generation):
                 job = self._jobs.get_nowait() if remaining <= 0 else self._jobs.get(timeout=remaining)
             except queue.Empty:
                 break
-            if isinstance(job, Job) and job.greedy:
+            if isinstance(job, Job):
                 batch.append(job)
             else:
-                held.append(job)  # a barrier (adapter load, close) or a sampled request: after this batch
+                held.append(job)  # a barrier (adapter load, close): after this batch
         return batch
 
     def _run_call(self, fn, args, future: Future) -> None:
@@ -161,13 +159,10 @@ class BatchDecoder(Generation):
                 _fail(group, exc)
 
     def _run_group(self, group: list[Job]) -> None:
-        """Run jobs of one weights: greedy ones as a batch, a sampled one alone."""
-        model, weights, key = self.select_weights(group[0].request.model)
+        """Run jobs of one weights as a batch."""
+        weights, key = self.select_weights(group[0].request.model)
         with weights:
-            if group[0].greedy:
-                self.greedy(group, key)
-            else:
-                self.sample(model, group[0])
+            self.decode(group, key)
 
 
 def _fail(jobs: list[Job], error: BaseException) -> None:

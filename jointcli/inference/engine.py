@@ -8,7 +8,7 @@
 The engine loads the model and tokenizer, keeps the adapters and speaks DSPy's engine contract.
 Callers (DSPy's thread pools call complete() from many threads, the async engine from an event loop)
 tokenize their prompt in their own thread and hand the job to a BatchDecoder (batch_decoder.py):
-one worker thread that owns the model, decodes concurrent greedy requests as one batch
+one worker thread that owns the model, decodes concurrent requests as one batch
 (generation.py) and shares their prompt prefix (prefix_cache.py). How much it takes on at once is
 the recipe's models.<name>.limits (EngineLimits: max_batch, prefill_tokens, prefix_cache_tokens),
 a setting of the engine (set_limits) rather than part of what identifies it (see get_engine).
@@ -176,22 +176,18 @@ class LocalEngine:
         self._loads[name] = self._loads.get(name, 0) + 1
 
     def _weights(self, model_id: str):
-        """(module to generate with, context that selects its weights, prefix-cache key of those weights)."""
+        """(context that selects its weights, prefix-cache key of those weights)."""
         name = split_model_id(model_id)[1]
         if name is None:
             context = nullcontext() if self._peft is None else self._peft.disable_adapter()
-            return (self.model if self._peft is None else self._peft), context, ("base",)
+            return context, ("base",)
         if not name:
             raise InvalidRequestError(f"model id {model_id!r} ends in '@' without an adapter name")
         if name not in self.adapters:
             known = ", ".join(sorted(self.adapters)) or "none"
             raise InvalidRequestError(f"model id {model_id!r}: no adapter {name!r} registered (known: {known})")
         self._peft.set_adapter(name)
-        return (
-            self._peft,
-            self.decoder.soft_prompt(self._soft.get(name)),
-            ("adapter", name, self.adapters[name], self._loads[name]),
-        )
+        return self.decoder.soft_prompt(self._soft.get(name)), ("adapter", name, self.adapters[name], self._loads[name])
 
     # ---- callers' side
     def _submit_request(self, request) -> Future:

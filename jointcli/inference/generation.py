@@ -1,12 +1,15 @@
-"""Running generation jobs on the model: greedy rows decoded together over a shared prefix, sampled
-requests one at a time. The worker thread that gathers the jobs into batches is batch_decoder.py.
+"""Running generation jobs on the model: rows decoded together over a shared prefix, greedy or sampled.
+The worker thread that gathers the jobs into batches is batch_decoder.py.
 
 - Shared prefix. The batch's longest common token prefix comes from prefix_cache.PrefixCache (computed
   once, or taken from its LRU); only each row's own suffix is fed in batch (left-padded, with a 2-D
   attention mask and explicit position ids, so padding sits between prefix and suffix and no row
   sees another's tokens). Models whose attention those pads would disturb get masks of their own or
   batch only rows of one prompt length (attention.py).
-- Decoding. A plain greedy loop over model forward + DynamicCache. Each row stops at its own end
+- Decoding. A plain loop over model forward + DynamicCache. A greedy row takes the argmax; a sampled
+  row (temperature > 0) draws from its logits after transformers' temperature, top-k and top-p
+  warpers, with a generator of its own (seeded by the request's seed, else from torch's global RNG),
+  so a seeded request draws the same tokens whatever batch it runs in. Each row stops at its own end
   (eos, its stop strings checked after every token, its max_tokens): its caller gets the answer
   at once and the row leaves the batch, so short answers never wait for long ones.
 - Limits. At most `max_batch` rows run together and at most `prefill_tokens` (rows x padded suffix
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from dspy.lm15 import Message, Response, Usage
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..errors import StepError
 from ..recipe.sections import EngineLimits
@@ -51,15 +54,31 @@ class Job:
     future: Future = field(default_factory=Future)
     new: list[int] = field(default_factory=list)  # generated token ids
     checked: int = 0  # length of the generated text already searched for stop strings
+    _sampler: tuple | None = None  # (warpers, generator) of a sampled job, made at its first token
 
     @property
     def greedy(self) -> bool:
         return not (self.request.config.temperature or 0.0) > 0
 
+    def draw(self, logits: torch.Tensor) -> int:
+        """The next token of a sampled job: drawn from `logits` [vocab] after the request's warpers."""
+        if self._sampler is None:
+            config = self.request.config
+            warpers = LogitsProcessorList([TemperatureLogitsWarper(config.temperature)])
+            if config.top_k:
+                warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(config.top_p))
+            seed = config.seed if config.seed is not None else int(torch.randint(2**62, (1,)))
+            self._sampler = (warpers, torch.Generator(logits.device).manual_seed(seed))
+        warpers, generator = self._sampler
+        probs = warpers(None, logits[None].float()).softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
 
 @dataclass
 class _Rows:
-    """The rows of a greedy batch as decoding goes: the attention mask over the cache, the next
+    """The rows of a batch as decoding goes: the attention mask over the cache, the next
     position of each row, and (sliding-window models only) the position of every cached key."""
 
     jobs: list[Job]
@@ -87,8 +106,9 @@ class Generation:
     Tuning knobs (attributes, may be changed between calls): max_batch (1 turns batching off),
     prefill_tokens, prefix_reuse (False: every prompt is computed in full, nothing is shared or
     cached), prefixes.max_tokens (the LRU's budget); apply_limits sets them from the recipe's limits.
-    `stats` counts greedy requests, batches, rows, prompt_tokens (all prompts), prefill_tokens
-    (prompt tokens actually run, pads included), lru_tokens (taken from the LRU), output_tokens, sampled."""
+    `stats` counts requests (sampled: those at temperature > 0), batches, rows, prompt_tokens (all
+    prompts), prefill_tokens (prompt tokens actually run, pads included), lru_tokens (taken from the
+    LRU), output_tokens."""
 
     def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, device: str, limits: EngineLimits):
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -127,10 +147,11 @@ class Generation:
             "(in your own code: local_lm(limits=...))"
         )
 
-    # ---- greedy decoding, batched, with the shared prefix computed once
-    def greedy(self, jobs: list[Job], weights_key: tuple) -> None:
-        """Decode greedy jobs of one weights (`weights_key`: the prefix cache's key of them) in batches."""
+    # ---- decoding, batched, with the shared prefix computed once
+    def decode(self, jobs: list[Job], weights_key: tuple) -> None:
+        """Decode jobs of one weights (`weights_key`: the prefix cache's key of them) in batches."""
         self.stats["requests"] += len(jobs)
+        self.stats["sampled"] += sum(not j.greedy for j in jobs)
         self.stats["prompt_tokens"] += sum(len(j.prompt) for j in jobs)
         prefix_len, prefix = 0, None
         if self.prefix_reuse:
@@ -152,14 +173,14 @@ class Generation:
         self._decode(chunk, prefix_len, prefix)
 
     def _decode(self, jobs: list[Job], prefix_len: int, prefix: list | None) -> None:
-        """Greedy decoding of the rows that share `prefix` (key/value tensors of its first prefix_len tokens)."""
+        """Decoding of the rows that share `prefix` (key/value tensors of its first prefix_len tokens)."""
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         ids, rows, positions = self._prefill_inputs(jobs, prefix_len)
         cache = cache_with(prefix, repeat=len(jobs))
         logits = self._forward(ids, cache, self._mask(rows.mask, rows.keys, positions), positions)
         while True:
-            tokens = logits.argmax(-1).tolist()
+            tokens = _next_tokens(logits, rows.jobs)
             keep = [i for i, (job, token) in enumerate(zip(rows.jobs, tokens)) if not self._append(job, token)]
             if not keep:
                 return
@@ -244,38 +265,6 @@ class Generation:
             )
         )
 
-    # ---- sampled requests: one at a time through model.generate
-    def sample(self, model, job: Job) -> None:
-        """Answer a sampled request (temperature > 0) with `model.generate`: `model` is the PeftModel
-        when an adapter is selected, since generate runs through the wrapper."""
-        self.stats["sampled"] += 1
-        config = job.request.config
-        if config.seed is not None:
-            torch.manual_seed(config.seed)  # global RNG: only this worker thread samples
-        kwargs = {
-            "do_sample": True,
-            "temperature": config.temperature,
-            "top_p": config.top_p or 1.0,
-            "top_k": config.top_k or 0,
-        }
-        # virtual tokens (a soft prompt): generate from embeddings, which returns the new tokens only
-        embedded = self.soft is not None and min(job.prompt) < 0
-        start = 0 if embedded else len(job.prompt)
-        if job.stops:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self, job.stops, start)])
-        ids = torch.tensor([job.prompt], device=self.device)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else min(self.eos_ids, default=None)  # none: generate would warn
-        out = model.generate(
-            **model_inputs(self.model, ids, self.soft if embedded else None),
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=job.max_new,
-            pad_token_id=pad,
-            **kwargs,
-        )
-        job.new = out[0, start:].tolist()
-        self._respond(job)
-
     # ---- text
     def _decode_text(self, ids: list[int]) -> str:
         with self._tok_lock:
@@ -291,18 +280,13 @@ class Generation:
         return text, "stop" if ended or len(new) < max_new else "length"
 
 
-class _StopStrings(StoppingCriteria):
-    """model.generate stopping criterion (sampled requests): done once the text holds a stop string."""
-
-    def __init__(self, generation: Generation, stops: tuple[str, ...], prompt_len: int):
-        self.generation, self.stops, self.prompt_len = generation, stops, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = [
-            any(s in self.generation._decode_text(row[self.prompt_len :].tolist()) for s in self.stops)
-            for row in input_ids
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+def _next_tokens(logits: torch.Tensor, jobs: list[Job]) -> list[int]:
+    """Each row's next token: the argmax, or a draw for a sampled job."""
+    tokens = logits.argmax(-1).tolist()
+    for i, job in enumerate(jobs):
+        if not job.greedy:
+            tokens[i] = job.draw(logits[i])
+    return tokens
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -71,7 +71,7 @@ def _forward(engine, ids: list[int]) -> np.ndarray:
     """On the engine's worker: the base weights' last hidden states of one text, averaged, length 1."""
     import torch  # loaded with the engine already
 
-    _, weights, _ = engine.decoder.select_weights("embed")  # an id without '@': the base weights
+    weights, _ = engine.decoder.select_weights("embed")  # an id without '@': the base weights
     body = engine.decoder.model.base_model  # the transformer without its LM head: no logits to compute
     width = -(-len(ids) // PAD_TO) * PAD_TO
     tokens = torch.tensor([ids + [ids[-1]] * (width - len(ids))], device=engine.device)
