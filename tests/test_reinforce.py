@@ -158,6 +158,33 @@ SENTENCES = [
 
 
 @pytest.mark.model
+def test_seeded_rollouts_are_drawn_again_the_same():
+    """collect_rollouts with a seed (the g step passes the recipe's seed, the step and the optimizer
+    step) draws the same rollouts again, so a resumed step redraws what it drew; another seed draws
+    others, and the samples of a group differ from one another."""
+    from jointcli.models.provider import local_lm
+    from jointcli.steps.rollouts import collect_rollouts, sampling
+
+    student = dspy.Predict("sentence -> sentiment")
+    student.demos = [dspy.Example(sentence=s, sentiment=y) for s, y in SENTENCES]
+    student.set_lm(local_lm(dtype="float32", max_tokens=24, temperature=0.0, cache=False))
+    student = sampling(student, temperature=1.0)
+    examples = [dspy.Example(sentence=s, sentiment=y).with_inputs("sentence") for s, y in SENTENCES[1:2]]
+
+    def metric(example, prediction, trace=None) -> float:
+        return float(prediction.sentiment.strip().lower() == example.sentiment)
+
+    def draw(seed: tuple) -> list[tuple]:
+        got = collect_rollouts(student, examples, metric, 4, 0.0, ["self"], num_threads=8, seed=seed)
+        return [(r.example, r.sample, r.reward, r.answer, r.error) for r in got]
+
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        first, again, other = draw((0, 1, 0)), draw((0, 1, 0)), draw((0, 1, 1))
+    assert first == again and first != other
+    assert len({r[3] for r in first[:4]}) > 1  # the answer, or the text that did not parse
+
+
+@pytest.mark.model
 def test_stock_dspy_grpo_trains_the_local_lm(tmp_path: Path):
     """Plain DSPy: GRPO(...).compile(student, trainset=...) with the student on local_lm(); the adapter
     it trains changes the student's greedy answers."""

@@ -12,7 +12,9 @@ it; one without starts a new adapter, which answers as the base model until it t
 Files in NN-g/: adapters/<name>/ (with training.json: the figures and the reward curve, the mean
 reward of each step's rollouts), train_log.jsonl (one line per step and adapter), rollouts.jsonl (each
 rollout's example, reward and answer), and the evaluation, as a w step's. A killed step resumes from
-the checkpoint of its last save (train.save_steps), kept in `.<name>.work/` beside the adapters.
+the checkpoint of its last save (train.save_steps), kept in `.<name>.work/` beside the adapters; the
+rollouts are seeded (the recipe's seed, the step, the optimizer step, the example, the sample), so
+the resumed step draws what the first try drew.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class ReinforceStep:
         plan = plan_steps(
             len(trainset), per_step, 0, ctx.recipe.seed + step.index, steps=spec.train.optimizer_steps(len(trainset))
         )
-        run = _Run(ctx, spec, folder, state, names, len(plan))
+        run = _Run(ctx, spec, folder, state, names, len(plan), (ctx.recipe.seed, step.index))
         done = run.resume(trainset)
         for k in range(done, len(plan)):
             run.step(k, program if k == 0 else None, [trainset[i] for i in plan[k]])
@@ -76,9 +78,11 @@ class ReinforceStep:
 class _Run:
     """The adapters of one g step in training, its logs and checkpoints."""
 
-    def __init__(self, ctx: StepContext, spec: ReinforceOptimizer, folder: Path, state: ProgramState, names, n_steps):
+    def __init__(
+        self, ctx: StepContext, spec: ReinforceOptimizer, folder: Path, state: ProgramState, names, n_steps, seed
+    ):
         self.ctx, self.spec, self.folder, self.state, self.names = ctx, spec, folder, state, names
-        self.n_steps = n_steps
+        self.n_steps, self.seed = n_steps, seed  # seed: the rollouts' (the recipe's seed, the step's index)
         self.modules = list(names)
         self.log: list[dict] = []
         self.rollouts: list[dict] = []
@@ -146,6 +150,7 @@ class _Run:
             spec.format_failure,
             self.modules,
             self.ctx.recipe.runtime.num_threads,
+            seed=(*self.seed, k),
         )
         advantage = _advantages(got, spec.group_size)
         for name, policy in self.policies.items():

@@ -2,11 +2,13 @@
 each scored by the metric, every module call in it a training row credited with that score.
 
     rollouts = collect_rollouts(sampling(program, temperature=1.0), examples, metric, group_size=4,
-                                format_failure=0.0, modules=["classify"], num_threads=16)
+                                format_failure=0.0, modules=["classify"], num_threads=16, seed=(0, 2, 5))
     rollouts[0] == Rollout(example=0, sample=0, reward=1.0, calls=[("classify", {"messages": [...]})])
 
 `sampling` gives every predictor a copy of its LM at the temperature, with DSPy's response cache off:
-the samples of a group are the same request, so a cached answer would make the group identical. A
+the samples of a group are the same request, so a cached answer would make the group identical. With
+a `seed`, each rollout's LM calls carry a seed of their own (rollout_seed: from the seed, the example
+and the sample), so the same seed draws the same rollouts: a resumed step redraws what it drew. A
 call's row is the chat its module's adapter sends (system, demos, user) followed by its answer in that
 adapter's format; an answer that did not parse ends the run, and its raw text is the row's answer,
 the rollout's reward the format-failure score (as DSPy's bootstrap_trace_data does).
@@ -14,6 +16,7 @@ the rollout's reward the format-failure score (as DSPy's bootstrap_trace_data do
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import dspy
@@ -43,6 +46,15 @@ def sampling(program: dspy.Module, temperature: float) -> dspy.Module:
     return program
 
 
+def rollout_seed(*parts) -> int:
+    """A sampling seed from `parts` (the step's seed, the example, the sample), the same in every process.
+
+    >>> rollout_seed(0, 2, 5, 1, 3) == rollout_seed(0, 2, 5, 1, 3) != rollout_seed(0, 2, 5, 1, 2)
+    True
+    """
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big") >> 1
+
+
 def collect_rollouts(
     program: dspy.Module,
     examples: list[dspy.Example],
@@ -51,19 +63,22 @@ def collect_rollouts(
     format_failure: float,
     modules: list[str],
     num_threads: int,
+    seed: tuple | None = None,
 ) -> list[Rollout]:
     """`group_size` runs of `program` on each example (example-major order), scored by `metric`; the
-    calls of `modules` become rows."""
-    owner = {id(p): m for m in modules for p in predictors_of(program, m)}
+    calls of `modules` become rows. `seed`: each rollout's calls carry rollout_seed(*seed, example,
+    sample); None: the engine draws."""
 
     def one(item: tuple[int, int]) -> Rollout:
         calls = CallLog()
+        runner = program if seed is None else _seeded(program, rollout_seed(*seed, *item))
         with dspy.context(caller_modules=[calls]):
-            rollout = run(item)
+            rollout = run(runner, item)
         rollout.tokens = calls.tokens()[:2]
         return rollout
 
-    def run(item: tuple[int, int]) -> Rollout:
+    def run(program: dspy.Module, item: tuple[int, int]) -> Rollout:
+        owner = {id(p): m for m in modules for p in predictors_of(program, m)}
         index, sample = item
         example = examples[index]
         known = example.inputs().toDict()
@@ -84,6 +99,14 @@ def collect_rollouts(
 
     items = [(i, j) for i in range(len(examples)) for j in range(group_size)]
     return parallel_map(one, items, num_threads, "rollouts")
+
+
+def _seeded(program: dspy.Module, seed: int) -> dspy.Module:
+    """A copy of `program` whose predictors' LMs sample with `seed` (the engine is shared, not copied)."""
+    copy = program.deepcopy()
+    for predictor in copy.predictors():
+        predictor.lm = predictor.lm.copy(seed=seed)
+    return copy
 
 
 def _add_calls(rollout: Rollout, trace: list, owner: dict[int, str], known: dict) -> None:
