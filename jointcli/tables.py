@@ -144,7 +144,7 @@ def _traces_line(counts: dict) -> str:
 
 
 # ---------------------------------------------------------------- a plan
-PHASE_LABELS = {"train": "LoRA training (tokens trained)", "bootstrap": "bootstrap"}
+PHASE_LABELS = {"train": "LoRA training (tokens trained)", "bootstrap": "bootstrap", "rollouts": "rollouts (sampled)"}
 
 
 def print_plan(plan: Plan, out: Console) -> None:

@@ -35,6 +35,21 @@ def test_sst2_defines_g_and_validates(capsys):
     assert "p -> g -> p" in capsys.readouterr().err
 
 
+def test_plan_counts_the_g_steps_rollouts(capsys):
+    """`jointopt plan`: a g step samples train.steps x batch_size x group_size runs of the program, one
+    LM call each for sst2's one module, and trains on a row per run."""
+    counts = []
+    for group in (4, 8):
+        assert cli("plan", SST2, "schedule.strategy=g", f"optimizers.g.group_size={group}", "--no-probe", "--json") == 0
+        step = json.loads(capsys.readouterr().out)["steps"][1]
+        assert step["kind"] == "g" and step["method"] == "GRPO on LoRA"
+        train = step["train"]["classify"]
+        assert step["phases"]["rollouts"]["calls"]["expected"] == 8 * 4 * group == train["rows"]
+        assert step["phases"]["train"]["tokens_in"] == train["row_tokens"] * train["rows"]
+        counts.append(step["phases"]["rollouts"]["tokens_in"])
+    assert abs(counts[1] - 2 * counts[0]) <= 1  # each rounded from a mean prompt length
+
+
 def _groups() -> tuple[list[dict], list[float]]:
     """Two sentences, each answered both ways with the same prompt (a group of 2); reward 1 when right."""
     adapter = dspy.ChatAdapter()

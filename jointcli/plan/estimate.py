@@ -11,7 +11,7 @@ from ..data import load_splits
 from ..errors import InputError
 from ..program import build_program, model_of, module_names
 from ..recipe import LocalModel, PromptOptimizer, Recipe, SimultaneousOptimizer, Train, WeightOptimizer
-from ..recipe.optimizers import DEFAULT_EPOCHS
+from ..recipe.optimizers import DEFAULT_EPOCHS, ReinforceOptimizer
 from ..strategy import parse_strategy
 from ..training.microbatch import plan_steps
 from ..weights.device import cpu_kind, resolve_device, resolve_dtype, resolve_train_dtype
@@ -104,8 +104,18 @@ class Estimator:
             seconds = runs * self.probe.per_example(tokens_in, adapted)
         return Phase(calls, round(runs * tokens_in), round(runs * tokens_out), seconds)
 
+    def rollouts(self, spec: ReinforceOptimizer, demos: dict[str, int], adapted: bool) -> Phase:
+        """A g step's sampled runs: group_size of each example its optimizer steps take, batched as an
+        evaluation is."""
+        train = self.splits.train
+        runs = spec.train.optimizer_steps(len(train)) * spec.train.batch_size * spec.train.grad_accum * spec.group_size
+        tokens_in, tokens_out = self.prompts.per_example(train, demos)
+        seconds = runs * self.probe.per_example(tokens_in, adapted) if self.probe else None
+        return Phase(Calls.exact(runs * self.predictors), round(runs * tokens_in), round(runs * tokens_out), seconds)
+
     def training(self, key: str, spec: WeightOptimizer, demos: dict[str, int]) -> tuple[Phase, dict, list[str]]:
-        """LoRA on at most one row per training example and trained module; adapters per module or per model."""
+        """LoRA on at most one row per training example and trained module (a g step: group_size rows,
+        trained `iterations` times); adapters per module or per model."""
         groups: dict[str, list[str]] = {}
         for m in trained_modules(self.recipe, spec, self.names):
             groups.setdefault(self.modules[m]["model"] if spec.adapters == "shared" else m, []).append(m)
@@ -117,7 +127,7 @@ class Estimator:
             virtual = spec.soft_prompt.virtual_tokens if isinstance(spec, SimultaneousOptimizer) else 0
             row_tokens, rows = round((prompt + completion) / len(members)) + virtual, n_train * len(members)
             planned = plan_steps(rows, per_step, 0, 0, steps=spec.train.optimizer_steps(rows))
-            steps = len(planned)
+            steps, group = len(planned), spec.group_size if isinstance(spec, ReinforceOptimizer) else 0
             device = resolve_device(self.recipe.models[info["model"]].device)
             dtype = resolve_train_dtype(spec.train.dtype, device)
             trainable = lora_parameters(Path(info["checkpoint"]), spec.lora) + virtual * info["hidden_size"]
@@ -125,7 +135,7 @@ class Estimator:
             train[name] = {
                 "model": info["model"],
                 "modules": members,
-                "rows": rows,
+                "rows": sum(map(len, planned)) * group if group else rows,  # g: its rollouts
                 "steps": steps,
                 "steps_from": _steps_from(spec.train, rows),
                 "row_tokens": row_tokens,
@@ -141,11 +151,12 @@ class Estimator:
                     f"{key} ({name}): LoRA training needs about {memory['lora'] / GB:.1f} GB, more than "
                     f"the {self.free / GB:.1f} GB of {device} memory available; it will not fit"
                 )
-            if steps < SHORT_STEPS:
+            if steps < SHORT_STEPS and not group:  # the floor was measured on supervised steps
                 warnings.append(short_training(key, name, spec.train, rows, steps))
-            tokens += row_tokens * sum(len(step) for step in planned)
+            grpo = group * spec.iterations if group else 1
+            tokens += row_tokens * sum(len(step) for step in planned) * grpo
             if self.probe and self.probe.step_seconds:
-                seconds += steps * self.probe.step_seconds * row_tokens / self.probe.row_tokens
+                seconds += steps * grpo * self.probe.step_seconds * row_tokens / self.probe.row_tokens
         probed = self.probe is not None and self.probe.step_seconds is not None
         return Phase(Calls.exact(0), tokens, 0, seconds if probed else None), train, warnings
 
@@ -155,6 +166,15 @@ class Estimator:
         per_step, budget = train.batch_size * train.grad_accum, train.micro_batch_tokens(device, dtype)
         engine = resolve_dtype(self.recipe.models[info["model"]].dtype, device).itemsize if device == "cpu" else None
         return training_memory(info, trainable, per_step, row_tokens, budget, dtype, engine_width=engine)
+
+    def _first_phase(self, spec: WeightOptimizer, demos: dict[str, int], adapted: bool) -> dict[str, Phase]:
+        """What a weight step runs before it trains: the g step's rollouts, else the bootstrap of traces
+        (nothing when it trains on labels alone)."""
+        if isinstance(spec, ReinforceOptimizer):
+            return {"rollouts": self.rollouts(spec, demos, adapted)}
+        if spec.traces.source == "labels":
+            return {"bootstrap": Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None)}
+        return {"bootstrap": self.evaluation("train", demos, adapted)}
 
     def steps(self, keys: list[str]) -> list[StepPlan]:
         """The baseline, a step per optimizer key of the strategy, then the test evaluation."""
@@ -174,20 +194,16 @@ class Estimator:
                     {"optimizer": self.optimizer(spec, walk[i - 1], adapted)},
                 )
             else:
-                bootstrap = (
-                    Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None)
-                    if spec.traces.source == "labels"
-                    else self.evaluation("train", walk[i], adapted)
-                )
+                first = self._first_phase(spec, walk[i], adapted)
                 train, info, warnings = self.training(key, spec, walk[i])
-                kind = {"simultaneous": "s", "reinforce": "g"}.get(spec.type, "w")  # g: costed as a w step
+                kind = {"simultaneous": "s", "reinforce": "g"}.get(spec.type, "w")
                 step = StepPlan(
                     f"{i:02d}-{kind}",
                     kind,
                     key,
-                    "LoRA + soft prompt" if kind == "s" else "LoRA",
+                    {"s": "LoRA + soft prompt", "g": "GRPO on LoRA"}.get(kind, "LoRA"),
                     walk[i],
-                    {"bootstrap": bootstrap, "train": train},
+                    {**first, "train": train},
                     info,
                     warnings,
                 )
