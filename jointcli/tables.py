@@ -201,12 +201,13 @@ def _training_lines(plan: Plan) -> list[str]:
             mem = t["memory_gb"]
             whole = f" (the whole process ~{mem['process']:.1f} GB)" if "process" in mem else ""
             what = "LoRA and the soft prompt train" if s.kind == "s" else "LoRA trains"
+            rows = "rollouts" if s.kind == "g" else "rows"
             lines.append(
                 f"{s.step} {name}: {what} {t['lora_parameters']:,} of {t['parameters']:,} parameters "
-                f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} rows of ~{t['row_tokens']} tokens "
-                f"at most, {t['steps']} optimizer steps; memory ({t['device']}, {t['dtype']}; activations of "
-                f"{t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, full fine-tuning "
-                f"~{mem['full']:.1f} GB{whole}, "
+                f"({t['lora_parameters'] / t['parameters']:.2%}); {t['rows']} {rows} of ~{t['row_tokens']} tokens "
+                f"at most, {t['steps']} optimizer steps ({t['steps_from']}); memory ({t['device']}, {t['dtype']}; "
+                f"activations of {t['micro_batch_tokens']}-token micro-batches): LoRA ~{mem['lora']:.1f} GB, "
+                f"full fine-tuning ~{mem['full']:.1f} GB{whole}, "
                 f"{plan.machine['memory_available_gb']} GB available"
             )
     return lines

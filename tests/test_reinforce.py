@@ -37,7 +37,7 @@ def test_sst2_defines_g_and_validates(capsys):
 
 def test_plan_counts_the_g_steps_rollouts(capsys):
     """`jointopt plan`: a g step samples train.steps x batch_size x group_size runs of the program, one
-    LM call each for sst2's one module, and trains on a row per run."""
+    LM call each for sst2's one module, and trains on a row per run; the table says so."""
     counts = []
     for group in (4, 8):
         assert cli("plan", SST2, "schedule.strategy=g", f"optimizers.g.group_size={group}", "--no-probe", "--json") == 0
@@ -48,6 +48,9 @@ def test_plan_counts_the_g_steps_rollouts(capsys):
         assert step["phases"]["train"]["tokens_in"] == train["row_tokens"] * train["rows"]
         counts.append(step["phases"]["rollouts"]["tokens_in"])
     assert abs(counts[1] - 2 * counts[0]) <= 1  # each rounded from a mean prompt length
+    assert cli("plan", SST2, "schedule.strategy=g", "--no-probe") == 0  # the table: where the steps come from
+    table = capsys.readouterr().err.replace("\n", " ")
+    assert "128 rollouts of" in table and "8 optimizer steps (train.steps: 8 " in table
 
 
 def _groups() -> tuple[list[dict], list[float]]:
