@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/joint_run.py
 	$(BIN)/python bench/ray_sweep.py
+	$(BIN)/python bench/rollouts.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache
