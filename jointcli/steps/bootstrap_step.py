@@ -60,7 +60,8 @@ def collect(ctx: StepContext, spec: WeightOptimizer, step_index: int) -> Traces:
     if source == "labels":  # one `predict` module: checked with the recipe too
         return label_traces(program, trainset, names[0])
     if source == "teacher":
-        teacher_state = ProgramState(state.program_file, {m: ModuleState(spec.traces.teacher) for m in state.modules})
+        teacher = {m: ModuleState(spec.traces.teacher) for m in state.modules}
+        teacher_state = ProgramState(state.program_file, teacher, state.knn)  # the same program on the teacher
         program = ctx.program_for(teacher_state)
     gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
     return collect_traces(
