@@ -68,7 +68,7 @@ def test_recipe_refuses_a_bad_curriculum():
 def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: Path):
     """The order training.json records is the rows ranked by the loss a fresh adapter (the base model)
     gives them, each computed alone, balanced between the two answers; the first stage trains on the
-    easiest half only."""
+    easiest half only. Four rows, two of each answer: two stages of one optimizer step."""
     import torch
 
     from jointcli.recipe import EMBEDDED_MODEL
@@ -80,11 +80,11 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     from .test_lora import sentiment_rows
 
     checkpoint = resolve_checkpoint(EMBEDDED_MODEL)
-    out = tmp_path / "adapter"
+    out, pairs = tmp_path / "adapter", sentiment_rows()[:4]  # positive, negative, positive, negative
     train = Train(epochs=1, batch_size=2, curriculum=Curriculum(by="loss", stages=2))
     train_lora(
         checkpoint,
-        sentiment_rows(),
+        pairs,
         out,
         Lora(r=2, alpha=4),
         train,
@@ -96,15 +96,15 @@ def test_training_by_loss_ranks_the_rows_by_the_starting_models_loss(tmp_path: P
     order = json.loads((out / "training.json").read_text())["curriculum"]
 
     tokenizer = load_tokenizer(checkpoint)
-    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(sentiment_rows())]
+    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(pairs)]
     model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
     with torch.no_grad():
         alone = [float(s / c) for s, c in (completion_nll(model, *collate([r], tokenizer.pad_token_id)) for r in rows)]
-    answers = [p["completion"][-1]["content"] for p in to_prompt_completion(sentiment_rows())]
+    answers = [p["completion"][-1]["content"] for p in to_prompt_completion(pairs)]
     assert order == rank(alone, answers)
-    assert sorted(answers[i] for i in order[:4]) == sorted(answers[i] for i in order[4:])  # 2 and 2
+    assert sorted(answers[i] for i in order[:2]) == sorted(answers[i] for i in order[2:])  # 1 and 1
     batched = row_losses(model, rows, tokenizer.pad_token_id, "cpu", "float32", 1024)
     assert batched == pytest.approx(alone, rel=1e-4)
     steps = curriculum_steps(rank(batched, answers), 2, 1, 0, 2)
-    assert {i for s in steps[:2] for i in s} == set(order[:4])
-    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(steps) == 4
+    assert {i for s in steps[:1] for i in s} == set(order[:2])
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == len(steps) == 2

@@ -22,16 +22,17 @@ from .conftest import RECIPES, ROOT, cli, manifest, run_cli, tiny
 
 OPTIMIZERS = {"p": object(), "w": object(), "p2": object()}
 
-# float32: the same answers in this process and in a child, however requests are batched
+# float32: the same answers in this process and in a child, however requests are batched; 2 dev and
+# 2 test examples, and 4 rows in steps of 2: a weight step of two optimizer steps
 TINY_JOINT = tiny(
     4,
-    3,
-    3,
+    2,
+    2,
     "models.small.dtype=float32",
     "optimizers.p.optimizer=LabeledFewShot",
     "optimizers.p.args={k: 1}",
     "optimizers.w.traces.source=labels",
-    "optimizers.w.train.epochs=2",
+    "optimizers.w.train.epochs=1",
     "optimizers.w.train.batch_size=2",
     "schedule.strategy=p -> w",
 )
@@ -131,10 +132,10 @@ def _wait_for_running(run: Path, kind: str, proc: subprocess.Popen, timeout: flo
 # the kinds of the steps finished by then. Only two fall inside the weight step: a kill there costs
 # its training again.
 KILLS = [
-    ("example:2", []),  # the baseline evaluation, midway
+    ("example:1", []),  # the baseline evaluation, midway
     ("finish/p", ["baseline"]),  # the prompt step's files written, the manifest not yet `done`
     ("write/traces.jsonl", ["baseline", "p"]),  # the weight step's bootstrap
-    ("train-step:2", ["baseline", "p"]),  # its training, midway
+    ("train-step:1", ["baseline", "p"]),  # its training, midway (after the first of its two steps)
     ("write/eval-test.json", ["baseline", "p", "w"]),  # the best step's test evaluation, into a done folder
 ]
 
@@ -182,7 +183,8 @@ def _assert_reused(finished: dict, now: dict) -> None:
 @pytest.mark.model
 def test_sigint_stops_cleanly_with_130(tmp_path):
     run = tmp_path / "sst2"
-    proc = _start(tmp_path, "runtime.cache=false")  # no cached answers: the step takes real time
+    # no cached answers and four optimizer steps: the weight step takes real time
+    proc = _start(tmp_path, "runtime.cache=false", "optimizers.w.train.epochs=2", "schedule.strategy=w")
     _wait_for_running(run, "w", proc)
     time.sleep(2)
     proc.send_signal(signal.SIGINT)

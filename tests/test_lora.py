@@ -69,6 +69,14 @@ def model_with_gradients(checkpoint: Path):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+@pytest.fixture(scope="module")
+def trainable(checkpoint: Path):
+    """model_with_gradients, loaded once for the tests that compare two ways of computing a loss (and its
+    gradients): each zeroes the gradients first, none changes a weight, and one that switches the
+    attention switches it back."""
+    return model_with_gradients(checkpoint)
+
+
 def test_zero_rows_is_a_step_error(tmp_path: Path):
     with pytest.raises(StepError, match="no training rows"):
         # a checkpoint that does not exist: the check must come before any model load
@@ -96,8 +104,8 @@ def test_rows_longer_than_max_length_are_dropped(tmp_path: Path, checkpoint: Pat
 
 @pytest.mark.model
 def test_same_seed_same_adapter_and_out_dir_is_replaced(tmp_path: Path, checkpoint: Path):
-    rows, out = sentiment_rows()[:3], tmp_path / "adapter"
-    train = Train(epochs=1, batch_size=3)
+    rows, out = sentiment_rows()[:2], tmp_path / "adapter"
+    train = Train(epochs=1, batch_size=2)
     first = train_lora(checkpoint, rows, out, Lora(r=2, alpha=4), train, seed=1, device="cpu")
     weights = (out / "adapter_model.safetensors").read_bytes()
     second = train_lora(checkpoint, rows, out, Lora(r=2, alpha=4), train, seed=1, device="cpu")
@@ -116,21 +124,21 @@ def test_train_lora_writes_a_plain_peft_adapter(tmp_path: Path, checkpoint: Path
     log = tmp_path / "train_log.jsonl"
     result = train_lora(
         checkpoint,
-        sentiment_rows(),
+        sentiment_rows()[:4],
         out,
         Lora(r=4, alpha=8),
-        Train(epochs=1, batch_size=4, learning_rate=1e-3),
+        Train(epochs=1, batch_size=2, learning_rate=1e-3),
         seed=0,
         log_path=log,
         device="cpu",
     )
 
     assert isinstance(result, TrainResult)
-    assert result.adapter_dir == out and result.rows == 8 and result.dropped_rows == 0
+    assert result.adapter_dir == out and result.rows == 4 and result.dropped_rows == 0
     assert result.steps == 2 and result.epochs == pytest.approx(1.0)
     # dtype auto trains in fp32 on every CPU, bf16 ones included (weights/device.py)
     assert result.device == "cpu" and result.dtype == "float32" and result.peak_cuda_mb is None
-    assert 8 * 150 < result.train_tokens < 8 * 260  # ~190 tokens a row, each seen once, no padding counted
+    assert 4 * 150 < result.train_tokens < 4 * 260  # ~190 tokens a row, each seen once, no padding counted
     assert result.tokens_per_second > 0 and result.peak_rss_mb > 500 and result.final_loss is not None
     # a standard adapter folder, nothing else of the training left behind
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -187,12 +195,12 @@ def test_plan_keeps_the_effective_batch_and_micro_batches_fit_the_budget():
 
 
 @pytest.mark.model
-def test_completion_head_loss_equals_the_models_loss(checkpoint: Path, encoded):
+def test_completion_head_loss_equals_the_models_loss(trainable, encoded):
     """Only the label positions go through the LM head; the loss is the model's own, padding included."""
     import torch
 
     tokenizer, data = encoded
-    model = load_for_training(checkpoint, Lora(r=2, alpha=4), "cpu", "float32", seed=0)
+    model, _ = trainable
     by_length = sorted(data, key=lambda row: len(row[0]))
     rows = [by_length[0], by_length[4], by_length[-1]]
     input_ids, mask, labels = collate(rows, tokenizer.pad_token_id)
@@ -205,12 +213,12 @@ def test_completion_head_loss_equals_the_models_loss(checkpoint: Path, encoded):
 
 
 @pytest.mark.model
-def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded):
+def test_micro_batches_give_the_gradient_of_one_batch(trainable, encoded):
     import torch
 
     tokenizer, data = encoded
-    model, params = model_with_gradients(checkpoint)
-    rows = [0, 1, 2, 3]
+    model, params = trainable
+    rows = [2, 3, 4]  # of 193, 192 and 191 tokens: one batch pads
     lengths = [len(ids) for ids, _ in data]
     n_labels = sum(lengths[i] - data[i][1] for i in rows)
 
@@ -224,7 +232,7 @@ def test_micro_batches_give_the_gradient_of_one_batch(checkpoint: Path, encoded)
 
     n_one, one = gradient(10_000)
     n_many, many = gradient(300)
-    assert n_one == 1 and n_many == 4
+    assert n_one == 1 and n_many == 3
     assert one.abs().max() > 0
     torch.testing.assert_close(many, one, rtol=1e-4, atol=1e-6)
 
@@ -376,18 +384,19 @@ def test_adapter_folder_is_replaced_whole_or_not_at_all(tmp_path: Path):
 
 @pytest.mark.model
 @pytest.mark.parametrize("same_length", [False, True], ids=["padded-suffixes", "equal-suffixes"])
-def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path, same_length: bool):
+def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path, trainable, same_length: bool):
     """The prefix computed once (batch 1) and its cache repeated for every row: the same loss and
     LoRA gradients as every row computed whole, the prefix's share of the gradient included."""
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    data = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows())]
+    data = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()[3:])]
     rows = [data[0], data[0]] if same_length else data  # equal suffixes: no padding, no attention mask
+    assert len({len(ids) for ids, _ in rows}) == (1 if same_length else 3)
     prefix = shared_prefix(rows)
     assert prefix >= 200 and prefix < min(start for _, start in rows)
-    model, params = model_with_gradients(checkpoint)
+    model, params = trainable
     assert model.training
     n_labels = sum(len(ids) - start for ids, start in rows)
 
@@ -415,21 +424,22 @@ def test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Pat
 
 
 @pytest.mark.model
-def test_a_step_over_several_micro_batches_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path):
-    """The step's prefix computed once, its suffixes in three micro-batches (each leaving its share of
+def test_a_step_over_several_micro_batches_gives_the_loss_and_gradient_of_whole_rows(checkpoint: Path, trainable):
+    """The step's prefix computed once, its suffixes in two micro-batches (each leaving its share of
     the prefix's gradient on the detached cache, summed through the prefix once at the end): the same
     loss and LoRA gradients as every row computed whole."""
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows())]
+    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()[2:])]
     lengths = [len(ids) for ids, _ in rows]
+    assert len(set(lengths)) == 4  # every micro-batch pads
     prefix = shared_prefix(rows)
     budget = prefix + 2 * max(n - prefix for n in lengths)  # two rows a micro-batch
     groups = plan_step(lengths, list(range(len(rows))), budget, rows)
-    assert [(p, len(micros)) for p, micros in groups] == [(prefix, 3)]
-    model, params = model_with_gradients(checkpoint)
+    assert [(p, len(micros)) for p, micros in groups] == [(prefix, 2)]
+    model, params = trainable
     n_labels = sum(len(ids) - start for ids, start in rows)
 
     model.zero_grad(set_to_none=True)
@@ -504,14 +514,14 @@ def test_training_shares_the_prefix_and_reports_progress(tmp_path: Path, checkpo
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=requires_native_bf16)])
 def test_loss_falls(tmp_path: Path, checkpoint: Path, dtype: str):
     """fp32 (the CPU default) and bf16 autocast (the GPU default, opt-in on CPU) with micro-batches:
-    the training loss falls."""
+    the training loss falls. Four rows, two epochs of two steps, each of two micro-batches of a row."""
     log = tmp_path / "log.jsonl"
     result = train_lora(
         checkpoint,
-        sentiment_rows(),
+        sentiment_rows()[:4],
         tmp_path / "adapter",
         Lora(r=4, alpha=8),
-        Train(epochs=2, batch_size=2, grad_accum=2, learning_rate=3e-3, token_budget=400),
+        Train(epochs=2, batch_size=1, grad_accum=2, learning_rate=3e-3, token_budget=300),
         seed=0,
         log_path=log,
         device="cpu",
@@ -582,8 +592,9 @@ def test_bootstrap_finetune_with_local_lm(tmp_path: Path, checkpoint: Path):
 
 @pytest.mark.model
 def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint: Path):
-    """A training process with a checkpoint every 2 steps, SIGKILLed by the failpoint at its 3rd optimizer
-    step; the rerun resumes from step 2 and ends with the adapter of an uninterrupted run."""
+    """A training process with a checkpoint every 2 steps, SIGKILLed by the failpoint at its 3rd (and last)
+    optimizer step, its adapter not yet written; the rerun resumes from step 2 and ends with the adapter
+    of an uninterrupted run."""
     import os
     import signal
     import subprocess
@@ -591,7 +602,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
 
     from safetensors.torch import load_file
 
-    rows = sentiment_rows()[:4]
+    rows = sentiment_rows()[:3]
     args = dict(lora=Lora(r=2, alpha=4), train=Train(epochs=1, batch_size=1, save_steps=2), seed=0, device="cpu")
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     script = (
@@ -608,9 +619,9 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path: Path, checkpoint:
 
     resumed = train_lora(checkpoint, rows, tmp_path / "resumed", log_path=tmp_path / "log.jsonl", **args)
     straight = train_lora(checkpoint, rows, tmp_path / "straight", **args)
-    assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 4
+    assert resumed.resumed_from_step == 2 and resumed.steps == straight.steps == 3
     assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-4)
-    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("resumed", "straight"))
     assert a.keys() == b.keys() and all(torch_allclose(a[k], b[k]) for k in a)
     assert not (tmp_path / ".resumed.work").exists()
@@ -632,8 +643,8 @@ def test_the_trainer_shares_the_engines_fp32_weights_and_never_changes_them(tmp_
     assert frozen and all(p.data_ptr() in ours for p in frozen)
     del model, frozen
     sums = [float(p.double().sum()) for p in engine.model.parameters()]
-    train = Train(epochs=1, batch_size=4, learning_rate=1e-2)
-    train_lora(checkpoint, sentiment_rows(), tmp_path / "a", Lora(r=2, alpha=4), train, seed=0, device="cpu")
+    train = Train(epochs=1, batch_size=2, learning_rate=1e-2)  # two optimizer steps of two rows
+    train_lora(checkpoint, sentiment_rows()[:4], tmp_path / "a", Lora(r=2, alpha=4), train, seed=0, device="cpu")
     assert [float(p.double().sum()) for p in engine.model.parameters()] == sums
     assert lm(prompt) == answer
     # a bf16 training model (another dtype) keeps weights of its own
@@ -642,7 +653,7 @@ def test_the_trainer_shares_the_engines_fp32_weights_and_never_changes_them(tmp_
 
 
 @pytest.mark.model
-def test_grouped_query_attention_gives_transformers_loss_and_gradients(checkpoint: Path):
+def test_grouped_query_attention_gives_transformers_loss_and_gradients(checkpoint: Path, trainable):
     """The trainer's SDPA attention on the key/value heads as they are (training/model.py) against
     transformers' own (every key and value repeated per query head), on padded suffixes after a
     shared prefix and on whole rows."""
@@ -652,9 +663,10 @@ def test_grouped_query_attention_gives_transformers_loss_and_gradients(checkpoin
     from jointcli.training.model import GQA_SDPA
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()[:3])]  # 3: padded suffixes
+    rows = [tokenize_pair(tokenizer, p) for p in to_prompt_completion(demo_rows()[2:4])]
+    assert len({len(ids) for ids, _ in rows}) == 2  # suffixes of two lengths: padded
     prefix, pad = shared_prefix(rows), tokenizer.pad_token_id
-    model, params = model_with_gradients(checkpoint)
+    model, params = trainable
     base = model.get_base_model()
     assert base.config._attn_implementation == GQA_SDPA and prefix >= MIN_SHARED_PREFIX
 
@@ -666,7 +678,10 @@ def test_grouped_query_attention_gives_transformers_loss_and_gradients(checkpoin
         (shared + whole).backward()
         return torch.stack([shared.detach(), whole.detach()]), torch.cat([p.grad.flatten() for p in params])
 
-    (ours, ours_grad), (theirs, theirs_grad) = loss_and_gradient(GQA_SDPA), loss_and_gradient("sdpa")
+    try:
+        (ours, ours_grad), (theirs, theirs_grad) = loss_and_gradient(GQA_SDPA), loss_and_gradient("sdpa")
+    finally:
+        base.set_attn_implementation(GQA_SDPA)  # the module's model, as the other tests expect it
     assert ours_grad.abs().max() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-5)  # summed, not per label token

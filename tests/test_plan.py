@@ -1,14 +1,17 @@
 """`jointopt plan`: the counts of a known recipe, its JSON, the memory warning, the probe, bad input.
 
-The fast tier runs `plan --no-probe` in a fresh process (counting LoRA parameters builds the model
-on the meta device, which imports transformers) on checkpoint folders that hold a config.json and
-nothing else: a plan that read weights would fail there.
+The fast tier runs `plan --no-probe` in a process of its own, not pytest's (counting LoRA parameters
+builds the model on the meta device, which imports transformers), one for the module, which runs
+the plans in turn, as `cli(...)` runs commands in the suite's process; on checkpoint folders that
+hold a config.json and nothing else: a plan that read weights would fail there.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pytest
 
 from jointcli.recipe import EMBEDDED_MODEL, Lora, load_recipe
 
-from .conftest import RECIPES, cli, run_cli, tiny
+from .conftest import RECIPES, ROOT, cli, tiny
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"],
@@ -46,6 +49,59 @@ PHASE_KEYS = {"calls", "tokens_in", "tokens_out", "seconds"}
 CALLS_KEYS = {"low", "high", "expected", "approximate"}
 
 
+# The module's planning process: it reads [ARGS, STDOUT FILE, STDERR FILE] lines, runs `jointopt ARGS`
+# with its file descriptors 1 and 2 on those files, and answers with the exit code on its own stdout.
+_PLANNER = r"""
+import json, os, sys, traceback
+from jointcli.cli import main
+
+answers = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    args, out, err = json.loads(line)
+    with open(out, "w") as out, open(err, "w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = ["jointopt", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code or 0
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    answers.write(json.dumps(code) + "\n")
+    answers.flush()
+"""
+
+
+@pytest.fixture(scope="module")
+def run_plan(tmp_path_factory):
+    """`jointopt ARGS` in the module's planning process: a CompletedProcess, as conftest.run_cli's."""
+    folder = tmp_path_factory.mktemp("planner")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PLANNER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    numbers = itertools.count()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out, err = (folder / f"{next(numbers)}.{name}" for name in ("out", "err"))
+        proc.stdin.write(json.dumps([list(args), str(out), str(err)]) + "\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert answer, f"the planning process ended with {proc.wait()}"
+        return subprocess.CompletedProcess(args, json.loads(answer), out.read_text(), err.read_text())
+
+    try:
+        yield run
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def config_only(folder: Path, config: dict) -> Path:
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
@@ -67,9 +123,9 @@ def llama_parameters(config: dict) -> int:
     return v * h + per_layer * config["num_hidden_layers"] + h  # tied LM head; the final norm
 
 
-def test_pipeline_counts_and_json_without_weights(tmp_path):
+def test_pipeline_counts_and_json_without_weights(tmp_path, run_plan):
     folder = config_only(tmp_path / "ckpt", LLAMA)
-    out = run_cli(
+    out = run_plan(
         "plan",
         str(RECIPES / "sst2-pipeline.yaml"),
         f"models.large.path={folder}",
@@ -79,7 +135,6 @@ def test_pipeline_counts_and_json_without_weights(tmp_path):
         "data.split.test=4",
         "--no-probe",
         "--json",
-        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -114,9 +169,9 @@ def test_pipeline_counts_and_json_without_weights(tmp_path):
     ]
 
 
-def test_a_model_that_cannot_fit_warns(tmp_path):
+def test_a_model_that_cannot_fit_warns(tmp_path, run_plan):
     folder = config_only(tmp_path / "huge", HUGE)
-    out = run_cli(
+    out = run_plan(
         "plan",
         str(RECIPES / "sst2.yaml"),
         f"models.small.path={folder}",
@@ -124,7 +179,6 @@ def test_a_model_that_cannot_fit_warns(tmp_path):
         "data.split.dev=2",
         "data.split.test=2",
         "--no-probe",
-        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     lines = [
@@ -136,7 +190,7 @@ def test_a_model_that_cannot_fit_warns(tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["bfloat16", "float32"])
-def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, engine):
+def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, run_plan, engine):
     """LoRA: the frozen weights, 16 bytes a trainable parameter, the activations of a micro-batch
     (Korthikanti et al.: layers x (34 h + 5 heads x row tokens) bytes a token in 16-bit, x2 in fp32).
     The whole process: its base, plus the engine's weights unless the trainer shares them (same dtype)."""
@@ -144,7 +198,7 @@ def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, 
     from jointcli.recipe.optimizers import TOKEN_BUDGET
 
     folder = config_only(tmp_path / "huge", HUGE)
-    out = run_cli(
+    out = run_plan(
         "plan",
         str(RECIPES / "sst2.yaml"),
         f"models.small.path={folder}",
@@ -152,7 +206,6 @@ def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, 
         *("data.split.train=8", "data.split.dev=2", "data.split.test=2", "optimizers.w.train.dtype=float32"),
         "--no-probe",
         "--json",
-        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     t = next(s["train"]["classify"] for s in json.loads(out.stdout)["steps"] if s["train"])
@@ -168,12 +221,12 @@ def test_the_memory_estimate_is_its_formula_on_numbers_the_test_knows(tmp_path, 
     assert t["memory_gb"]["process"] == pytest.approx((PROCESS_BASE + lora + engine_bytes) / gb, abs=0.006)
 
 
-def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path):
+def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path, run_plan):
     """Three weight steps on 60 rows: the default length (2 epochs, at least train.min_steps), one epoch as
-    a recipe may set it (shorter than half the floor: a warning) and train.steps. In a fresh process, as
-    the other plans without weights: the plan reads the folder's config with transformers."""
+    a recipe may set it (shorter than half the floor: a warning) and train.steps. In the planning process,
+    as the other plans without weights: the plan reads the folder's config with transformers."""
     folder = config_only(tmp_path / "ckpt", LLAMA)
-    out = run_cli(
+    out = run_plan(
         "plan",
         str(RECIPES / "sst2.yaml"),
         f"models.small.path={folder}",
@@ -184,7 +237,6 @@ def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path):
         "schedule.strategy=w -> one -> fixed",
         "--no-probe",
         "--json",
-        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
@@ -222,9 +274,9 @@ def test_miprov2_calls_are_dspys_own_estimate():
     assert (calls.low, calls.high, calls.approximate) == (dspy_calls + (n + 1) * 4, dspy_calls + (n + 1) * 24, True)
 
 
-def test_a_config_transformers_cannot_build_exits_2(tmp_path):
+def test_a_config_transformers_cannot_build_exits_2(tmp_path, run_plan):
     folder = config_only(tmp_path / "odd", {**LLAMA, "model_type": "no-such-model", "architectures": ["NoSuchModel"]})
-    out = run_cli("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "--no-probe", timeout=300)
+    out = run_plan("plan", str(RECIPES / "sst2.yaml"), f"models.small.path={folder}", "--no-probe")
     assert out.returncode == 2, out.stderr
     assert (
         out.stderr.startswith(f"error: model {folder}: transformers cannot build a causal LM")
@@ -278,9 +330,9 @@ def test_the_probe_times_every_step_of_a_tiny_recipe():
 
     recipe = load_recipe(
         RECIPES / "sst2.yaml",
-        tiny(6, 4, 4, "runtime.num_threads=2", "models.small.max_tokens=8", "optimizers.w.train.batch_size=2"),
+        tiny(6, 4, 4, "runtime.num_threads=1", "models.small.max_tokens=8", "optimizers.w.train.batch_size=2"),
     )
-    plan = build_plan(recipe, probe=True)  # 2 threads, 4 examples a run, a LoRA step of 2 rows
+    plan = build_plan(recipe, probe=True)  # 1 thread, 2 examples a timed run (its least), a LoRA step of 2 rows
     probe = plan.probe
     assert probe["step_seconds"] > 0 and probe["row_tokens"] > 0 and probe["adapter_factor"] > 0
     assert 0 <= probe["pass_rate"] <= 1 and len(probe["batched"]) == 2

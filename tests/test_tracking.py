@@ -58,6 +58,15 @@ def chat(monkeypatch):
         yield overrides, secret
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A SQLite MLflow store for the tests that name one, each in an experiment of its own: a fresh
+    store runs MLflow's schema migrations (seconds of writes), so the module creates it once, here."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-store')}/mlflow.db"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _mlflow_server_starting(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (a free port), its store and artifacts in a temporary folder:
@@ -188,18 +197,18 @@ def test_a_sweep_in_the_default_sqlite_store_is_what_the_manifests_say(chat, tmp
     assert set(children(client, sweep_id)) == {"sst2-sweep/zero-shot/seed-0", "sst2-sweep/p/seed-0"}
 
 
-def test_a_killed_run_resumes_into_the_same_mlflow_runs(chat, tmp_path):
+def test_a_killed_run_resumes_into_the_same_mlflow_runs(chat, tmp_path, store):
     overrides, _ = chat
     runs = tmp_path / "runs"
     args = ["joint", SST2, *overrides, "schedule.strategy=p", "--runs-dir", runs]
-    args += ["tracking.mlflow.uri=sqlite:///" + str(tmp_path / "store.db"), "tracking.mlflow.experiment=resumed"]
+    args += [f"tracking.mlflow.uri={store}", "tracking.mlflow.experiment=resumed"]
     killed = run_cli(*map(str, args), env={VARIABLE: "finish/p"})  # the p step's files written, not yet done
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     before = manifest(runs / "sst2")["mlflow"]
     assert list(before["steps"]) == ["00-baseline"]
 
     assert cli(*args) == 0  # the recipe's tracking section: no --track needed
-    client = MlflowClient(f"sqlite:///{tmp_path / 'store.db'}")
+    client = MlflowClient(store)
     record = assert_tracked(client, runs / "sst2", {"strategy": "p"})
     assert record["run_id"] == before["run_id"]
     assert record["steps"]["00-baseline"] == {**before["steps"]["00-baseline"], "scores": ["dev", "test"]}
@@ -278,16 +287,16 @@ def test_tracking_off_imports_no_mlflow(chat, tmp_path):
 
 
 @pytest.mark.model
-def test_a_weight_step_logs_its_loss_and_learning_rate_per_optimizer_step(tmp_path, monkeypatch):
+def test_a_weight_step_logs_its_loss_and_learning_rate_per_optimizer_step(tmp_path, monkeypatch, store):
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     runs = tmp_path / "runs"
-    # 4 rows from the labels, 2 a step: two optimizer steps, then a dev evaluation of 2 examples
+    # 4 rows from the labels, 2 a step: two optimizer steps, then a dev and a test evaluation of 1 example
     train = ["optimizers.w.traces.source=labels", "optimizers.w.train.batch_size=2", "optimizers.w.train.epochs=1"]
-    args = [*tiny(4, 2, 2), *train, "--runs-dir", runs, "--track", "tracking.adapters=true"]
-    assert cli("finetune", SST2, *args) == 0
+    args = [*tiny(4, 1, 1), *train, "--runs-dir", runs, "--track", "tracking.adapters=true"]
+    assert cli("finetune", SST2, *args, f"tracking.mlflow.uri={store}", "tracking.mlflow.experiment=weights") == 0
     m = manifest(runs / "sst2")
-    client = MlflowClient(f"sqlite:///{runs}/mlflow.db")
+    client = MlflowClient(store)
     nested = children(client, m["mlflow"]["run_id"])
     step = next(s for s in m["steps"] if s["kind"] == "w")
     held = nested[f"{step['index']:02d}-w"]
