@@ -4,7 +4,7 @@
 #   make test-fast  lint, doctests and the tests that need no model (recipe, schedule, stats, run directory)
 #   make lint   ruff (lint and format check), as `make test` runs it
 #   make docs   build the documentation site (MkDocs, strict: a broken link fails)
-#   make bench  set up if needed, then the benchmarks under bench/ (about half an hour)
+#   make bench  set up if needed, then the benchmarks under bench/ (about 45 minutes)
 # On this kind of machine `torch==2.13.0` is a CPU build on local disk; elsewhere it is the
 # ordinary PyPI build. Override with e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
 PYTHON ?= python3
@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python bench/joint_run.py
 	$(BIN)/python bench/ray_sweep.py
 	$(BIN)/python bench/rollouts.py
+	$(BIN)/python bench/grpo_loss.py
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache
