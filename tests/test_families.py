@@ -295,9 +295,9 @@ def test_batched_and_prefix_reuse_equal_one_by_one_and_generate(family):
     assert shared == alone
     assert token_ids(engine, requests, batch=False, prefix_reuse=True) == alone  # ... and from the LRU
     assert engine.decoder.stats["lru_tokens"] > before.get("lru_tokens", 0)
-    model, base_weights, _ = engine._weights("local/tiny")
+    base_weights, _ = engine._weights("local/tiny")
     with base_weights:
-        assert [generate_ids(model, engine, r) for r in requests] == alone
+        assert [generate_ids(engine._peft or engine.model, engine, r) for r in requests] == alone
 
 
 def test_other_attention_patterns_batch_only_rows_of_one_length(family_checkpoints):
@@ -399,9 +399,10 @@ def test_shared_prefix_training_gives_the_loss_and_gradient_of_whole_rows(family
     encoded = (tokenizer, [tokenize_pair(tokenizer, p) for p in to_prompt_completion(lora_tests.sentiment_rows())])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id  # collate() needs an id; the padding is masked out
-    lora_tests.test_completion_head_loss_equals_the_models_loss(folder, encoded)
+    trainable = lora_tests.model_with_gradients(folder)
+    lora_tests.test_completion_head_loss_equals_the_models_loss(trainable, encoded)
     for same_length in (False, True):
-        lora_tests.test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(folder, same_length)
+        lora_tests.test_shared_prefix_gives_the_loss_and_gradient_of_whole_rows(folder, trainable, same_length)
 
 
 # ---------------------------------------------------------------- what is refused
