@@ -45,6 +45,10 @@ class ProgramState:
     def initial(cls, recipe: Recipe, program: dspy.Module) -> ProgramState:
         return cls(None, {m: ModuleState(model_of(recipe, m)) for m in module_names(recipe, program)})
 
+    def with_modules(self, modules: dict[str, ModuleState]) -> ProgramState:
+        """This program (and its KNNFewShot lookup) with other models or adapters for its modules."""
+        return ProgramState(self.program_file, dict(modules), self.knn)
+
     def to_json(self) -> dict:
         knn = {"knn": self.knn} if self.knn else {}
         return {"program": self.program_file, "modules": {k: vars(v) for k, v in self.modules.items()}, **knn}

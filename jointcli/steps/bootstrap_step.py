@@ -18,7 +18,7 @@ from ..files import write_json, write_jsonl
 from ..program import module_names
 from ..recipe import WeightOptimizer
 from ..rundir import RunDir, Step
-from ..state import ModuleState, ProgramState
+from ..state import ModuleState
 from ..step_kinds import StepKind
 from .base import StepContext, note, prompted, run_step
 from .traces import Traces, collect_traces, label_fields, label_traces
@@ -61,7 +61,7 @@ def collect(ctx: StepContext, spec: WeightOptimizer, step_index: int) -> Traces:
         return label_traces(program, trainset, names[0])
     if source == "teacher":
         teacher = {m: ModuleState(spec.traces.teacher) for m in state.modules}
-        teacher_state = ProgramState(state.program_file, teacher, state.knn)  # the same program on the teacher
+        teacher_state = state.with_modules(teacher)  # the same program on the teacher
         program = ctx.program_for(teacher_state)
     gold = label_fields(program, modules, ctx.recipe.data.labels) if source == "program+labels" else None
     return collect_traces(

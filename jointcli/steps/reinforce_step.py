@@ -66,7 +66,7 @@ class ReinforceStep:
         for k in range(done, len(plan)):
             run.step(k, program if k == 0 else None, [trainset[i] for i in plan[k]])
         step.info["training"] = run.finish()
-        new = ProgramState(state.program_file, dict(state.modules), state.knn)
+        new = state.with_modules(state.modules)
         for module, name in names.items():
             adapter = str((folder / "adapters" / name).relative_to(ctx.run.path))
             new.modules[module] = ModuleState(state.modules[module].model, adapter)
@@ -135,7 +135,7 @@ class _Run:
             if not path.is_dir():
                 self.policies[name].save_adapter(path)
             modules[module] = ModuleState(modules[module].model, str(path.relative_to(self.ctx.run.path)))
-        return self.ctx.program_for(ProgramState(self.state.program_file, modules, self.state.knn))
+        return self.ctx.program_for(self.state.with_modules(modules))
 
     def step(self, k: int, program, examples: list) -> None:
         """Step k + 1: rollouts of the examples, then the adapters' update."""

@@ -19,7 +19,7 @@ from ..files import copy_file, read_jsonl, remove_path, write_jsonl
 from ..program import module_names, predictors_of
 from ..recipe import WeightOptimizer
 from ..rundir import Step
-from ..state import ModuleState, ProgramState, save_state
+from ..state import ModuleState, save_state
 from ..step_kinds import kind_of_optimizer
 from .base import StepContext, prompted, run_step
 from .bootstrap_step import collect, fresh_traces, write_traces
@@ -53,7 +53,7 @@ class WeightStep:
             ctx.recipe, spec, groups, folder, ctx.recipe.seed + step.index, instructions
         )
         _merge_logs(folder, list(groups))
-        new = ProgramState(state.program_file, dict(state.modules), state.knn)
+        new = state.with_modules(state.modules)
         for module in modules:
             name = state.modules[module].model if spec.adapters == "shared" else module
             if name in groups:
