@@ -253,6 +253,37 @@ def test_the_plan_shows_the_optimizer_steps_and_where_they_come_from(tmp_path, r
     assert "try optimizers.one.train.steps=48" in plan["warnings"][0]
 
 
+def test_a_knn_program_counts_the_bootstrap_behind_each_call(tmp_path, run_plan):
+    """KNNFewShot compiles nothing up front; each call of its program bootstraps demos from its k nearest
+    training examples (BootstrapFewShot, up to 4 passing, max_rounds 1), then answers: k + 1 calls for
+    k <= 4, as DSPy's knn_fewshot.py runs it, in every step that carries the lookup; a later p drops it."""
+    folder = config_only(tmp_path / "ckpt", LLAMA)
+    out = run_plan(
+        "plan",
+        str(RECIPES / "sst2.yaml"),
+        f"models.small.path={folder}",
+        *("data.split.train=12", "data.split.dev=6", "data.split.test=4"),
+        "optimizers.p.optimizer=KNNFewShot",
+        "optimizers.p.args={k: 3}",
+        "optimizers.q={type: prompt, optimizer: LabeledFewShot, args: {k: 2}}",
+        "schedule.strategy=p -> w -> q",
+        "--no-probe",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    steps = {s["step"]: s["phases"] for s in json.loads(out.stdout)["steps"]}
+    expected = lambda phase: phase["calls"]["expected"]  # noqa: E731
+    assert {step: {k: expected(p) for k, p in phases.items()} for step, phases in steps.items()} == {
+        "00-baseline": {"dev": 6},
+        "01-p": {"optimizer": 0, "dev": 6 * 4},
+        "02-w": {"bootstrap": 12 * 4, "train": 0, "dev": 6 * 4},  # the traces come from the KNN program
+        "03-p": {"optimizer": 0, "dev": 6},
+        "test": {"test": 4},
+    }
+    per_call = steps["01-p"]["dev"]["tokens_in"] / 24  # the k demos of each call's prompt
+    assert per_call > steps["00-baseline"]["dev"]["tokens_in"] / 6
+
+
 def test_miprov2_calls_are_dspys_own_estimate():
     """MIPROv2 auto=light on 120 training examples, against the preview DSPy prints before it runs."""
     import re

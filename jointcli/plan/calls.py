@@ -74,6 +74,20 @@ def optimizer_calls(spec: PromptOptimizer, train: int, predictors: int, pass_rat
     )
 
 
+def knn_runs_per_call(spec: PromptOptimizer, pass_rate: float | None) -> Calls:
+    """Program runs behind one call of a KNNFewShot program (DSPy's knn_fewshot.py): BootstrapFewShot
+    over the k nearest training examples, then the call itself on the demos it bootstrapped.
+
+    >>> knn = PromptOptimizer(type="prompt", optimizer="KNNFewShot", args={"k": 3})
+    >>> print(knn_runs_per_call(knn, None), knn_runs_per_call(knn.model_copy(update={"args": {"k": 8}}), 0.5))
+    4 5-9 (~9)
+    """
+    args = {n: v for n, v in spec.args.items() if n != "k"}  # the rest are BootstrapFewShot's
+    bootstrap = optimizer_settings(PromptOptimizer(type="prompt", optimizer="BootstrapFewShot", args=args))
+    runs = bootstrap_runs(bootstrap, spec.args["k"], pass_rate)
+    return Calls(runs.low + 1, runs.high + 1, runs.expected + 1, runs.approximate)
+
+
 def _scaled(boot: Calls, times: int, plus: int) -> Calls:
     """`times` bootstraps plus `plus` runs: an approximate count."""
     return Calls(boot.low * times + plus, boot.high * times + plus, boot.expected * times + plus, True)

@@ -15,7 +15,7 @@ from ..recipe.optimizers import DEFAULT_EPOCHS, ReinforceOptimizer
 from ..strategy import parse_strategy
 from ..training.microbatch import plan_steps
 from ..weights.device import cpu_kind, resolve_device, resolve_dtype, resolve_train_dtype
-from .calls import demos_by_step, optimizer_calls, optimizer_settings
+from .calls import demos_by_step, knn_runs_per_call, optimizer_calls, optimizer_settings
 from .probe import Probe, run_probe
 from .prompts import Prompts
 from .result import Calls, Phase, Plan, StepPlan
@@ -77,15 +77,24 @@ class Estimator:
         self.probe, self.free = probe, memory[0]
         self.predictors = len(prompts.predictors)
 
-    def evaluation(self, split: str, demos: dict[str, int], adapted: bool) -> Phase:
-        """An evaluation of `split` by the program with `demos` (`adapted`: on a LoRA adapter)."""
+    def evaluation(self, split: str, demos: dict[str, int], adapted: bool, knn: PromptOptimizer | None = None) -> Phase:
+        """An evaluation of `split` by the program with `demos` (`adapted`: on a LoRA adapter; `knn`: the
+        KNNFewShot step whose lookup the program carries)."""
         examples = getattr(self.splits, split)
-        tokens_in, tokens_out = self.prompts.per_example(examples, demos)
-        seconds = len(examples) * self.probe.per_example(tokens_in, adapted) if self.probe else None
+        return self._program_runs(len(examples), self.prompts.per_example(examples, demos), adapted, knn)
+
+    def _program_runs(
+        self, runs: int, tokens: tuple[float, float], adapted: bool, knn: PromptOptimizer | None
+    ) -> Phase:
+        """`runs` calls of the program, of `tokens` (in, out) each, batched; with a KNNFewShot lookup each
+        call first bootstraps its demos from the nearest training examples."""
+        each = knn_runs_per_call(knn, self.probe.pass_rate if self.probe else None) if knn else Calls.exact(1)
+        n, (tokens_in, tokens_out) = runs * self.predictors, tokens
+        seconds = runs * each.expected * self.probe.per_example(tokens_in, adapted) if self.probe else None
         return Phase(
-            Calls.exact(len(examples) * self.predictors),
-            round(len(examples) * tokens_in),
-            len(examples) * tokens_out,
+            Calls(n * each.low, n * each.high, n * each.expected, each.approximate),
+            round(runs * each.expected * tokens_in),
+            round(runs * each.expected * tokens_out),
             seconds,
         )
 
@@ -104,14 +113,14 @@ class Estimator:
             seconds = runs * self.probe.per_example(tokens_in, adapted)
         return Phase(calls, round(runs * tokens_in), round(runs * tokens_out), seconds)
 
-    def rollouts(self, spec: ReinforceOptimizer, demos: dict[str, int], adapted: bool) -> Phase:
+    def rollouts(
+        self, spec: ReinforceOptimizer, demos: dict[str, int], adapted: bool, knn: PromptOptimizer | None
+    ) -> Phase:
         """A g step's sampled runs: group_size of each example its optimizer steps take, batched as an
         evaluation is."""
         train = self.splits.train
         runs = spec.train.optimizer_steps(len(train)) * spec.train.batch_size * spec.train.grad_accum * spec.group_size
-        tokens_in, tokens_out = self.prompts.per_example(train, demos)
-        seconds = runs * self.probe.per_example(tokens_in, adapted) if self.probe else None
-        return Phase(Calls.exact(runs * self.predictors), round(runs * tokens_in), round(runs * tokens_out), seconds)
+        return self._program_runs(runs, self.prompts.per_example(train, demos), adapted, knn)
 
     def training(self, key: str, spec: WeightOptimizer, demos: dict[str, int]) -> tuple[Phase, dict, list[str]]:
         """LoRA on at most one row per training example and trained module (a g step: group_size rows,
@@ -167,24 +176,27 @@ class Estimator:
         engine = resolve_dtype(self.recipe.models[info["model"]].dtype, device).itemsize if device == "cpu" else None
         return training_memory(info, trainable, per_step, row_tokens, budget, dtype, engine_width=engine)
 
-    def _first_phase(self, spec: WeightOptimizer, demos: dict[str, int], adapted: bool) -> dict[str, Phase]:
+    def _first_phase(
+        self, spec: WeightOptimizer, demos: dict[str, int], adapted: bool, knn: PromptOptimizer | None
+    ) -> dict[str, Phase]:
         """What a weight step runs before it trains: the g step's rollouts, else the bootstrap of traces
         (nothing when it trains on labels alone)."""
         if isinstance(spec, ReinforceOptimizer):
-            return {"rollouts": self.rollouts(spec, demos, adapted)}
+            return {"rollouts": self.rollouts(spec, demos, adapted, knn)}
         if spec.traces.source == "labels":
             return {"bootstrap": Phase(Calls.exact(0), 0, 0, 0.0 if self.probe else None)}
-        return {"bootstrap": self.evaluation("train", demos, adapted)}
+        return {"bootstrap": self.evaluation("train", demos, adapted, knn)}
 
     def steps(self, keys: list[str]) -> list[StepPlan]:
         """The baseline, a step per optimizer key of the strategy, then the test evaluation."""
         walk = demos_by_step(self.recipe, keys, self.names, len(self.splits.train))
         baseline = self.evaluation("dev", walk[0], False)
         out = [StepPlan("00-baseline", "baseline", demos=walk[0], phases={"dev": baseline})]
-        adapted = False
+        adapted, knn = False, None  # knn: the KNNFewShot step whose lookup the program carries
         for i, key in enumerate(keys, 1):
             spec = self.recipe.optimizers[key]
             if isinstance(spec, PromptOptimizer):
+                knn = spec if spec.optimizer == "KNNFewShot" else None  # a later prompt step drops the lookup
                 step = StepPlan(
                     f"{i:02d}-p",
                     "p",
@@ -194,7 +206,7 @@ class Estimator:
                     {"optimizer": self.optimizer(spec, walk[i - 1], adapted)},
                 )
             else:
-                first = self._first_phase(spec, walk[i], adapted)
+                first = self._first_phase(spec, walk[i], adapted, knn)
                 train, info, warnings = self.training(key, spec, walk[i])
                 kind = {"simultaneous": "s", "reinforce": "g"}.get(spec.type, "w")
                 step = StepPlan(
@@ -208,10 +220,10 @@ class Estimator:
                     warnings,
                 )
                 adapted = True
-            step.phases["dev"] = self.evaluation("dev", walk[i], adapted)
+            step.phases["dev"] = self.evaluation("dev", walk[i], adapted, knn)
             out.append(step)
-        test = self.evaluation("test", walk[-1], adapted)  # the best step by dev, and the last if it is another
-        test.calls = Calls(test.calls.low, test.calls.low * (2 if keys else 1), test.calls.low)
+        test = self.evaluation("test", walk[-1], adapted, knn)  # the best step by dev, and the last if another
+        test.calls = Calls(test.calls.low, test.calls.high * (2 if keys else 1), test.calls.expected)
         return out + [StepPlan("test", "test", demos=walk[-1], phases={"test": test})]
 
 
