@@ -5,7 +5,7 @@
     .venv/bin/python bench/grpo_loss.py --trl-checkpointing     # TRL with its default gradient checkpointing
     .venv/bin/python bench/grpo_loss.py --examples 1 --whole-rows   # also jointopt on whole rows
     .venv/bin/python bench/grpo_loss.py --examples 2 --equal-group  # a group of equal rewards: the normalizers
-    .venv/bin/python bench/grpo_loss.py --examples 1 --trl-temperature 0.5   # TRL's log-probs of logits / 0.5
+    .venv/bin/python bench/grpo_loss.py --examples 1 --temperature 1.0   # both score the logits as they are
 
 Rows: `--examples` sst2 training sentences (recipes/sst2.yaml, its 4 labeled demos in the prompt, as
 bench/train_throughput.py builds them), each answered 4 ways (the gold label, the other label, a
@@ -26,9 +26,9 @@ Two ways, one process, the same starting adapter (copied weight for weight):
 - jointopt: `GrpoPolicy.update(rows, advantages)` (training/grpo.py: micro-batches that share the
   group's prompt, the LM head on the answer positions only); `--whole-rows` adds it with
   train.share_prefix false (every row computed whole, as TRL computes them).
-TRL's temperature (1.0 here) divides the logits of the log-probabilities it trains on; jointopt's are
-those of the logits as they are, whatever the rollouts' temperature: `--trl-temperature 0.5` (the sst2
-g step's) shows how far TRL's update then is. `--equal-group` answers the last sentence 4 times with
+Both score the answers at the rollouts' temperature, `--temperature` (default: the sst2 g step's, 0.5):
+TRL as its `temperature` setting, jointopt as GrpoSettings.temperature, the log-probabilities of
+logits / temperature. `--equal-group` answers the last sentence 4 times with
 its label: TRL's "dapo" loss divides by every completion token of the batch (num_items_in_batch),
 jointopt's by those of the rows it keeps (it leaves out the rows whose advantage is 0).
 Each way's optimizer is a recorder that keeps the clipped gradients and changes nothing, so every
@@ -71,7 +71,7 @@ def parse_args():
         "--whole-rows", action="store_true", help="also jointopt without the shared prefix (train.share_prefix false)"
     )
     ap.add_argument(
-        "--trl-temperature", type=float, default=1.0, help="TRL's temperature: its log-probabilities are of logits / T"
+        "--temperature", type=float, help="the rollouts' temperature both score at (default: recipes/sst2.yaml's g)"
     )
     ap.add_argument("--trl-checkpointing", action="store_true", help="TRL with gradient checkpointing (its default)")
     args = ap.parse_args()
@@ -124,7 +124,7 @@ def lora_params(model) -> dict:
 
 
 # ---------------------------------------------------------------- the two ways
-def jointopt_policy(recipe, seed: int):
+def jointopt_policy(recipe, seed: int, temperature: float):
     """GrpoPolicy with the recipe's g settings, its LoRA B matrices drawn at random, and a Recorder."""
     import torch
 
@@ -133,7 +133,7 @@ def jointopt_policy(recipe, seed: int):
     from jointcli.weights.checkpoint import resolve_checkpoint
 
     g = recipe.optimizers["g"]
-    settings = GrpoSettings(g.epsilon, g.beta, g.iterations)
+    settings = GrpoSettings(g.epsilon, g.beta, g.iterations, temperature)
     job = GrpoJob(resolve_checkpoint(EMBEDDED_MODEL), g.lora, g.train, settings, "cpu", "float32", seed, None)
     policy = GrpoPolicy(job)
     named = lora_params(policy.state.model)
@@ -312,10 +312,12 @@ def setup(args):
 
     recipe = load_recipe(ROOT / "recipes" / "sst2.yaml")
     rows, advs = build_groups(args.examples, args.equal_group)
-    policy = jointopt_policy(recipe, recipe.seed)
+    if args.temperature is None:
+        args.temperature = recipe.optimizers["g"].temperature
+    policy = jointopt_policy(recipe, recipe.seed, args.temperature)
     with tempfile.TemporaryDirectory() as out:
         trainer = trl_trainer(
-            policy, len(ANSWERS), len(rows), args.trl_batch, out, args.trl_checkpointing, args.trl_temperature
+            policy, len(ANSWERS), len(rows), args.trl_batch, out, args.trl_checkpointing, args.temperature
         )
     tok, pad = policy.tokenizer, policy.pad_id
     ways = {"TRL": (lambda: trl_update(trainer, tok, pad, rows, advs), trainer.optimizer)}
@@ -334,7 +336,7 @@ def main():
     rows, ways = setup(args)
     print(
         f"workload: {args.examples} sst2 sentences x {len(ANSWERS)} answers = {len(rows)} rows, 4 labeled demos, "
-        f"fp32, LoRA r=8 alpha 16; TRL {args.trl_batch} rows a backward, temperature {args.trl_temperature}, gradient checkpointing "
+        f"fp32, LoRA r=8 alpha 16; TRL {args.trl_batch} rows a backward, temperature {args.temperature}, gradient checkpointing "
         f"{'on' if args.trl_checkpointing else 'off'}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.2f}",
         flush=True,

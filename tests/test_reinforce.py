@@ -96,6 +96,42 @@ def _row_logps(policy, rows: list[dict]) -> list[float]:
 
 
 @pytest.mark.model
+def test_grpo_scores_answers_at_the_rollouts_temperature():
+    """The log-probabilities GRPO trains on are those of the distribution its rollouts were sampled
+    from: log_softmax(logits / T) of the model's own forward on each whole row, on micro-batches that
+    share the group's prompt as on whole rows (TRL divides its logits by its temperature so)."""
+    import torch
+
+    from jointcli.training.microbatch import micro_batch_losses, plan_step
+    from jointcli.training.rows import to_prompt_completion, tokenize_pair
+
+    rows, _ = _groups()
+    policy = _policy()
+    model, tokens = policy.state.model, [tokenize_pair(policy.tokenizer, p) for p in to_prompt_completion(rows)]
+
+    def scored(shared, temperature: float) -> dict:
+        groups = plan_step([len(ids) for ids, _ in tokens], list(range(len(tokens))), 4096, shared)
+        out = {}
+        for micro, nll, counts in micro_batch_losses(
+            model, tokens, groups, policy.pad_id, "cpu", per_row="token", temperature=temperature
+        ):
+            out.update(zip(micro, (-nll).split(counts.tolist())))
+        return out
+
+    with torch.no_grad():
+        for temperature in (0.5, 1.0):
+            expected = []
+            for ids, start in tokens:
+                logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float() / temperature
+                expected.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None])[:, 0])
+            for shared in (tokens, None):
+                got = scored(shared, temperature)
+                for i, want in enumerate(expected):
+                    assert torch.allclose(got[i], want, atol=1e-4), (temperature, shared is None, i)
+        assert not torch.allclose(scored(None, 0.5)[0], scored(None, 1.0)[0], atol=1e-3)
+
+
+@pytest.mark.model
 def test_grpo_updates():
     """On one model: (1) two optimizer steps on one batch (the ratio away from 1 in the second) with a
     KL term give the same updates on micro-batches that share the group's prompt as on whole rows

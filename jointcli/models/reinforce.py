@@ -64,7 +64,9 @@ class LocalReinforceJob(ReinforceJob):
         lora, train, seed = self.lm.provider.parse_train_kwargs(kwargs)
         iterations = grpo.pop("num_iterations", grpo.pop("iterations", 1))
         try:
-            settings = GrpoSettings(iterations=iterations, **grpo)
+            # DSPy's GRPO samples at the LM's temperature; greedy (0) has no distribution to score: 1
+            sampled = float(self.lm.kwargs.get("temperature") or 1.0)
+            settings = GrpoSettings(iterations=iterations, temperature=sampled, **grpo)
         except TypeError as err:
             raise InputError(f"train_kwargs: {err}") from None
         self.base_id, current = split_model_id(self.lm.model)

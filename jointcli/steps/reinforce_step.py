@@ -100,7 +100,7 @@ class _Run:
             checkpoint=resolve_checkpoint(local.path),
             lora=spec.lora,
             train=spec.train,
-            grpo=GrpoSettings(spec.epsilon, spec.beta, spec.iterations),
+            grpo=GrpoSettings(spec.epsilon, spec.beta, spec.iterations, spec.temperature),
             device=device,
             dtype=resolve_train_dtype(spec.train.dtype, device),
             seed=self.ctx.recipe.seed,

@@ -16,13 +16,14 @@ token t of rollout i, with advantage A_i and ratio r = pi(t) / pi_old(t):
     loss_t = -min(r A_i, clip(r, 1 - epsilon, 1 + epsilon) A_i) + beta (exp(q - l) - (q - l) - 1)
 
 where l, q are the token's log-probabilities under the adapter and under the adapter the training
-started from (the k3 estimate of the KL divergence, as TRL). The step's loss is the sum over the
-completion tokens of its rows divided by their count (TRL's "dapo"/"bnpo" normalization, the same as
-the supervised trainer's). pi_old is the adapter that sampled the rollouts: its log-probabilities are
-those of the first of the `iterations` optimizer steps on a batch, detached (the ratio is then 1 and
-the clip inactive, as in TRL with num_iterations=1). Rollouts whose advantage is 0 (a group whose
-rewards are all equal) add nothing to the gradient without a KL term and are left out, as DAPO's
-dynamic sampling does.
+started from (the k3 estimate of the KL divergence, as TRL), both of softmax(logits / T) at the
+rollouts' sampling temperature T: the distribution the rollouts were drawn from, as TRL scores them.
+The step's loss is the sum over the completion tokens of its rows divided by their count (TRL's
+"dapo"/"bnpo" normalization, the same as the supervised trainer's). pi_old is the adapter that
+sampled the rollouts: its log-probabilities are those of the first of the `iterations` optimizer
+steps on a batch, detached (the ratio is then 1 and the clip inactive, as in TRL with
+num_iterations=1). Rollouts whose advantage is 0 (a group whose rewards are all equal) add nothing to
+the gradient without a KL term and are left out, as DAPO's dynamic sampling does.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class GrpoSettings:
     epsilon: float = 0.2  # the ratio's clip
     beta: float = 0.0  # weight of the KL term to the starting adapter
     iterations: int = 1  # optimizer steps on each batch of rollouts
+    temperature: float = 1.0  # the rollouts' sampling temperature: log-probabilities are of logits / temperature
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class GrpoPolicy:
         groups = plan_step([len(ids) for ids, _ in rows], list(range(len(rows))), self.token_budget, self._shared(rows))
         total = 0.0
         for micro, nll, counts in micro_batch_losses(
-            state.model, rows, groups, self.pad_id, self.job.device, per_row="token"
+            state.model, rows, groups, self.pad_id, self.job.device, per_row="token", temperature=grpo.temperature
         ):
             logp = -nll
             counts = counts.tolist()
@@ -174,7 +176,13 @@ class GrpoPolicy:
                 p.copy_(s)
             try:
                 for micro, nll, counts in micro_batch_losses(
-                    self.state.model, rows, groups, self.pad_id, self.job.device, per_row="token"
+                    self.state.model,
+                    rows,
+                    groups,
+                    self.pad_id,
+                    self.job.device,
+                    per_row="token",
+                    temperature=self.job.grpo.temperature,
                 ):
                     out.update(zip(micro, (-nll).split(counts.tolist())))
             finally:

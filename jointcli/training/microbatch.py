@@ -166,19 +166,22 @@ def collate(rows: list[Row], pad_id: int, device: str = "cpu"):
     return (input_ids.to(device), mask.to(device) if padded else None, labels.to(device))
 
 
-def completion_nll(model, input_ids, attention_mask, labels, soft=None, per_row: bool = False):
+def completion_nll(
+    model, input_ids, attention_mask, labels, soft=None, per_row: bool = False, temperature: float = 1.0
+):
     """Summed cross-entropy of the labeled (completion) tokens, and their count.
 
     The decoder body gives hidden states; only the positions whose next token has a label go
     through the LM head (~20 of ~500 here), so the [batch, seq, vocab] logits of the full model
     are never built. Same value as the model's own loss x the number of label tokens.
     soft: the soft prompt [n, hidden] that negative ids stand for (soft_prompt.py), if any.
-    per_row: each row's summed cross-entropy and label count instead (tensors, one entry a row)."""
+    per_row: each row's summed cross-entropy and label count instead (tensors, one entry a row).
+    temperature: of the distribution the tokens are scored under, softmax(logits / temperature)."""
     base, body = _base_and_body(model)
     hidden = body(
         **model_inputs(base, input_ids, soft), attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
-    return _label_nll(base, hidden, labels, per_row)
+    return _label_nll(base, hidden, labels, per_row, temperature)
 
 
 def collate_shared(rows: list[Row], prefix_len: int, pad_id: int, device: str = "cpu"):
@@ -249,7 +252,7 @@ class SharedPrefix:
             else self.computed
         )
 
-    def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False):
+    def nll(self, input_ids, attention_mask, labels, position_ids, per_row: bool = False, temperature: float = 1.0):
         """completion_nll of the rows' suffixes (as `collate_suffixes` gives them) after the prefix."""
         import copy
 
@@ -271,7 +274,7 @@ class SharedPrefix:
             raise RuntimeError(f"the decoder did not use the prefix cache passed as {self.cache_kw!r}")
         if bool((labels[:, 0] != -100).any()):
             raise ValueError("a label on the first suffix token: its predicting hidden state is in the prefix")
-        return _label_nll(self.base, hidden, labels, per_row)
+        return _label_nll(self.base, hidden, labels, per_row, temperature)
 
     def backward(self) -> None:
         """The summed gradient the suffixes left on the detached cache, through the prefix's computation."""
@@ -291,12 +294,20 @@ class SharedPrefix:
 
 
 def micro_batch_losses(
-    model, rows: list[Row], groups: list[Group], pad_id: int, device: str, soft=None, per_row: bool = False
+    model,
+    rows: list[Row],
+    groups: list[Group],
+    pad_id: int,
+    device: str,
+    soft=None,
+    per_row: bool = False,
+    temperature: float = 1.0,
 ) -> Iterator[tuple[list[int], object, object]]:
     """(row indices, summed NLL of their completion tokens, label count) of every micro-batch of
-    `groups` (plan_step's), one after the other. A group's prefix is computed once; when gradients are
-    on, the caller calls backward() on each micro-batch's loss before asking for the next one, and the
-    prefix's share of the gradient goes through its computation after the group's last micro-batch."""
+    `groups` (plan_step's), one after the other; `per_row` and `temperature` as completion_nll's. A
+    group's prefix is computed once; when gradients are on, the caller calls backward() on each
+    micro-batch's loss before asking for the next one, and the prefix's share of the gradient goes
+    through its computation after the group's last micro-batch."""
     import torch
 
     for prefix, micros in groups:
@@ -308,9 +319,11 @@ def micro_batch_losses(
         for micro in micros:
             batch = [rows[i] for i in micro]
             if shared is not None:
-                nll, count = shared.nll(*collate_suffixes(batch, prefix, pad_id, device), per_row=per_row)
+                suffixes = collate_suffixes(batch, prefix, pad_id, device)
+                nll, count = shared.nll(*suffixes, per_row=per_row, temperature=temperature)
             else:
-                nll, count = completion_nll(model, *collate(batch, pad_id, device), soft=soft, per_row=per_row)
+                rows_in = collate(batch, pad_id, device)
+                nll, count = completion_nll(model, *rows_in, soft=soft, per_row=per_row, temperature=temperature)
             yield micro, nll, count
         if shared is not None:
             shared.backward()
@@ -323,9 +336,10 @@ def _base_and_body(model):
     return base, body
 
 
-def _label_nll(base, hidden, labels, per_row: bool = False):
+def _label_nll(base, hidden, labels, per_row: bool = False, temperature: float = 1.0):
     """Summed cross-entropy of the labeled tokens, each predicted by the hidden state before it (only
-    those positions go through the LM head), and their count; per_row: both per row (tensors)."""
+    those positions go through the LM head), under softmax(logits / temperature), and their count;
+    per_row: both per row (tensors)."""
     import torch
     import torch.nn.functional as F
 
@@ -335,6 +349,8 @@ def _label_nll(base, hidden, labels, per_row: bool = False):
     cap = getattr(base.config.get_text_config(decoder=True), "final_logit_softcapping", None)
     if cap:  # Gemma 2 (and Gemma 3 checkpoints that set it): the model's forward caps its logits so
         logits = torch.tanh(logits / cap) * cap
+    if temperature != 1.0:  # GRPO: the distribution its rollouts were sampled from, as TRL scores them
+        logits = logits / temperature
     if per_row == "token":  # every label token's cross-entropy, row after row, and each row's count (grpo.py)
         return F.cross_entropy(logits, targets[keep], reduction="none"), keep.sum(dim=1)
     if per_row:
