@@ -119,16 +119,20 @@ def test_grpo_scores_answers_at_the_rollouts_temperature():
         return out
 
     with torch.no_grad():
-        for temperature in (0.5, 1.0):
-            expected = []
-            for ids, start in tokens:
-                logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float() / temperature
-                expected.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None])[:, 0])
-            for shared in (tokens, None):
-                got = scored(shared, temperature)
-                for i, want in enumerate(expected):
-                    assert torch.allclose(got[i], want, atol=1e-4), (temperature, shared is None, i)
-        assert not torch.allclose(scored(None, 0.5)[0], scored(None, 1.0)[0], atol=1e-3)
+        logits = [model(torch.tensor([ids])).logits[0, start - 1 : -1].float() for ids, start in tokens]
+
+        def expected(temperature: float) -> list:
+            return [
+                torch.log_softmax(row / temperature, -1).gather(1, torch.tensor(ids[start:])[:, None])[:, 0]
+                for row, (ids, start) in zip(logits, tokens)
+            ]
+
+        at_half, at_one = expected(0.5), expected(1.0)
+        for shared in (tokens, None):
+            got = scored(shared, 0.5)
+            for i, want in enumerate(at_half):
+                assert torch.allclose(got[i], want, atol=1e-4), (shared is None, i)
+                assert not torch.allclose(got[i], at_one[i], atol=1e-3)  # the temperature is applied
 
 
 @pytest.mark.model
