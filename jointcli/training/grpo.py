@@ -136,11 +136,8 @@ class GrpoPolicy:
         for group in state.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * decay
         n_labels = sum(len(ids) - start for ids, start in rows)
-        groups = plan_step([len(ids) for ids, _ in rows], list(range(len(rows))), self.token_budget, self._shared(rows))
         total = 0.0
-        for micro, nll, counts in micro_batch_losses(
-            state.model, rows, groups, self.pad_id, self.job.device, per_row="token", temperature=grpo.temperature
-        ):
+        for micro, nll, counts in self._micro_batches(rows):
             logp = -nll
             counts = counts.tolist()
             if not old.keys() >= set(micro):  # the first step on this batch: the sampling adapter's
@@ -169,29 +166,32 @@ class GrpoPolicy:
         import torch
 
         current = [p.detach().clone() for p in self.state.params]
-        groups = plan_step([len(ids) for ids, _ in rows], list(range(len(rows))), self.token_budget, self._shared(rows))
         out = {}
         with torch.no_grad():
             for p, s in zip(self.state.params, self.start):
                 p.copy_(s)
             try:
-                for micro, nll, counts in micro_batch_losses(
-                    self.state.model,
-                    rows,
-                    groups,
-                    self.pad_id,
-                    self.job.device,
-                    per_row="token",
-                    temperature=self.job.grpo.temperature,
-                ):
+                for micro, nll, counts in self._micro_batches(rows):
                     out.update(zip(micro, (-nll).split(counts.tolist())))
             finally:
                 for p, c in zip(self.state.params, current):
                     p.copy_(c)
         return out
 
-    def _shared(self, rows: list):
-        return rows if self.job.train.share_prefix else None
+    def _micro_batches(self, rows: list):
+        """micro_batch_losses of `rows` as the objective scores them: per token, at the rollouts'
+        temperature, in micro-batches that share the group's prompt (train.share_prefix)."""
+        shared = rows if self.job.train.share_prefix else None
+        groups = plan_step([len(ids) for ids, _ in rows], list(range(len(rows))), self.token_budget, shared)
+        return micro_batch_losses(
+            self.state.model,
+            rows,
+            groups,
+            self.pad_id,
+            self.job.device,
+            per_row="token",
+            temperature=self.job.grpo.temperature,
+        )
 
     def save_adapter(self, folder: Path, extra: dict | None = None) -> None:
         """The adapter as it is (a PEFT adapter folder), replacing `folder` whole; `extra` files
